@@ -1,0 +1,134 @@
+"""Per-family MoE adapters: where the router and experts live and how each router turns logits into top-k weights.
+
+An adapter is mostly data (which module is the router, whether shared experts exist) plus one function,
+``select``, that re-implements the family's routing rule from the router's pre-selection scores so that
+``reroute`` ablations can exclude experts and let the router choose again exactly as the model would.
+A test proves that every ``select`` reproduces its router's own outputs on clean inputs.
+
+Routing rules (transformers 5.x):
+
+- OLMoE, Qwen2-MoE, Qwen3-MoE: softmax over all experts, top-k, renormalise when ``norm_topk_prob``.
+- Mixtral: softmax, top-k, always renormalised.
+- DeepSeek-V2: softmax, greedy or group-limited greedy top-k (unsorted), times ``routed_scaling_factor``.
+- DeepSeek-V3: sigmoid scores; choice by scores + ``e_score_correction_bias`` within the top groups (group score =
+  sum of its two best choice scores); weights are the chosen sigmoid scores, renormalised when ``norm_topk_prob``,
+  times ``routed_scaling_factor``.
+- GPT-OSS: top-k of the logits (router has a bias), softmax over the chosen logits.
+
+To add a family: write a ``select`` (or reuse one) and register a :class:`FamilyAdapter` in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# select(router, logits[tokens, n_experts], removed[tokens, n_experts] | None) -> (weights, indices)[tokens, top_k]
+SelectFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+_NEG_INF = float("-inf")
+
+
+def _mask(scores: torch.Tensor, removed: torch.Tensor | None) -> torch.Tensor:
+    return scores if removed is None else scores.masked_fill(removed, _NEG_INF)
+
+
+def select_softmax_topk(router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None):
+    """Softmax over the (remaining) experts, top-k, optional renormalisation (OLMoE, Qwen2/3-MoE, Mixtral)."""
+    probs = torch.softmax(_mask(logits.float(), removed), dim=-1)
+    weights, indices = torch.topk(probs, router.top_k, dim=-1)
+    # Mixtral's router has no norm_topk_prob attribute and always renormalises.
+    if getattr(router, "norm_topk_prob", True):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def select_deepseek_v2(router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None):
+    """Softmax, greedy or group-limited greedy top-k, routed scaling (DeepSeek-V2 / V2-Lite)."""
+    scores = torch.softmax(_mask(logits.float(), removed), dim=-1)
+    choice = _mask(scores, removed)
+    if router.topk_method == "group_limited_greedy":
+        n_tokens, n_experts = choice.shape
+        grouped = choice.view(n_tokens, router.num_group, n_experts // router.num_group)
+        group_idx = torch.topk(grouped.max(dim=-1).values, k=router.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros(n_tokens, router.num_group, dtype=torch.bool, device=choice.device)
+        keep.scatter_(1, group_idx, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(n_experts // router.num_group, dim=1), _NEG_INF)
+    elif router.topk_method != "greedy":
+        raise ValueError(f"DeepSeek-V2 topk_method {router.topk_method!r} is not supported; expected "
+                         "'greedy' or 'group_limited_greedy'.")
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices) * router.routed_scaling_factor
+    return weights, indices
+
+
+def select_deepseek_v3(router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None):
+    """Sigmoid scores, bias-corrected group-limited choice, renormalisation, routed scaling (DeepSeek-V3)."""
+    scores = logits.float().sigmoid()
+    # Removed experts leave the bias-corrected choice, not only the logits: a bias could otherwise pick them.
+    choice = _mask(scores + router.e_score_correction_bias, removed)
+    n_tokens, n_experts = choice.shape
+    per_group = n_experts // router.num_group
+    group_scores = choice.view(n_tokens, router.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros(n_tokens, router.num_group, dtype=torch.bool, device=choice.device)
+    keep.scatter_(1, group_idx, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), _NEG_INF)
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, indices
+
+
+def select_topk_softmax(router: nn.Module, logits: torch.Tensor, removed: torch.Tensor | None):
+    """Top-k of the logits, softmax over the chosen ones (GPT-OSS)."""
+    top, indices = torch.topk(_mask(logits.float(), removed), router.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), indices
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What moeaudit needs to know about one MoE family.
+
+    Attributes:
+        family: Human-readable family name.
+        model_types: ``config.model_type`` values this adapter serves.
+        router_attr: Attribute of the MoE block holding the router (``gate`` or ``router``).
+        select: The family's routing rule (see module docstring).
+        shared_attr: Attribute holding the shared expert(s), or ``None``.
+        shared_gate_attr: Attribute of a sigmoid gate on the shared expert, or ``None``.
+        returns_tuple: The MoE block returns ``(hidden, router_scores)`` instead of a tensor.
+        sliding_window_layers: The family may alternate sliding-window and full attention layers.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    router_attr: str
+    select: SelectFn
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None
+    returns_tuple: bool = False
+    sliding_window_layers: bool = False
+
+
+FAMILIES: dict[str, FamilyAdapter] = {
+    a.family: a
+    for a in (
+        FamilyAdapter("olmoe", ("olmoe",), "gate", select_softmax_topk),
+        FamilyAdapter("qwen2_moe", ("qwen2_moe",), "gate", select_softmax_topk,
+                      shared_attr="shared_expert", shared_gate_attr="shared_expert_gate",
+                      sliding_window_layers=True),
+        FamilyAdapter("deepseek_v2", ("deepseek_v2",), "gate", select_deepseek_v2, shared_attr="shared_experts"),
+        FamilyAdapter("deepseek_v3", ("deepseek_v3",), "gate", select_deepseek_v3, shared_attr="shared_experts"),
+        FamilyAdapter("mixtral", ("mixtral",), "gate", select_softmax_topk, sliding_window_layers=True),
+        FamilyAdapter("qwen3_moe", ("qwen3_moe",), "gate", select_softmax_topk, sliding_window_layers=True),
+        FamilyAdapter("gpt_oss", ("gpt_oss",), "router", select_topk_softmax, returns_tuple=True,
+                      sliding_window_layers=True),
+    )
+}
+
+MODEL_TYPE_TO_FAMILY: dict[str, str] = {mt: a.family for a in FAMILIES.values() for mt in a.model_types}
