@@ -155,7 +155,9 @@ def _bootstrap_d_z(diff: np.ndarray, groups: np.ndarray, n_boot: int, seed) -> n
     for start in range(0, n_boot, block):
         stop = min(n_boot, start + block)
         # how many times each group is drawn in each resample; a position inherits its group's weight
-        w_group = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=stop - start)
+        rows = stop - start
+        draws = rng.integers(0, n_groups, size=(rows, n_groups)) + n_groups * np.arange(rows)[:, None]
+        w_group = np.bincount(draws.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
         w = w_group[:, groups].astype(float)
         total = w.sum(axis=1)
         mean = (w @ diff) / total
@@ -244,13 +246,17 @@ def paired_test(
     else:
         labels = np.asarray(clusters)
         if labels.ndim != 1 or labels.size != n:
-            raise ValueError(f"clusters must give one label per position: expected length {n}, got shape {labels.shape}.")
+            raise ValueError(
+                f"clusters must give one label per position: expected length {n}, got shape {labels.shape}."
+            )
         if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
             raise ValueError("clusters contains NaN or inf labels; give every position a cluster id.")
         _, groups = np.unique(labels, return_inverse=True)
         groups = groups.ravel()
         if groups.max() < 1:
-            raise ValueError("clusters has a single cluster; the cluster bootstrap needs at least 2 (or pass clusters=None).")
+            raise ValueError(
+                "clusters has a single cluster; the cluster bootstrap needs at least 2 (or pass clusters=None)."
+            )
         ci_method = "cluster_bootstrap"
 
     d_z = _d_z(diff)
@@ -262,7 +268,11 @@ def paired_test(
         t_stat, p_t = float(t_res.statistic), float(t_res.pvalue)
         from pingouin import bayesfactor_ttest  # heavy import (pulls in matplotlib), keep it lazy
 
-        bf10 = float(bayesfactor_ttest(t_stat, nx=n, paired=True, r=JZS_PRIOR_SCALE))
+        try:
+            bf10 = float(bayesfactor_ttest(t_stat, nx=n, paired=True, r=JZS_PRIOR_SCALE))
+        except ZeroDivisionError:
+            # pingouin divides by the null density, which underflows to 0 for huge |t|: BF10 is astronomical
+            bf10 = float("inf")
         bf01 = 1.0 / bf10 if bf10 != 0 else float("inf")
         boot = _bootstrap_d_z(diff, groups, n_boot, seed)
         boot = boot[np.isfinite(boot)]
@@ -292,3 +302,196 @@ def paired_test(
         bf01=bf01,
         pct_high_larger=float(100.0 * np.mean(diff > 0)),
     )
+
+
+def correct(pvalues, method: str = "bonferroni", alpha: float = 0.05) -> CorrectionResult:
+    r"""Correct a family of m p-values for multiple comparisons.
+
+    With p-values sorted ascending, p_(1) <= ... <= p_(m):
+
+    * ``bonferroni``: :math:`\tilde p_i = \min(1, m p_i)`; reject when p_i <= alpha / m.
+    * ``holm`` (Holm 1979, step-down, controls FWER):
+      :math:`\tilde p_{(i)} = \max_{j \le i} \min(1, (m - j + 1) p_{(j)})`.
+    * ``fdr_bh`` (Benjamini & Hochberg 1995, step-up, controls FDR for independent or PRDS tests):
+      :math:`\tilde p_{(i)} = \min_{j \ge i} \min(1, m p_{(j)} / j)`.
+
+    Computed by ``statsmodels.stats.multitest.multipletests``.
+
+    NaN p-values (a degenerate cell) still count in m and are ranked as p = 1, which is the conservative
+    choice for all three methods: the family size stays the one fixed in advance (0.05 / 20 for 20 cells
+    even if one cell could not be tested). They come back as NaN in ``p_corrected`` and are never rejected.
+
+    Parameters
+    ----------
+    pvalues : array_like, shape (m,)
+        P-values in [0, 1], NaN allowed.
+    method : {"bonferroni", "holm", "fdr_bh"}
+    alpha : float
+        Family-wise error rate (or false discovery rate for ``fdr_bh``), in (0, 1).
+
+    Returns
+    -------
+    CorrectionResult
+
+    Raises
+    ------
+    ValueError
+        Unknown method (valid options and the closest match named), empty or non-1-D input, p-values
+        outside [0, 1] or infinite, alpha outside (0, 1).
+
+    References
+    ----------
+    Holm, S. (1979). A simple sequentially rejective multiple test procedure. Scand. J. Statist., 6, 65-70.
+    Benjamini, Y., & Hochberg, Y. (1995). Controlling the false discovery rate: a practical and powerful
+    approach to multiple testing. J. R. Statist. Soc. B, 57, 289-300.
+    """
+    if method not in CORRECTION_METHODS:
+        close = difflib.get_close_matches(str(method), CORRECTION_METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown correction method {method!r}; valid options: {', '.join(CORRECTION_METHODS)}.{hint}"
+        )
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"pvalues must be a non-empty 1-D array, got shape {p.shape}.")
+    is_nan = np.isnan(p)
+    bad = np.flatnonzero(~is_nan & ~((p >= 0) & (p <= 1)))
+    if bad.size:
+        raise ValueError(
+            f"p-values must lie in [0, 1] (or be NaN); got {p[bad[:5]].tolist()} at index {bad[:5].tolist()}."
+        )
+
+    from statsmodels.stats.multitest import multipletests
+
+    m = p.size
+    reject, p_corr, _, _ = multipletests(np.where(is_nan, 1.0, p), alpha=alpha, method=method)
+    reject = np.asarray(reject, dtype=bool) & ~is_nan
+    p_corr = np.where(is_nan, np.nan, np.asarray(p_corr, dtype=float))
+    return CorrectionResult(
+        reject=reject, p_corrected=p_corr, alpha_corrected=alpha / m, method=method, alpha=alpha, m=m
+    )
+
+
+def significant_both(p_t, p_w, *, method: str = "bonferroni", alpha: float = 0.05) -> np.ndarray:
+    """The paper's decision rule: a cell is significant only when its t-test and its Wilcoxon test both survive.
+
+    Each family (t p-values, Wilcoxon p-values) is corrected separately by :func:`correct` with the same
+    m = number of cells; the result is the element-wise AND of the two ``reject`` arrays. For Bonferroni
+    this is ``(p_t <= alpha / m) & (p_w <= alpha / m)``; NaN in either p-value means not significant.
+
+    Parameters
+    ----------
+    p_t, p_w : array_like, shape (m,)
+        Paired t-test and Wilcoxon p-values, one per cell, in the same order.
+    method, alpha
+        As in :func:`correct`.
+
+    Returns
+    -------
+    ndarray of bool, shape (m,)
+    """
+    p_t = np.asarray(p_t, dtype=float)
+    p_w = np.asarray(p_w, dtype=float)
+    if p_t.shape != p_w.shape:
+        raise ValueError(f"p_t and p_w must have one p-value per cell each, got shapes {p_t.shape} and {p_w.shape}.")
+    return correct(p_t, method, alpha).reject & correct(p_w, method, alpha).reject
+
+
+def spearman(x, y) -> tuple[float, float]:
+    r"""Spearman rank correlation and its two-sided p-value, as plain floats.
+
+    :math:`\rho = \mathrm{corr}(\mathrm{rank}(x), \mathrm{rank}(y))` (average ranks for ties), via
+    ``scipy.stats.spearmanr`` (p-value from the t distribution with n - 2 df).
+    Returns ``(nan, nan)`` without a warning when either input is constant (rho undefined).
+
+    References
+    ----------
+    Spearman, C. (1904). The proof and measurement of association between two things. Am. J. Psychol., 15, 72-101.
+    """
+    x = _finite_1d("x", x)
+    y = _finite_1d("y", y)
+    _same_length("x", x, "y", y)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    res = _sps.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def fisher_z(r):
+    r"""Fisher's variance-stabilising transform of a correlation, :math:`z = \operatorname{artanh}(r)`.
+
+    |r| = 1 is clipped to the largest float below 1 (z ~ +-18.7) so that means of z stay finite;
+    NaN passes through. Returns a float for scalar input, an array otherwise.
+
+    Raises
+    ------
+    ValueError
+        If any |r| > 1.
+
+    References
+    ----------
+    Fisher, R. A. (1921). On the "probable error" of a coefficient of correlation deduced from a small
+    sample. Metron, 1, 3-32.
+    """
+    arr = np.asarray(r, dtype=float)
+    if np.any(np.abs(arr) > 1):
+        raise ValueError(f"correlations must lie in [-1, 1]; got {arr[np.abs(arr) > 1].ravel()[:5].tolist()}.")
+    edge = np.nextafter(1.0, 0.0)
+    z = np.arctanh(np.clip(arr, -edge, edge))
+    return float(z) if z.ndim == 0 else z
+
+
+def sign_test(values) -> float:
+    r"""Two-sided sign test of H0: P(value > 0) = P(value < 0).
+
+    Zeros are dropped; with k positives out of n' nonzero values the p-value is that of the exact binomial
+    test of k ~ Binomial(n', 1/2) (``scipy.stats.binomtest``). NaN when every value is zero.
+
+    References
+    ----------
+    Conover, W. J. (1999). Practical Nonparametric Statistics (3rd ed.), section 3.4. Wiley.
+    """
+    arr = _finite_1d("values", values, min_n=1)
+    n_pos = int(np.sum(arr > 0))
+    n_nonzero = n_pos + int(np.sum(arr < 0))
+    if n_nonzero == 0:
+        return float("nan")
+    return float(_sps.binomtest(n_pos, n_nonzero, 0.5, alternative="two-sided").pvalue)
+
+
+def kendall_tau_ci(a, b, *, n_boot: int = 2000, ci: float = 0.95, seed: int | None = 0) -> KendallTauCI:
+    r"""Kendall's tau-b between two scorings of the same items, with a percentile bootstrap interval.
+
+    .. math::
+
+        \tau_b = \frac{n_c - n_d}{\sqrt{(n_0 - n_1)(n_0 - n_2)}}, \qquad n_0 = n(n-1)/2,
+
+    with n_c / n_d the concordant / discordant pairs and n_1, n_2 the pairs tied in a / b
+    (``scipy.stats.kendalltau``). The interval resamples items with replacement; resamples where a or b is
+    constant are dropped. Use it for ranking stability (e.g. expert scores from two corpora or seeds).
+    tau, p and the interval are NaN when a or b is constant.
+
+    References
+    ----------
+    Kendall, M. G. (1945). The treatment of ties in ranking problems. Biometrika, 33, 239-251.
+    """
+    a = _finite_1d("a", a)
+    b = _finite_1d("b", b)
+    _same_length("a", a, "b", b)
+    _check_ci(ci, n_boot)
+    n = a.size
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        nan = float("nan")
+        return KendallTauCI(n=n, tau=nan, p=nan, ci_low=nan, ci_high=nan)
+    res = _sps.kendalltau(a, b)
+    rng = np.random.default_rng(seed)
+    boot = np.full(n_boot, np.nan)
+    for i in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        if np.ptp(a[idx]) > 0 and np.ptp(b[idx]) > 0:
+            boot[i] = _sps.kendalltau(a[idx], b[idx]).statistic
+    boot = boot[np.isfinite(boot)]
+    lo, hi = (float(q) for q in np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2])) if boot.size else (np.nan, np.nan)
+    return KendallTauCI(n=n, tau=float(res.statistic), p=float(res.pvalue), ci_low=lo, ci_high=hi)

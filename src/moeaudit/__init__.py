@@ -1,0 +1,40 @@
+"""moeaudit: causal audits of Mixture-of-Experts language models.
+
+Public API (imported lazily so that ``import moeaudit`` stays fast and pulls in neither torch nor matplotlib
+until a name is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "Ablation": "moeaudit.intervene",
+    "AblationResult": "moeaudit.intervene",
+    "MoEDescription": "moeaudit.models",
+    "SequenceAblator": "moeaudit.intervene",
+    "ablate": "moeaudit.intervene",
+    "describe": "moeaudit.models",
+    "load_model": "moeaudit.models",
+    "moe_layers": "moeaudit.models",
+    "observe": "moeaudit.observe",
+    "verify": "moeaudit.verify",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moeaudit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
