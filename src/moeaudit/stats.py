@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as _sps
+
+from moeaudit.errors import did_you_mean
 
 __all__ = [
     "CORRECTION_METHODS",
@@ -346,10 +347,8 @@ def correct(pvalues, method: str = "bonferroni", alpha: float = 0.05) -> Correct
     approach to multiple testing. J. R. Statist. Soc. B, 57, 289-300.
     """
     if method not in CORRECTION_METHODS:
-        close = difflib.get_close_matches(str(method), CORRECTION_METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown correction method {method!r}; valid options: {', '.join(CORRECTION_METHODS)}.{hint}"
+            f"Unknown correction method {method!r}; valid options: {', '.join(CORRECTION_METHODS)}.{did_you_mean(method, CORRECTION_METHODS)}"
         )
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
