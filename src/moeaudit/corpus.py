@@ -1,0 +1,192 @@
+"""Corpora for audits: read documents from a source, tokenise them unpadded, and list valid loss positions.
+
+Sources:
+
+- ``wikitext-2``: the test split of ``wikitext-2-raw-v1`` through the ``datasets`` library (the paper's corpus);
+  documents are its articles (split at top-level `` = Title = `` headings).
+- ``builtin`` (= ``builtin:heldout``) and ``builtin:train``: the corpus shipped with moeaudit, built by code.
+- a local ``.txt`` file (one document per blank-line-separated block), ``.jsonl`` or ``.parquet`` (a text field).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moeaudit.errors import CorpusError, did_you_mean
+
+NAMED_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
+FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+@dataclass(frozen=True)
+class CorpusSequence:
+    """One tokenised, unpadded document.
+
+    Attributes:
+        seq_id: Index of the sequence in the loaded corpus (0..n-1).
+        doc_index: Index of the document in its source.
+        input_ids: [T] token ids, truncated to ``max_length``.
+    """
+
+    seq_id: int
+    doc_index: int
+    input_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def wikitext_articles(lines: Sequence[str]) -> list[str]:
+    """Group WikiText lines into articles: a new article starts at each top-level `` = Title = `` heading."""
+    articles: list[list[str]] = []
+    for line in lines:
+        if _HEADING.match(line.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["".join(a).strip() for a in articles if "".join(a).strip()]
+
+
+def _read_wikitext() -> list[str]:
+    try:
+        import datasets
+
+        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as exc:  # offline, no cache, hub unreachable
+        raise CorpusError(
+            "could not load wikitext-2 (wikitext-2-raw-v1, test split) through the datasets library: "
+            f"{type(exc).__name__}: {exc}. Offline? On a connected machine run "
+            "`python -c \"import datasets; datasets.load_dataset('wikitext', 'wikitext-2-raw-v1', "
+            "split='test').to_parquet('wikitext2-test.parquet')\"` and pass the file as the corpus "
+            "(--corpus wikitext2-test.parquet); parquet rows that are WikiText lines are regrouped into articles."
+        ) from exc
+    return wikitext_articles(list(data["text"]))
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise CorpusError(f"corpus file {str(path)!r} does not exist. Pass an existing .txt, .jsonl or .parquet "
+                          f"file, or one of: {', '.join(NAMED_SOURCES)}.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        docs = [block.strip() for block in re.split(r"\n\s*\n", text)]
+    elif suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{lineno} is not valid JSON ({exc.msg}).") from exc
+            if not isinstance(row, dict) or text_field not in row:
+                raise CorpusError(f"{path}:{lineno} has no {text_field!r} field; pass text_field= to name the "
+                                  "field that holds the text.")
+            docs.append(str(row[text_field]))
+    elif suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if text_field not in frame.columns:
+            raise CorpusError(f"{path} has no {text_field!r} column (columns: {', '.join(map(str, frame.columns))});"
+                              " pass text_field= to name the text column.")
+        docs = [str(t) for t in frame[text_field].tolist()]
+        if docs and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in docs) > 1:
+            docs = wikitext_articles(docs)  # a WikiText export: one row per line
+    else:
+        raise CorpusError(f"corpus file {str(path)!r} has an unsupported suffix {suffix!r}; supported: "
+                          f"{', '.join(FILE_SUFFIXES)}.")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise CorpusError(f"corpus file {str(path)!r} holds no text (empty, or only blank documents).")
+    return docs
+
+
+def read_documents(source: str | Path, *, text_field: str = "text") -> list[str]:
+    """The documents of ``source`` in their source order (see module docstring for the sources)."""
+    name = str(source)
+    if name == "wikitext-2":
+        return _read_wikitext()
+    if name in ("builtin", "builtin:heldout", "builtin:train"):
+        from moeaudit.builtin import builtin_documents
+
+        return builtin_documents("train" if name == "builtin:train" else "heldout")
+    path = Path(name)
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        return _read_file(path, text_field)
+    raise CorpusError(f"unknown corpus source {name!r}; valid: {', '.join(NAMED_SOURCES)}, or a path to a "
+                      f"{', '.join(FILE_SUFFIXES)} file.{did_you_mean(name, NAMED_SOURCES)}")
+
+
+def load_corpus(
+    source: str | Path,
+    tokenizer,
+    *,
+    n_samples: int | None = None,
+    max_length: int = 512,
+    min_length: int = 32,
+    text_field: str = "text",
+    shuffle_seed: int | None = None,
+    add_special_tokens: bool = True,
+) -> list[CorpusSequence]:
+    """Tokenise documents of ``source`` into unpadded sequences.
+
+    Args:
+        source: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
+        tokenizer: A transformers tokenizer.
+        n_samples: Keep the first ``n_samples`` documents that pass the length filter (all when ``None``).
+        max_length: Truncate each sequence to this many tokens (the paper: 512).
+        min_length: Drop documents shorter than this many tokens (after truncation).
+        text_field: Field of ``.jsonl`` / ``.parquet`` rows that holds the text.
+        shuffle_seed: Visit documents in a seeded random order instead of source order.
+        add_special_tokens: Let the tokenizer add its special tokens (BOS) as the model was trained with.
+
+    Returns:
+        Sequences in a deterministic order.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is too short: a next-token loss needs at least 2 tokens.")
+    if min_length < 2:
+        raise ValueError(f"min_length={min_length}: use at least 2 (a next-token loss needs 2 tokens).")
+    if min_length > max_length:
+        raise ValueError(f"min_length={min_length} exceeds max_length={max_length}; no sequence could pass.")
+    if n_samples is not None and n_samples < 1:
+        raise ValueError(f"n_samples={n_samples}: ask for at least one sequence, or None for all.")
+    docs = read_documents(source, text_field=text_field)
+    order = np.arange(len(docs))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(docs))
+    sequences: list[CorpusSequence] = []
+    longest = 0
+    for doc_index in order.tolist():
+        ids = tokenizer(docs[doc_index], add_special_tokens=add_special_tokens, truncation=True,
+                        max_length=max_length)["input_ids"]
+        longest = max(longest, len(ids))
+        if len(ids) < min_length:
+            continue
+        sequences.append(CorpusSequence(len(sequences), doc_index, torch.tensor(ids, dtype=torch.long)))
+        if n_samples is not None and len(sequences) == n_samples:
+            break
+    if not sequences:
+        raise CorpusError(f"all {len(docs)} documents of {str(source)!r} are shorter than min_length={min_length} "
+                          f"tokens (the longest has {longest}); lower min_length or use a larger corpus.")
+    return sequences
+
+
+def valid_positions(seq_len: int, min_context: int = 1) -> np.ndarray:
+    """Positions of a ``seq_len``-token sequence that have a next-token loss and enough context.
+
+    The loss at ``t`` predicts token ``t + 1`` from tokens ``0..t`` (``t + 1`` tokens of context), so ``t`` is valid
+    when ``t <= seq_len - 2`` (not the last token) and ``t + 1 >= min_context``.
+    """
+    if min_context < 1:
+        raise ValueError(f"min_context={min_context}: at least the token itself (1) is always context.")
+    return np.arange(max(min_context - 1, 0), max(seq_len - 1, 0), dtype=np.int64)
