@@ -1,0 +1,390 @@
+"""Observational per-expert metrics of an MoE model over a corpus (one streaming pass) and the metric registry.
+
+A *criterion* is registered once with :func:`register_metric` and becomes one column of :func:`observe`'s frame.
+Per-token criteria map a :class:`LayerBatch` (one MoE layer, one batch of real tokens) to a value per routed
+(token, expert) pair, or per (token, expert) over all tokens, which the engine reduces per expert by a streaming
+mean, sum or standard deviation; weight-only criteria map ``(model, layer, experts)`` to one value per expert.
+The built-in criteria go through the same registry; only ``routed_count`` (and the token count) is special.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeaudit import _weights
+from moeaudit.errors import did_you_mean
+from moeaudit.intervene._state import capture_layer_outputs, capture_moe
+from moeaudit.models import MoEDescription, adapter_for, describe, moe_block
+from moeaudit.models._describe import model_device
+
+REDUCTIONS = ("mean", "sum", "std")
+OVER = ("routed", "all")
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """What a per-token criterion sees: one MoE layer over the T real tokens of one batch (padding removed).
+
+    Attributes:
+        layer: Decoder-layer index of the MoE layer.
+        n_experts: Routed experts of the layer.
+        token: [P] row (0..T-1) of each routed (token, expert) pair; P = T * top_k.
+        expert: [P] int64 expert of each pair.
+        weight: [P] float32 routing weight multiplying the expert's output (the router's returned weight, after
+            the model's own renormalisation and routed scaling).
+        output: [P, d_model] the expert's unweighted output on the pair's token.
+        output_norm: [P] float32 L2 norm of ``output``.
+        x: [T, d_model] input of the MoE block.
+        logits: [T, n_experts] router pre-selection scores.
+        router_probs: [T, n_experts] float32 router probability of every expert (see :func:`router_probabilities`).
+        routed: [T, n_experts] float32, 1 where the expert is in the token's top-k.
+        moe_change: [T] float32 ``1 - cos(pre, post)`` of the residual stream around the MoE sub-layer.
+    """
+
+    layer: int
+    n_experts: int
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    output: torch.Tensor
+    output_norm: torch.Tensor
+    x: torch.Tensor
+    logits: torch.Tensor
+    router_probs: torch.Tensor
+    routed: torch.Tensor
+    moe_change: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registered criterion (exactly one of ``per_token`` / ``weight_only`` is set).
+
+    Attributes:
+        name: Column name (snake_case).
+        doc: One line with the formula, shown by the CLI.
+        per_token: ``LayerBatch -> Tensor``: [P] per routed pair (``over="routed"``) or [T, n_experts]
+            (``over="all"``).
+        weight_only: ``(model, layer, experts) -> array [len(experts)]``.
+        reduce: ``mean``, ``sum`` or ``std`` (sample, ddof=1) of the per-token values, per expert.
+        over: ``routed``: the values of the pairs routed to the expert; ``all``: every real token.
+    """
+
+    name: str
+    doc: str
+    per_token: Callable[[LayerBatch], torch.Tensor] | None = None
+    weight_only: Callable[[nn.Module, int, Sequence[int]], np.ndarray] | None = None
+    reduce: str = "mean"
+    over: str = "routed"
+
+
+_REGISTRY: dict[str, Metric] = {}
+_DOCS: dict[str, str] = {}
+METRICS = MappingProxyType(_DOCS)  # name -> doc of every registered criterion, in column order
+BUILTIN_METRICS: tuple[str, ...] = ()
+
+
+def register_metric(name: str, *, doc: str, per_token: Callable[[LayerBatch], torch.Tensor] | None = None,
+                    weight_only: Callable[[nn.Module, int, Sequence[int]], np.ndarray] | None = None,
+                    reduce: str = "mean", over: str = "routed") -> Metric:
+    """Register a criterion; it becomes a column of :func:`observe` (after those registered before it).
+
+    Example::
+
+        register_metric("max_weight_x_norm", doc="mean of w * ||E(x)||^2",
+                        per_token=lambda b: b.weight * b.output_norm ** 2)
+    """
+    if (per_token is None) == (weight_only is None):
+        raise ValueError(f"metric {name!r}: pass exactly one of per_token= or weight_only=.")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r} is not valid; choose one of {', '.join(REDUCTIONS)}.")
+    if over not in OVER:
+        raise ValueError(f"over={over!r} is not valid; choose one of {', '.join(OVER)}.")
+    if name in _REGISTRY or name in ("layer", "expert", "routed_count"):
+        raise ValueError(f"metric {name!r} is already registered (or is a base column); pick another name or "
+                         "call unregister_metric first.")
+    metric = Metric(name, doc, per_token, weight_only, reduce, over)
+    _REGISTRY[name] = metric
+    _DOCS[name] = doc
+    return metric
+
+
+def unregister_metric(name: str) -> None:
+    """Remove a user-registered criterion (built-ins cannot be removed)."""
+    if name in BUILTIN_METRICS:
+        raise ValueError(f"{name!r} is a built-in metric and cannot be unregistered.")
+    if name not in _REGISTRY:
+        raise ValueError(f"no metric {name!r} is registered.{did_you_mean(name, _REGISTRY)}")
+    del _REGISTRY[name], _DOCS[name]
+
+
+def router_probabilities(family: str, logits: torch.Tensor) -> torch.Tensor:
+    r"""[T, n_experts] float32 router probability of every expert from the pre-selection scores.
+
+    - softmax routers (OLMoE, Qwen2/3-MoE, Mixtral, DeepSeek-V2): :math:`p = \mathrm{softmax}(z)`, the
+      distribution the router takes its top-k from.
+    - GPT-OSS takes top-k of the logits and a softmax over the chosen ones only, so it has no full distribution;
+      we use :math:`\mathrm{softmax}(z)` over all logits (router bias included).
+    - DeepSeek-V3 scores experts with sigmoids: :math:`p_e = \sigma(z_e) / \sum_j \sigma(z_j)` (without the
+      ``e_score_correction_bias``, which only steers the choice).
+    """
+    z = logits.float()
+    if family == "deepseek_v3":
+        s = z.sigmoid()
+        return s / s.sum(dim=-1, keepdim=True)
+    return torch.softmax(z, dim=-1)
+
+
+# ---- streaming moments (parallel Welford, Chan et al. 1979): state = (n, total, m2), each float64 [n_experts]
+
+def _moments(values: torch.Tensor, groups: torch.Tensor | None, n_experts: int) -> tuple[torch.Tensor, ...]:
+    v = values.double()
+    if groups is None:  # dense [T, n_experts]: every token counts for every expert
+        n = torch.full((n_experts,), float(v.shape[0]), dtype=torch.float64, device=v.device)
+        total = v.sum(dim=0)
+        return n, total, (v - total / n).pow(2).sum(dim=0)
+    zeros = torch.zeros(n_experts, dtype=torch.float64, device=v.device)
+    n = torch.bincount(groups, minlength=n_experts).double()
+    total = zeros.index_add(0, groups, v)
+    mean = total / n.clamp_min(1)
+    return n, total, zeros.index_add(0, groups, (v - mean[groups]).pow(2))
+
+
+def _merge(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    if a is None:
+        return b
+    (na, ta, ma), (nb, tb, mb) = a, b
+    n = na + nb
+    delta = tb / nb.clamp_min(1) - ta / na.clamp_min(1)
+    return n, ta + tb, ma + mb + delta.pow(2) * na * nb / n.clamp_min(1)
+
+
+def _reduce(state: tuple[torch.Tensor, ...], reduce: str) -> np.ndarray:
+    n, total, m2 = (t.cpu().numpy() for t in state)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if reduce == "sum":
+            return total
+        if reduce == "mean":
+            return np.where(n > 0, total / n, np.nan)
+        return np.where(n > 1, np.sqrt(m2 / (n - 1)), np.nan)
+
+
+# ---- input checks
+
+def _check_layers(desc: MoEDescription, layers: Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(desc.moe_layers)
+    asked = [layers] if isinstance(layers, int) else list(layers)
+    chosen = sorted({int(layer) for layer in asked})
+    bad = [layer for layer in chosen if layer not in desc.moe_layers]
+    if bad or not chosen:
+        dense = f" ({', '.join(map(str, desc.dense_layers))} are dense)" if desc.dense_layers else ""
+        raise ValueError(f"layers={bad or asked} are not MoE layers of this {desc.n_layers}-layer model; "
+                         f"valid MoE layers: {list(desc.moe_layers)}{dense}.")
+    return chosen
+
+
+def _check_metrics(metrics: Iterable[str] | None) -> list[Metric]:
+    if metrics is None:
+        return list(_REGISTRY.values())
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    for name in names:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown metric {name!r}; valid: {', '.join(_REGISTRY)}."
+                             f"{did_you_mean(name, _REGISTRY)}")
+    return [m for m in _REGISTRY.values() if m.name in names]
+
+
+def _check_sequence(seq) -> torch.Tensor:
+    ids = seq if isinstance(seq, torch.Tensor) else torch.as_tensor(seq)
+    if ids.dim() != 1:
+        raise ValueError(f"observe expects an iterable of 1-D token-id tensors, got a tensor of shape "
+                         f"{tuple(ids.shape)}; pass 1-D sequences (e.g. iterate over the rows of a 2-D batch, "
+                         "without padding).")
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}.")
+    if ids.numel() == 0:
+        raise ValueError("observe got an empty sequence; every sequence needs at least one token.")
+    return ids.long()
+
+
+def _batches(sequences: Iterable, batch_size: int) -> Iterator[list[torch.Tensor]]:
+    batch: list[torch.Tensor] = []
+    for seq in sequences:
+        batch.append(_check_sequence(seq))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- the engine
+
+def _layer_batch(layer: int, slot: dict, layer_out: torch.Tensor, real: torch.Tensor | None, family: str,
+                 experts: nn.Module, n_experts: int) -> LayerBatch:
+    pick = (lambda t: t) if real is None else (lambda t: t[real])
+    x, logits, weights, indices = pick(slot["x"]), pick(slot["logits"]), pick(slot["weights"]), pick(slot["indices"])
+    post = pick(layer_out).float()
+    pre = post - pick(slot["moe_out"]).float()  # residual stream entering the MoE sub-layer
+    n_tokens, top_k = indices.shape
+    token = torch.arange(n_tokens, device=x.device).repeat_interleave(top_k)
+    expert = indices.reshape(-1).long()
+    # One experts call for all routed pairs: each pair's token row, a single index, weight 1 -> unweighted output.
+    ones = torch.ones(token.shape[0], 1, dtype=x.dtype, device=x.device)
+    output = experts(x[token], expert[:, None], ones)
+    routed = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x.device).scatter_(1, indices.long(), 1.0)
+    return LayerBatch(
+        layer=layer, n_experts=n_experts, token=token, expert=expert, weight=weights.reshape(-1).float(),
+        output=output, output_norm=output.float().norm(dim=-1), x=x, logits=logits,
+        router_probs=router_probabilities(family, logits), routed=routed,
+        moe_change=1.0 - F.cosine_similarity(pre, post, dim=-1, eps=1e-12),
+    )
+
+
+@torch.no_grad()
+def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iterable[int] | None = None,
+            batch_size: int = 1, metrics: Iterable[str] | None = None,
+            progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    r"""Per-expert observational metrics over a corpus, in one streaming pass.
+
+    Every sequence runs once through ``model`` with scoped hooks on all requested MoE layers. Statistics are
+    streamed per (layer, expert) (sums and parallel-Welford moments), so memory is O(layers x experts), never
+    O(tokens). Only real tokens count: with ``batch_size > 1`` sequences are right-padded and the pads masked out.
+
+    Notation, for MoE layer l over the corpus's N real tokens t: :math:`A_e` the tokens whose top-k contains
+    expert e, :math:`n_e = |A_e|`, :math:`g_e(t)` the router's returned weight multiplying expert e's output
+    (after the model's renormalisation / routed scaling), :math:`a_e(t) = \lVert E_e(x_t) \rVert_2` the L2 norm
+    of the expert's *unweighted* output, :math:`p_e(t)` the router probability (:func:`router_probabilities`).
+
+    - ``routed_count`` :math:`n_e`; ``utilization_rate`` :math:`n_e / N` (top-k membership, not raw logits).
+    - ``mean_routing_weight_when_active`` :math:`\frac{1}{n_e}\sum_{A_e} g_e(t)` (NaN when :math:`n_e = 0`).
+    - ``activation_norm`` :math:`\bar a_e = \frac{1}{n_e}\sum_{A_e} a_e(t)`; ``activation_std`` its sample
+      standard deviation :math:`\sqrt{\frac{1}{n_e-1}\sum_{A_e}(a_e(t)-\bar a_e)^2}` (ddof=1; NaN when
+      :math:`n_e < 2`).
+    - ``soft_utilization`` :math:`\frac{1}{N}\sum_t p_e(t)` (sums to 1 over a layer's experts).
+    - ``reap`` :math:`\frac{1}{n_e}\sum_{A_e} g_e(t)\,a_e(t)` (REAP, Lasby et al. 2025).
+    - ``frequency_weighted`` :math:`\sum_{A_e} g_e(t)`; ``ean`` :math:`\sum_{A_e} a_e(t)` (EAN);
+      ``msan`` :math:`\frac{1}{n_e}\sum_{A_e} a_e(t)^2`.
+    - ``easy_ep`` :math:`\frac{1}{n_e}\sum_{A_e} g_e(t)\,a_e(t)\,(1-\cos(h^{pre}_t, h^{post}_t))` where
+      :math:`h^{post}_t` is the decoder layer's output and :math:`h^{pre}_t = h^{post}_t - \mathrm{MoE}(t)` the
+      residual stream entering the MoE sub-layer (attention already added; MoE output incl. shared experts).
+    - weight-only: ``router_norm`` :math:`\lVert W^{r}_{e,:}\rVert_2`; ``weight_norm`` the Frobenius norm of
+      all the expert's parameters (biases included); ``stable_rank`` :math:`\lVert W^{down}_e\rVert_F^2 /
+      \lVert W^{down}_e\rVert_2^2`.
+
+    Args:
+        model: A transformers MoE causal LM of a supported family.
+        sequences: Iterable (a generator is fine; consumed once) of 1-D integer token-id tensors, unpadded.
+        layers: MoE layers to observe; default all of ``describe(model).moe_layers``.
+        batch_size: Sequences per forward (right-padded, pads masked out of every statistic).
+        metrics: Names of registered metrics to compute (default all, see :data:`METRICS`).
+        progress: Called with the number of sequences processed after each batch.
+
+    Returns:
+        One row per (layer, expert): ``layer, expert, routed_count`` (int64), then one float64 column per metric
+        in registration order.
+
+    Raises:
+        ValueError: no sequence, a sequence that is not 1-D / not integer / empty, layers that are not MoE layers,
+            an unknown metric name, or ``batch_size < 1``.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not valid; use an integer >= 1.")
+    desc = describe(model)
+    adapter = adapter_for(model)
+    chosen_layers = _check_layers(desc, layers)
+    chosen = _check_metrics(metrics)
+    per_token = [m for m in chosen if m.per_token is not None]
+    device, n_experts = model_device(model), desc.n_experts
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    experts = {layer: moe_block(model, layer).experts for layer in chosen_layers}
+    counts = {layer: torch.zeros(n_experts, dtype=torch.int64, device=device) for layer in chosen_layers}
+    state: dict[tuple[int, str], tuple[torch.Tensor, ...] | None] = {}
+    n_sequences = 0
+    for batch in _batches(sequences, int(batch_size)):
+        lengths = torch.tensor([len(s) for s in batch])
+        ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            ids[i, : len(seq)] = seq
+        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]  # [B, T] True at real tokens
+        moe: dict = {}
+        outs: list = []
+        with capture_moe(model, chosen_layers, adapter, moe), capture_layer_outputs(model, outs):
+            if len(batch) == 1:  # exactly a plain forward of the sequence
+                model(input_ids=ids.to(device))
+            else:
+                model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
+        real = None if len(batch) == 1 else mask.reshape(-1).to(device)
+        for layer in chosen_layers:
+            lb = _layer_batch(layer, moe[layer], outs[layer], real, desc.family, experts[layer], n_experts)
+            counts[layer] += torch.bincount(lb.expert, minlength=n_experts)
+            for m in per_token:
+                values = m.per_token(lb)
+                groups = lb.expert if m.over == "routed" else None
+                state[layer, m.name] = _merge(state.get((layer, m.name)), _moments(values, groups, n_experts))
+        n_sequences += len(batch)
+        if progress is not None:
+            progress(n_sequences)
+    if n_sequences == 0:
+        raise ValueError("observe got no sequences; pass a non-empty iterable of 1-D token-id tensors.")
+    return _frame(model, chosen_layers, n_experts, counts, state, chosen)
+
+
+def _frame(model: nn.Module, layers: list[int], n_experts: int, counts: dict, state: dict,
+           chosen: list[Metric]) -> pd.DataFrame:
+    expert_ids = list(range(n_experts))
+    columns: dict[str, np.ndarray] = {
+        "layer": np.repeat(np.asarray(layers, dtype=np.int64), n_experts),
+        "expert": np.tile(np.arange(n_experts, dtype=np.int64), len(layers)),
+        "routed_count": np.concatenate([counts[layer].cpu().numpy() for layer in layers]).astype(np.int64),
+    }
+    for m in chosen:
+        if m.per_token is not None:
+            values = [_reduce(state[layer, m.name], m.reduce) for layer in layers]
+        else:
+            values = [np.asarray(m.weight_only(model, layer, expert_ids), dtype=np.float64).reshape(-1)
+                      for layer in layers]
+            if any(v.shape != (n_experts,) for v in values):
+                raise ValueError(f"weight-only metric {m.name!r} must return one value per expert "
+                                 f"({n_experts}), got shapes {[v.shape for v in values]}.")
+        columns[m.name] = np.concatenate(values).astype(np.float64)
+    return pd.DataFrame(columns)
+
+
+def _register_builtins() -> tuple[str, ...]:
+    w = _weights
+    builtins = [  # (name, doc, registration keywords), in column order
+        ("utilization_rate", "n_e / N: share of real tokens whose top-k holds e",
+         dict(per_token=lambda b: b.routed, over="all")),
+        ("mean_routing_weight_when_active", "mean over A_e of g_e(t), the weight the model applies",
+         dict(per_token=lambda b: b.weight)),
+        ("activation_norm", "mean over A_e of ||E_e(x_t)||_2 (unweighted output)",
+         dict(per_token=lambda b: b.output_norm)),
+        ("activation_std", "sample std (ddof=1) over A_e of ||E_e(x_t)||_2",
+         dict(per_token=lambda b: b.output_norm, reduce="std")),
+        ("soft_utilization", "mean over all real tokens of the router probability p_e(t)",
+         dict(per_token=lambda b: b.router_probs, over="all")),
+        ("reap", "REAP: mean over A_e of g_e(t) ||E_e(x_t)||", dict(per_token=lambda b: b.weight * b.output_norm)),
+        ("frequency_weighted", "sum over A_e of g_e(t)", dict(per_token=lambda b: b.weight, reduce="sum")),
+        ("ean", "EAN: sum over A_e of ||E_e(x_t)||", dict(per_token=lambda b: b.output_norm, reduce="sum")),
+        ("msan", "mean over A_e of ||E_e(x_t)||^2", dict(per_token=lambda b: b.output_norm.pow(2))),
+        ("easy_ep", "mean over A_e of g_e(t) ||E_e(x_t)|| (1 - cos(h_pre, h_post)) around the MoE sub-layer",
+         dict(per_token=lambda b: b.weight * b.output_norm * b.moe_change[b.token])),
+        ("router_norm", "||W_router[e]||_2", dict(weight_only=w.router_norm)),
+        ("weight_norm", "Frobenius norm of all of expert e's parameters", dict(weight_only=w.weight_norm)),
+        ("stable_rank", "||W_down||_F^2 / ||W_down||_2^2 of expert e", dict(weight_only=w.stable_rank)),
+    ]
+    for name, doc, kwargs in builtins:
+        register_metric(name, doc=doc, **kwargs)
+    return tuple(name for name, _, _ in builtins)
+
+
+BUILTIN_METRICS = _register_builtins()
