@@ -1,0 +1,143 @@
+"""The paper's experiments and their extensions: audit (Definition 2.1), routing-weight control, rank validity,
+progressive ablation, redistribution, ranking stability; records and their summaries.
+
+Shared sampling rules: positions are sampled uniformly without replacement from the corpus's valid positions with a
+seed; the same positions serve every metric of a layer; positions with fewer than two active experts are skipped;
+ties in a metric are broken by expert id; the verification suite runs first and a failure stops the experiment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from torch import nn
+
+from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
+from moeaudit.experiments._run import (
+    EXPERIMENTS,
+    PAPER_METRICS,
+    ROUTING_WEIGHT,
+    ExperimentSettings,
+    Progress,
+    collect_progressive,
+    collect_single,
+)
+from moeaudit.experiments._stability import ranking_stability
+from moeaudit.experiments._summary import summarize
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """Records of one or more experiments, their cell tables, and the verification report that gated them."""
+
+    records: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    verification: object | None = None
+    metrics: pd.DataFrame | None = None
+    stability: pd.DataFrame | None = field(default=None)
+
+
+def _verified(model: nn.Module, sequences: Sequence, verification, seed: int):
+    if verification is None:
+        from moeaudit.verify import verify
+
+        verification = verify(model, None, list(sequences)[:2], seed=seed)
+    verification.raise_if_failed()
+    return verification
+
+
+def _metric_table(model, sequences, metric_table):
+    if metric_table is None:
+        from moeaudit.observe import observe
+
+        metric_table = observe(model, [getattr(s, "input_ids", s) for s in sequences])
+    return metric_table
+
+
+def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentSettings = ExperimentSettings(), *,
+                    experiments: Sequence[str] = EXPERIMENTS, metric_table: pd.DataFrame | None = None,
+                    verification=None, progress: Progress | None = None,
+                    on_layer: Callable[[str, int, pd.DataFrame], None] | None = None) -> ExperimentResult:
+    """Run the named experiments on ``sequences`` (one clean pass per sequence and layer serves all of them).
+
+    Args:
+        model: A transformers MoE causal LM.
+        sequences: Unpadded token sequences (``CorpusSequence`` or 1-D tensors).
+        settings: Layers, metrics, n, seed, scope, mode (see :class:`ExperimentSettings`).
+        experiments: Any of ``audit``, ``control``, ``rank_validity``, ``progressive``, ``redistribution``.
+        metric_table: The ``observe`` table ranking the experts; computed on ``sequences`` when ``None``.
+        verification: A passed :class:`~moeaudit.verify.VerificationReport`; run here when ``None``.
+        progress: Called with the number of positions finished.
+        on_layer: Called with (``"single"`` or ``"progressive"``, layer, records) as each unit finishes.
+    """
+    from moeaudit.errors import ConfigError, did_you_mean
+
+    for name in experiments:
+        if name not in EXPERIMENTS:
+            raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}."
+                              f"{did_you_mean(name, EXPERIMENTS)}")
+    verification = _verified(model, sequences, verification, settings.seed)
+    needs_metrics = "audit" in experiments or "rank_validity" in experiments
+    metric_table = _metric_table(model, sequences, metric_table) if needs_metrics else metric_table
+    layers = settings.check(model, metric_table if needs_metrics else None)
+    parts = []
+    single = [e for e in experiments if e != "progressive"]
+    for layer in layers:
+        if single:
+            frame = collect_single(model, sequences, metric_table if needs_metrics else None, settings, layer,
+                                   experiments=single, progress=progress)
+            parts.append(frame)
+            if on_layer:
+                on_layer("single", layer, frame)
+        if "progressive" in experiments:
+            frame = collect_progressive(model, sequences, settings, layer, progress=progress)
+            parts.append(frame)
+            if on_layer:
+                on_layer("progressive", layer, frame)
+    records = pd.concat(parts, ignore_index=True) if parts else to_frame([])
+    return ExperimentResult(records, summarize(records), verification, metric_table)
+
+
+def audit(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
+    """Definition 2.1 per (layer, metric): ablate the highest- and lowest-ranked active expert at n positions."""
+    return run_experiments(model, sequences, settings, experiments=("audit",), **kw)
+
+
+def routing_control(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
+    """The audit with the per-token routing weight in place of the metric, plus Spearman(weight ratio, D)."""
+    return run_experiments(model, sequences, settings, experiments=("control",), **kw)
+
+
+def rank_validity(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
+    """Ablate every active expert; Spearman between metric rank and delta within each token, aggregated."""
+    return run_experiments(model, sequences, settings, experiments=("rank_validity",), **kw)
+
+
+def progressive(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
+    """Remove the highest-weight active experts cumulatively, k = 1..K-1; mean, median, P95 of delta."""
+    return run_experiments(model, sequences, settings, experiments=("progressive",), **kw)
+
+
+def redistribution(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
+    """Per expert: freed weight, gap norm, compensation, coverage; per layer the Spearman chains."""
+    return run_experiments(model, sequences, settings, experiments=("redistribution",), **kw)
+
+
+__all__ = [
+    "EXPERIMENTS",
+    "PAPER_METRICS",
+    "RECORD_COLUMNS",
+    "ROUTING_WEIGHT",
+    "ExperimentResult",
+    "ExperimentSettings",
+    "audit",
+    "progressive",
+    "rank_validity",
+    "ranking_stability",
+    "redistribution",
+    "routing_control",
+    "run_experiments",
+    "summarize",
+]

@@ -1,0 +1,243 @@
+"""Collecting ablation data: per layer, the single-expert pool (audit, control, rank validity, redistribution)
+and the cumulative progressive ablations, each sequence's clean pass shared by all its ablations."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from moeaudit.errors import ConfigError, did_you_mean
+from moeaudit.experiments._records import to_frame
+from moeaudit.experiments._sampling import candidate_positions
+from moeaudit.intervene import Ablation, SequenceAblator
+from moeaudit.intervene._spec import MODES, SCOPES, check_choice
+from moeaudit.models import describe, moe_block
+
+#: The paper's four observational metrics (its Table 1 order).
+PAPER_METRICS: tuple[str, ...] = ("utilization_rate", "activation_norm", "mean_routing_weight_when_active",
+                                  "activation_std")
+#: The per-token quantity of the routing-weight control.
+ROUTING_WEIGHT = "routing_weight"
+EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution")
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """What every experiment shares.
+
+    Attributes:
+        layers: MoE layers to audit (``None``: all).
+        metrics: Observational metrics (columns of the ``observe`` table) to audit.
+        n: Positions per (layer, metric) cell.
+        n_progressive: Positions per layer of the progressive ablation.
+        seed: Seed of the position sampling.
+        scope: ``token`` (Definition 2.1) or ``sequence``.
+        mode: ``zero``, ``renormalize`` or ``reroute``.
+        min_context: Positions need at least this many tokens of context.
+        model_name: Written into every record.
+    """
+
+    layers: tuple[int, ...] | None = None
+    metrics: tuple[str, ...] = PAPER_METRICS
+    n: int = 200
+    n_progressive: int = 500
+    seed: int = 0
+    scope: str = "token"
+    mode: str = "zero"
+    min_context: int = 1
+    model_name: str = "model"
+
+    def check(self, model: nn.Module, metric_table: pd.DataFrame | None = None) -> tuple[int, ...]:
+        """Validate against ``model``; return the layers to audit."""
+        check_choice("scope", self.scope, SCOPES)
+        check_choice("mode", self.mode, MODES)
+        if self.n < 3 or self.n_progressive < 1:
+            raise ConfigError(f"n={self.n}, n_progressive={self.n_progressive}: a paired test needs n >= 3 "
+                              "positions and the progressive ablation at least 1.")
+        desc = describe(model)
+        layers = tuple(desc.moe_layers) if self.layers is None else tuple(self.layers)
+        bad = [layer for layer in layers if layer not in desc.moe_layers]
+        if bad:
+            raise ConfigError(f"layers {bad} are not MoE layers of this model; MoE layers: "
+                              f"{', '.join(map(str, desc.moe_layers))}.")
+        if metric_table is not None:
+            for m in self.metrics:
+                if m not in metric_table.columns or m in ("layer", "expert"):
+                    valid = [c for c in metric_table.columns if c not in ("layer", "expert", "routed_count")]
+                    raise ConfigError(f"metric {m!r} is not a column of the observe table; valid: "
+                                      f"{', '.join(valid)}.{did_you_mean(m, valid)}")
+        return layers
+
+
+def _sequences_ids(sequences: Sequence) -> list[torch.Tensor]:
+    return [torch.as_tensor(getattr(s, "input_ids", s)).long() for s in sequences]
+
+
+def _rank(values: Sequence[float], experts: Sequence[int]) -> list[int]:
+    """Indices of ``experts`` sorted ascending by (value, expert id); NaN ranks below every value."""
+    keys = [(-math.inf if (v is None or math.isnan(v)) else v, e) for v, e in zip(values, experts)]
+    return sorted(range(len(experts)), key=lambda i: keys[i])
+
+
+def _select_positions(ids_list, layer, n, settings, candidates, desc, model, progress, handle):
+    """Walk the seeded candidate list, clean-pass each needed sequence once, keep positions with >= 2 active
+    experts, and call ``handle(ablator, seq_id, positions)`` per sequence until ``n`` positions are done."""
+    taken = 0
+    cursor = 0
+    while taken < n and cursor < len(candidates):
+        want = candidates[cursor: cursor + (n - taken)]
+        cursor += len(want)
+        by_seq: dict[int, list[int]] = defaultdict(list)
+        for seq_id, pos in want.tolist():
+            by_seq[seq_id].append(pos)
+        for seq_id in sorted(by_seq):
+            ablator = SequenceAblator(model, ids_list[seq_id], layers=[layer])
+            weights = ablator.state.moe[layer].weights
+            keep = [p for p in sorted(by_seq[seq_id]) if int((weights[p] != 0).sum()) >= 2]
+            if keep:
+                handle(ablator, seq_id, keep)
+                taken += len(keep)
+                if progress:
+                    progress(len(keep))
+    if taken == 0:
+        raise ConfigError(f"no position of layer {layer} has at least two active experts (top_k={desc.top_k}); "
+                          "the experiments compare experts within a token and need top_k >= 2.")
+    return taken
+
+
+def _active(ls, pos: int) -> tuple[list[int], list[float]]:
+    experts = ls.indices[pos].tolist()
+    weights = ls.weights[pos].float().tolist()
+    keep = [i for i, w in enumerate(weights) if w != 0]
+    return [experts[i] for i in keep], [weights[i] for i in keep]
+
+
+def _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, result) -> dict:
+    return {
+        "model": settings.model_name, "n_layers": desc.n_layers, "layer": layer, "seq_id": seq_id,
+        "position": pos, "target_token": int(ids[pos + 1]), "active_experts": active, "active_weights": weights,
+        "clean_loss": result.clean_loss, "ablated_loss": result.ablated_loss, "delta": result.delta_loss,
+        "gap_norm": result.gap_norm, "final_gap_norm": result.final_gap_norm, "scope": settings.scope,
+        "mode": settings.mode, "seed": settings.seed, "ablated_weight": result.removed_weight,
+        "remaining_norm": math.nan, "compensation_cos": math.nan, "relative_compensation": math.nan,
+        "ablated_metric_value": math.nan,
+    }
+
+
+@torch.no_grad()
+def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataFrame | None,
+                   settings: ExperimentSettings, layer: int, *, experiments: Sequence[str] = EXPERIMENTS,
+                   progress: Progress | None = None) -> pd.DataFrame:
+    """Ablate every active expert singly at ``settings.n`` positions of ``layer``; emit the records of the audit,
+    control, rank-validity and redistribution experiments (those named in ``experiments``)."""
+    desc = describe(model)
+    ids_list = _sequences_ids(sequences)
+    candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
+    metrics = list(settings.metrics) if metric_table is not None else []
+    table = metric_table.set_index(["layer", "expert"]) if metric_table is not None else None
+    rows: list[dict] = []
+
+    def handle(ablator: SequenceAblator, seq_id: int, positions: list[int]) -> None:
+        ls = ablator.state.moe[layer]
+        ids = ablator.input_ids
+        plan = [(pos, e) for pos in positions for e in _active(ls, pos)[0]]
+        results = ablator.run([Ablation(layer, pos, (e,), scope=settings.scope) for pos, e in plan], settings.mode)
+        by_pos: dict[int, dict[int, object]] = defaultdict(dict)
+        for (pos, e), r in zip(plan, results):
+            by_pos[pos][e] = r
+        contrib = _contributions(model, ls, layer, plan) if "redistribution" in experiments else {}
+        for pos in positions:
+            active, weights = _active(ls, pos)
+            res = by_pos[pos]
+            ranked_by = {ROUTING_WEIGHT: weights}
+            for m in metrics:
+                ranked_by[m] = [float(table.at[(layer, e), m]) for e in active]
+            for m, values in ranked_by.items():
+                order = _rank(values, active)
+                low, high = order[0], order[-1]
+                exp_name = "control" if m == ROUTING_WEIGHT else "audit"
+                if exp_name in experiments:
+                    for role, i in (("high", high), ("low", low)):
+                        row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[active[i]])
+                        row.update(experiment=exp_name, metric=m, role=role, metric_values=list(values),
+                                   ablated_experts=[active[i]], ablated_metric_value=values[i], k=1)
+                        rows.append(row)
+                if "rank_validity" in experiments:
+                    for i, e in enumerate(active):
+                        row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
+                        row.update(experiment="rank_validity", metric=m, role="single", metric_values=list(values),
+                                   ablated_experts=[e], ablated_metric_value=values[i], k=1)
+                        rows.append(row)
+            if "redistribution" in experiments:
+                for e in active:
+                    row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
+                    remaining, cos = contrib[(pos, e)]
+                    gap = row["gap_norm"]
+                    row.update(experiment="redistribution", metric=ROUTING_WEIGHT, role="single",
+                               metric_values=list(weights), ablated_experts=[e],
+                               ablated_metric_value=weights[active.index(e)], k=1, remaining_norm=remaining,
+                               compensation_cos=cos,
+                               relative_compensation=remaining * max(cos, 0.0) / gap if gap > 0 else math.nan)
+                    rows.append(row)
+
+    _select_positions(ids_list, layer, settings.n, settings, candidates, desc, model, progress, handle)
+    return to_frame(rows)
+
+
+def _contributions(model, ls, layer, plan) -> dict:
+    """Per (position, expert): ||MoE output - w_e E_e(x)|| and cos(w_e E_e(x), MoE output - w_e E_e(x))."""
+    if not plan:
+        return {}
+    pos = torch.tensor([p for p, _ in plan])
+    exp = torch.tensor([e for _, e in plan])
+    ones = torch.ones(len(plan), 1, dtype=ls.weights.dtype, device=ls.x.device)
+    outputs = moe_block(model, layer).experts(ls.x[pos], exp[:, None].to(ls.x.device), ones).float()
+    weight = torch.stack([ls.weights[p].float()[ls.indices[p] == e].sum() for p, e in plan])
+    removed = outputs * weight[:, None]
+    remaining = ls.moe_out[pos].float() - removed
+    cos = torch.nn.functional.cosine_similarity(removed, remaining, dim=-1)
+    return {key: (float(r), float(c)) for key, r, c in zip(plan, remaining.norm(dim=-1), cos)}
+
+
+@torch.no_grad()
+def collect_progressive(model: nn.Module, sequences: Sequence, settings: ExperimentSettings, layer: int, *,
+                        progress: Progress | None = None) -> pd.DataFrame:
+    """At ``settings.n_progressive`` positions remove the highest-weight active experts cumulatively, k = 1..K-1."""
+    desc = describe(model)
+    ids_list = _sequences_ids(sequences)
+    candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
+    rows: list[dict] = []
+
+    def handle(ablator: SequenceAblator, seq_id: int, positions: list[int]) -> None:
+        ls = ablator.state.moe[layer]
+        plan = []
+        for pos in positions:
+            active, weights = _active(ls, pos)
+            by_weight = [active[i] for i in reversed(_rank(weights, active))]  # highest weight first
+            plan.extend((pos, k, tuple(by_weight[:k])) for k in range(1, len(active)))
+        results = ablator.run([Ablation(layer, pos, experts, scope=settings.scope) for pos, _, experts in plan],
+                              settings.mode)
+        for (pos, k, experts), r in zip(plan, results):
+            active, weights = _active(ls, pos)
+            row = _base_row(settings, desc, layer, seq_id, pos, ablator.input_ids, active, weights, r)
+            row.update(experiment="progressive", metric=ROUTING_WEIGHT, role=f"top{k}", metric_values=list(weights),
+                       ablated_experts=list(experts), k=k)
+            rows.append(row)
+
+    _select_positions(ids_list, layer, settings.n_progressive, settings, candidates, desc, model, progress, handle)
+    return to_frame(rows)
+
+
+def metric_values_for(metric_table: pd.DataFrame, layer: int, metric: str) -> np.ndarray:
+    """The metric of every expert of ``layer`` (ordered by expert id)."""
+    sub = metric_table[metric_table["layer"] == layer].sort_values("expert")
+    return sub[metric].to_numpy(dtype=float)
