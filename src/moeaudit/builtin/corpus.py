@@ -42,9 +42,12 @@ Split (fixed)
 
 Sizes (CPython 3.11; token counts with the embedded tiny-moe byte-level BPE tokenizer, vocab 4096)
 -----------------------------------------------------------------------------------------------------
-See ``CORPUS_STATS`` in ``src/moeaudit/builtin/tiny-moe/eval.json`` and the model card; approximately
-``train``: ~2,230 documents, ~2.4M characters, ~0.85M tokens; ``heldout``: 48 documents, ~50k characters,
-~16k tokens.  Building all splits takes well under a second.
+Per-domain numbers are in the model card (``tiny-moe/README.md``) and ``tiny-moe/eval.json``.
+
+``train``: 4,268 documents (268 ``docs`` chunks + 4 x 1,000 generated), 2,950,163 characters, 900,928 tokens
+(``docs`` varies a little with the Python version: 4,265 documents on 3.10, 4,293 on 3.13).
+``heldout``: 64 documents (4 x 16), 39,360 characters, 12,342 tokens (incl. one ``<|endoftext|>`` per document),
+identical on 3.10-3.13.  Building ``train`` takes ~0.1 s, ``heldout`` a few milliseconds.
 """
 
 from __future__ import annotations
@@ -77,16 +80,62 @@ _MAX_DOC_CHUNK = 2000
 # vocabulary for the generated domains
 # --------------------------------------------------------------------------------------------------
 _NAMES = (
-    "Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Keiko", "Liam",
-    "Maya", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Victor", "Wen", "Yusuf",
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dara",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Keiko",
+    "Liam",
+    "Maya",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
 )
 _CITIES = (
-    "Lisbon", "Oslo", "Nairobi", "Lima", "Kyoto", "Dublin", "Quito", "Hanoi", "Tunis", "Porto", "Bergen",
-    "Cairo", "Seoul", "Zurich", "Madrid", "Austin",
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Kyoto",
+    "Dublin",
+    "Quito",
+    "Hanoi",
+    "Tunis",
+    "Porto",
+    "Bergen",
+    "Cairo",
+    "Seoul",
+    "Zurich",
+    "Madrid",
+    "Austin",
 )
 _JOBS = (
-    "baker", "teacher", "nurse", "pilot", "carpenter", "painter", "farmer", "doctor", "engineer", "librarian",
-    "gardener", "chemist",
+    "baker",
+    "teacher",
+    "nurse",
+    "pilot",
+    "carpenter",
+    "painter",
+    "farmer",
+    "doctor",
+    "engineer",
+    "librarian",
+    "gardener",
+    "chemist",
 )
 _PETS = ("cat", "dog", "parrot", "rabbit", "turtle", "goat", "horse", "hamster")
 _OBJECTS = ("book", "lamp", "bicycle", "guitar", "clock", "kettle", "camera", "ladder", "basket", "map")
@@ -234,7 +283,7 @@ def _gen_code(rng: random.Random) -> str:
             fns.append(fn)
     parts.append("\n\n".join(fns))
     a, b = rng.randint(0, 20), rng.randint(0, 20)
-    parts.append(f"\n\nif __name__ == \"__main__\":\n    print({a} + {b})\n")
+    parts.append(f'\n\nif __name__ == "__main__":\n    print({a} + {b})\n')
     return "".join(parts)
 
 
