@@ -11,7 +11,7 @@ import torch
 from conftest import cached_tiny
 
 from moeaudit.models import adapter_for, decoder_layers, describe, moe_block
-from moeaudit.observe import BUILTIN_METRICS, METRICS, observe, register_metric, unregister_metric
+from moeaudit._observe import BUILTIN_METRICS, METRICS, observe, register_metric, unregister_metric
 from moeaudit.testing import TINY_FAMILIES
 
 LENGTHS = (5, 9, 13)

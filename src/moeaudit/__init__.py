@@ -14,14 +14,20 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "Ablation": "moeaudit.intervene",
     "AblationResult": "moeaudit.intervene",
+    "CorpusSequence": "moeaudit.corpus",
+    "ExperimentSettings": "moeaudit.experiments",
     "MoEDescription": "moeaudit.models",
     "SequenceAblator": "moeaudit.intervene",
     "ablate": "moeaudit.intervene",
     "describe": "moeaudit.models",
+    "load_corpus": "moeaudit.corpus",
     "load_model": "moeaudit.models",
     "moe_layers": "moeaudit.models",
-    "observe": "moeaudit.observe",
-    "verify": "moeaudit.verify",
+    "observe": "moeaudit._observe",
+    "run_experiments": "moeaudit.experiments",
+    "summarize": "moeaudit.experiments",
+    "valid_positions": "moeaudit.corpus",
+    "verify": "moeaudit._verify",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

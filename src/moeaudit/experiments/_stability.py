@@ -21,7 +21,7 @@ def ranking_stability(model: nn.Module, sequences: Sequence, *, metrics: Sequenc
     Returns:
         One row per (layer, metric): ``layer, metric, n_experts, tau, p, ci_low, ci_high``.
     """
-    from moeaudit.observe import observe
+    from moeaudit._observe import observe
 
     ids = [getattr(s, "input_ids", s) for s in sequences]
     if len(ids) < 2:

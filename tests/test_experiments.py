@@ -1,0 +1,246 @@
+"""Experiments on tiny models: record semantics, naive re-ablation of records, summaries from records alone."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cached_tiny, random_ids
+from scipy import stats as sps
+
+from moeaudit import Ablation, ablate, observe
+from moeaudit.errors import ConfigError, VerificationError
+from moeaudit.experiments import (
+    EXPERIMENTS,
+    PAPER_METRICS,
+    RECORD_COLUMNS,
+    ExperimentSettings,
+    ranking_stability,
+    run_experiments,
+    summarize,
+)
+from moeaudit.testing import TINY_FAMILIES
+
+
+def _corpus(n=8, seed=0):
+    rng = random.Random(seed)
+    return [random_ids(rng.randint(30, 60), seed=seed * 100 + i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def olmoe_run():
+    model = cached_tiny("olmoe")
+    seqs = _corpus()
+    settings = ExperimentSettings(layers=(1, 3), n=40, n_progressive=30, seed=3)
+    return model, seqs, settings, run_experiments(model, seqs, settings)
+
+
+def test_records_have_the_schema(olmoe_run):
+    _, _, _, result = olmoe_run
+    assert tuple(result.records.columns) == RECORD_COLUMNS
+    assert set(result.records["experiment"]) == set(EXPERIMENTS)
+    assert result.verification.passed
+
+
+def test_records_match_fresh_naive_ablations(olmoe_run):
+    model, seqs, settings, result = olmoe_run
+    sample = result.records.sample(40, random_state=0)
+    for _, row in sample.iterrows():
+        ab = Ablation(int(row["layer"]), int(row["position"]), tuple(int(e) for e in row["ablated_experts"]),
+                      scope=row["scope"])
+        (fresh,) = ablate(model, seqs[int(row["seq_id"])], [ab], engine="naive", mode=row["mode"])
+        assert fresh.delta_loss == pytest.approx(row["delta"], abs=1e-4)
+        assert fresh.gap_norm == pytest.approx(row["gap_norm"], abs=1e-4)
+        assert int(seqs[int(row["seq_id"])][int(row["position"]) + 1]) == row["target_token"]
+
+
+def test_audit_picks_highest_and_lowest_ranked(olmoe_run):
+    _, _, _, result = olmoe_run
+    audit = result.records[result.records["experiment"] == "audit"]
+    for (_, _, _, _), g in audit.groupby(["layer", "metric", "seq_id", "position"]):
+        high = g[g["role"] == "high"].iloc[0]
+        low = g[g["role"] == "low"].iloc[0]
+        order = sorted(zip(high["metric_values"], high["active_experts"]))
+        assert high["ablated_experts"][0] == order[-1][1]
+        assert low["ablated_experts"][0] == order[0][1]
+        assert high["ablated_experts"][0] != low["ablated_experts"][0]
+
+
+def test_metric_values_come_from_the_observe_table(olmoe_run):
+    model, seqs, _, result = olmoe_run
+    table = result.metrics.set_index(["layer", "expert"])
+    row = result.records[result.records["experiment"] == "audit"].iloc[0]
+    expected = [table.at[(row["layer"], e), row["metric"]] for e in row["active_experts"]]
+    np.testing.assert_allclose(row["metric_values"], expected)
+
+
+def test_same_positions_for_every_metric_of_a_layer(olmoe_run):
+    _, _, settings, result = olmoe_run
+    audit = result.records[result.records["experiment"].isin(["audit", "control"])]
+    for layer, g in audit.groupby("layer"):
+        sets = {m: set(zip(s["seq_id"], s["position"])) for m, s in g.groupby("metric")}
+        first = next(iter(sets.values()))
+        assert len(first) == settings.n
+        assert all(s == first for s in sets.values())
+
+
+def test_control_uses_per_token_weights(olmoe_run):
+    _, _, _, result = olmoe_run
+    control = result.records[result.records["experiment"] == "control"]
+    high = control[control["role"] == "high"]
+    assert (high["ablated_weight"] == high["active_weights"].map(max)).all()
+
+
+def test_progressive_removes_top_weights_cumulatively(olmoe_run):
+    _, _, settings, result = olmoe_run
+    prog = result.records[result.records["experiment"] == "progressive"]
+    assert set(prog["k"]) == {1, 2, 3}
+    for _, row in prog.head(30).iterrows():
+        order = sorted(zip(row["active_weights"], row["active_experts"]), reverse=True)
+        assert sorted(row["ablated_experts"]) == sorted(e for _, e in order[: row["k"]])
+    assert prog.groupby("layer").apply(lambda g: g[["seq_id", "position"]].drop_duplicates().shape[0]).eq(
+        settings.n_progressive).all()
+
+
+def test_summary_is_rebuilt_from_parquet_records(olmoe_run, tmp_path):
+    _, _, _, result = olmoe_run
+    path = tmp_path / "records.parquet"
+    result.records.to_parquet(path)
+    again = summarize(pd.read_parquet(path))
+    for name, table in result.tables.items():
+        pd.testing.assert_frame_equal(again[name].reset_index(drop=True), table.reset_index(drop=True),
+                                      check_dtype=False)
+
+
+def test_audit_cell_statistics_match_scipy(olmoe_run):
+    _, _, _, result = olmoe_run
+    records = result.records
+    cell = result.tables["audit"].iloc[0]
+    sub = records[(records["experiment"] == "audit") & (records["layer"] == cell["layer"])
+                  & (records["metric"] == cell["metric"])]
+    high = sub[sub["role"] == "high"].sort_values(["seq_id", "position"])["delta"].to_numpy()
+    low = sub[sub["role"] == "low"].sort_values(["seq_id", "position"])["delta"].to_numpy()
+    t = sps.ttest_rel(high, low)
+    assert cell["t_stat"] == pytest.approx(t.statistic, rel=1e-9)
+    assert cell["p_t"] == pytest.approx(t.pvalue, rel=1e-9)
+    assert cell["p_wilcoxon"] == pytest.approx(sps.wilcoxon(high, low).pvalue, rel=1e-9)
+    diff = high - low
+    assert cell["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1), rel=1e-9)
+    n_cells = len(result.tables["audit"])
+    assert n_cells == 2 * len(PAPER_METRICS)
+    assert (result.tables["audit"]["alpha_corrected"] == 0.05 / n_cells).all()
+    assert (result.tables["control"]["alpha_corrected"] == 0.05 / 2).all()
+
+
+def test_rank_validity_rho_per_token(olmoe_run):
+    _, _, _, result = olmoe_run
+    records = result.records
+    rv = records[(records["experiment"] == "rank_validity") & (records["layer"] == 1)
+                 & (records["metric"] == "routing_weight")]
+    rhos = [sps.spearmanr(g["ablated_metric_value"], g["delta"]).statistic for _, g in rv.groupby(["seq_id", "position"])]
+    rhos = [r for r in rhos if not math.isnan(r)]
+    row = result.tables["rank_validity"].query("layer == 1 and metric == 'routing_weight'").iloc[0]
+    assert row["mean_rho"] == pytest.approx(np.mean(rhos), rel=1e-9)
+    assert row["n_positions"] == len(rhos)
+
+
+def test_redistribution_contribution_is_consistent(olmoe_run):
+    _, _, _, result = olmoe_run
+    red = result.records[result.records["experiment"] == "redistribution"]
+    assert red["compensation_cos"].between(-1, 1).all()
+    ok = red["gap_norm"] > 0
+    expected = red.loc[ok, "remaining_norm"] * red.loc[ok, "compensation_cos"].clip(lower=0) / red.loc[ok, "gap_norm"]
+    np.testing.assert_allclose(red.loc[ok, "relative_compensation"], expected, rtol=1e-9)
+    layers = result.tables["redistribution_layers"]
+    assert set(layers["layer"]) == {1, 3}
+    assert (layers["rho_weight_gap"] > 0.5).all()  # removing a heavier expert moves the residual more
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_runs_all_experiments(family):
+    model = cached_tiny(family)
+    seqs = _corpus(4, seed=1)
+    desc_layers = tuple(model.config.num_hidden_layers - i for i in (1,))
+    result = run_experiments(model, seqs, ExperimentSettings(layers=desc_layers, n=10, n_progressive=5, seed=1))
+    assert set(result.records["experiment"]) == set(EXPERIMENTS)
+    assert len(result.tables["audit"]) == len(PAPER_METRICS)
+    sample = result.records.sample(5, random_state=1)
+    for _, row in sample.iterrows():
+        ab = Ablation(int(row["layer"]), int(row["position"]), tuple(int(e) for e in row["ablated_experts"]))
+        (fresh,) = ablate(model, seqs[int(row["seq_id"])], [ab], engine="naive")
+        assert fresh.delta_loss == pytest.approx(row["delta"], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "reroute"])
+def test_modes_and_sequence_scope_reach_the_records(mode):
+    model = cached_tiny("qwen3_moe")
+    seqs = _corpus(4, seed=2)
+    result = run_experiments(model, seqs, ExperimentSettings(layers=(2,), n=8, n_progressive=4, mode=mode,
+                                                             scope="sequence"), experiments=("audit",))
+    assert set(result.records["mode"]) == {mode} and set(result.records["scope"]) == {"sequence"}
+    row = result.records.iloc[0]
+    ab = Ablation(2, int(row["position"]), tuple(row["ablated_experts"]), scope="sequence")
+    (fresh,) = ablate(model, seqs[int(row["seq_id"])], [ab], engine="naive", mode=mode)
+    assert fresh.delta_loss == pytest.approx(row["delta"], abs=1e-4)
+
+
+def test_ties_broken_by_expert_id():
+    model = cached_tiny("olmoe")
+    seqs = _corpus(3)
+    table = observe(model, seqs)
+    table["utilization_rate"] = 0.5  # every expert tied
+    result = run_experiments(model, seqs, ExperimentSettings(layers=(0,), n=10, metrics=("utilization_rate",)),
+                             experiments=("audit",), metric_table=table)
+    for _, g in result.records.groupby(["seq_id", "position"]):
+        active = g.iloc[0]["active_experts"]
+        assert g[g["role"] == "low"].iloc[0]["ablated_experts"][0] == min(active)
+        assert g[g["role"] == "high"].iloc[0]["ablated_experts"][0] == max(active)
+
+
+def test_paper_size_audit_on_tiny_model():
+    """2 layers x 4 metrics x n=200 (the issue's size) completes and fills every cell."""
+    model = cached_tiny("olmoe")
+    seqs = _corpus(12, seed=4)
+    result = run_experiments(model, seqs, ExperimentSettings(layers=(0, 2), n=200), experiments=("audit",))
+    assert (result.tables["audit"]["n"] == 200).all() and len(result.tables["audit"]) == 8
+
+
+def test_bad_settings():
+    model = cached_tiny("deepseek_v2")
+    seqs = _corpus(3)
+    with pytest.raises(ConfigError, match=r"layers \[0\] are not MoE layers.*MoE layers: 1, 2, 3"):
+        run_experiments(model, seqs, ExperimentSettings(layers=(0,), n=5))
+    with pytest.raises(ConfigError, match="metric 'utilisation_rate' is not a column.*Did you mean 'utilization_rate'"):
+        run_experiments(model, seqs, ExperimentSettings(layers=(1,), n=5, metrics=("utilisation_rate",)))
+    with pytest.raises(ConfigError, match="unknown experiment 'audits'.*Did you mean 'audit'"):
+        run_experiments(model, seqs, experiments=("audits",))
+    with pytest.raises(ConfigError, match="top_k >= 2"):
+        from moeaudit.testing import tiny_model
+
+        run_experiments(tiny_model("mixtral", num_experts_per_tok=1), seqs,
+                        ExperimentSettings(layers=(0,), n=5), experiments=("control",))
+
+
+def test_failed_verification_collects_nothing(monkeypatch):
+    from moeaudit import _verify
+
+    model = cached_tiny("olmoe")
+    report = _verify.verify(model, None, _corpus(2))
+    broken = _verify.VerificationReport((*report.checks[:-1], _verify.CheckResult("engines_agree", False, 1.0,
+                                                                                   1e-4, "forced")),
+                                        report.dtype, report.n_sequences, report.seed)
+    with pytest.raises(VerificationError, match="engines_agree: forced"):
+        run_experiments(model, _corpus(2), ExperimentSettings(n=5), verification=broken)
+
+
+def test_ranking_stability():
+    model = cached_tiny("olmoe")
+    table = ranking_stability(model, _corpus(10, seed=5), metrics=("utilization_rate", "router_norm"), layers=[1])
+    assert list(table.columns) == ["layer", "metric", "n_experts", "tau", "p", "ci_low", "ci_high"]
+    router_row = table[table["metric"] == "router_norm"].iloc[0]
+    assert router_row["tau"] == pytest.approx(1.0)  # weight-only: identical on both halves
+    util = table[table["metric"] == "utilization_rate"].iloc[0]
+    assert -1 <= util["ci_low"] <= util["tau"] <= util["ci_high"] <= 1

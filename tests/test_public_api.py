@@ -1,0 +1,37 @@
+"""The public surface: a sorted __all__ that resolves, and a light `import moeaudit`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import moeaudit
+
+EXPECTED = [
+    "Ablation", "AblationResult", "CorpusSequence", "ExperimentSettings", "MoEDescription", "SequenceAblator",
+    "__version__", "ablate", "describe", "load_corpus", "load_model", "moe_layers", "observe", "run_experiments",
+    "summarize", "valid_positions", "verify",
+]
+
+
+def test_all_is_sorted_and_complete():
+    assert moeaudit.__all__ == sorted(moeaudit.__all__)
+    assert moeaudit.__all__ == sorted(EXPECTED)
+
+
+def test_every_export_resolves_to_a_function_or_class():
+    for name in moeaudit.__all__:
+        value = getattr(moeaudit, name)
+        assert name == "__version__" or callable(value), name
+
+
+def test_observe_and_verify_stay_functions_after_submodule_imports():
+    code = ("import moeaudit._observe, moeaudit._verify, moeaudit; "
+            "assert callable(moeaudit.observe) and callable(moeaudit.verify)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_is_light():
+    code = ("import sys, moeaudit; heavy = [m for m in ('torch', 'matplotlib', 'typer', 'transformers') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
