@@ -10,7 +10,7 @@ import torch
 from moeaudit.testing import TINY_FAMILIES, tiny_model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_tiny(family: str, seed: int = 0):
     return tiny_model(family, seed=seed)
 

@@ -80,7 +80,7 @@ def test_metric_values_come_from_the_observe_table(olmoe_run):
 def test_same_positions_for_every_metric_of_a_layer(olmoe_run):
     _, _, settings, result = olmoe_run
     audit = result.records[result.records["experiment"].isin(["audit", "control"])]
-    for layer, g in audit.groupby("layer"):
+    for _layer, g in audit.groupby("layer"):
         sets = {m: set(zip(s["seq_id"], s["position"])) for m, s in g.groupby("metric")}
         first = next(iter(sets.values()))
         assert len(first) == settings.n

@@ -113,8 +113,8 @@ def test_every_family_has_an_adapter_and_tiny_model():
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v2", "gpt_oss"])
 def test_load_model_round_trip(tmp_path, family):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = cached_tiny(family)
     model.save_pretrained(tmp_path)

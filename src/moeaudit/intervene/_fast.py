@@ -195,7 +195,7 @@ def _run_chunk(model, state, desc, layer, last, chunk, abls, idxs, results):
     logits = model.get_output_embeddings()(model.model.norm(final)).float()
     targets = state.input_ids[[abls[b[0]].position + 1 for b in chunk]]
     losses = F.cross_entropy(logits, targets, reduction="none")
-    for k, (a, span, _inputs, gap, removed_weight) in enumerate(chunk):
+    for k, (a, _span, _inputs, gap, removed_weight) in enumerate(chunk):
         t = abls[a].position
         clean = float(state.losses[t])
         ablated = float(losses[k])

@@ -119,10 +119,7 @@ def clean_state(model: nn.Module, input_ids: torch.Tensor, *, desc: MoEDescripti
     # No config: every layer keeps its full keys, also sliding-window ones (their window is applied in the mask).
     cache = DynamicCache() if keep_cache else None
     with capture_moe(model, layers, adapter, moe), capture_layer_outputs(model, outs):
-        if keep_cache:
-            output = model(input_ids=ids[None], cache=cache, use_cache=True)
-        else:
-            output = model(input_ids=ids[None])
+        output = model(input_ids=ids[None], cache=cache, use_cache=True) if keep_cache else model(input_ids=ids[None])
     logits = output.logits[0]
     return CleanState(
         input_ids=ids,

@@ -133,10 +133,7 @@ def describe(model: nn.Module) -> MoEDescription:
     if adapter.shared_attr and hasattr(first, adapter.shared_attr):
         n_shared = int(getattr(config, "n_shared_experts", 1) or 0)
     gated = bool(adapter.shared_gate_attr and hasattr(first, adapter.shared_gate_attr))
-    if adapter.family in ("gpt_oss", "mixtral"):
-        norm = True
-    else:
-        norm = bool(getattr(gate, "norm_topk_prob", False))
+    norm = True if adapter.family in ("gpt_oss", "mixtral") else bool(getattr(gate, "norm_topk_prob", False))
     return MoEDescription(
         family=adapter.family,
         model_type=config.model_type,
