@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 
 import pytest
@@ -19,14 +18,11 @@ MAX_LEN = 512
 # --------------------------------------------------------------------------------------------------------------
 # corpus
 # --------------------------------------------------------------------------------------------------------------
-def test_corpus_is_deterministic_and_fast():
-    t0 = time.perf_counter()
+def test_corpus_is_deterministic():
     a_train, a_held = C.build_documents("train"), C.build_documents("heldout")
-    elapsed = time.perf_counter() - t0
     assert a_train == C.build_documents("train")
     assert a_held == C.build_documents("heldout")
     assert builtin_documents("heldout") == a_held
-    assert elapsed < 5.0
     assert all(isinstance(d, str) and d.strip() for d in a_train + a_held)
 
 
