@@ -1,26 +1,59 @@
-"""The ``moeaudit`` command line: a thin typer layer over the public API (heavy imports happen inside commands)."""
+"""The ``moeaudit`` command line: a thin typer layer over the public API (heavy imports happen inside commands).
+
+Errors moeaudit raises on purpose (bad config, unsupported model, unreadable corpus, a run directory that holds
+another run, a failed verification) are printed as one clear message with exit status 2 (1 for a failed
+verification); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Causal audits of Mixture-of-Experts language models.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, pretty_exceptions_enable=False)
+
+_MODEL_HELP = "hub id, local checkpoint directory, or builtin:tiny-moe"
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    _quiet_transformers()
+
+    return Console(stderr=stderr)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own per-file loading bars would interleave with ours."""
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    from moeaudit.errors import VerificationError
+
+    _console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+    return typer.Exit(1 if isinstance(exc, VerificationError) else 2)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from moeaudit.errors import MoEAuditError
+
+    return (MoEAuditError, ValueError, FileNotFoundError, OSError)
 
 
 def _table(title: str, frame, columns: list[str] | None = None):
     from rich.table import Table
 
     table = Table(title=title)
-    frame = frame if columns is None else frame[columns]
+    frame = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
     for col in frame.columns:
         table.add_column(str(col))
     for row in frame.itertuples(index=False):
@@ -28,8 +61,55 @@ def _table(title: str, frame, columns: list[str] | None = None):
     return table
 
 
+class RichProgress:
+    """A :class:`moeaudit.pipeline.ProgressSink` drawing one rich progress bar (with ETA) per stage."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                            transient=False)
+        self.task = None
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()
+        self.bar.stop()
+
+    def _finish(self) -> None:
+        if self.task is not None:
+            task = self.bar.tasks[-1]
+            self.bar.update(self.task, total=task.total if task.total is not None else 1,
+                            completed=task.total if task.total is not None else 1)
+
+    def stage(self, name: str, total: int | None) -> None:
+        self._finish()
+        self.task = self.bar.add_task(name, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+
 @app.command()
-def inspect(model: str = typer.Argument(..., help="hub id, local directory or builtin:tiny-moe"),
+def inspect(model: str = typer.Argument(..., help=_MODEL_HELP),
             corpus: str = typer.Option("builtin", help="corpus for the routing summary"),
             n: int = typer.Option(4, help="sequences for the routing summary"),
             dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False) -> None:
@@ -37,11 +117,14 @@ def inspect(model: str = typer.Argument(..., help="hub id, local directory or bu
     import moeaudit
 
     console = _console()
-    m, tok = moeaudit.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    desc = moeaudit.describe(m)
+    try:
+        m, tok = moeaudit.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        desc = moeaudit.describe(m)
+        seqs = moeaudit.load_corpus(corpus, tok, n_samples=n, min_length=8)
+    except _expected_errors() as exc:
+        raise _fail(exc) from None
     for field, value in desc.__dict__.items():
         console.print(f"[bold]{field}[/bold]: {value}")
-    seqs = moeaudit.load_corpus(corpus, tok, n_samples=n, min_length=8)
     table = moeaudit.observe(m, [s.input_ids for s in seqs])
     summary = table.groupby("layer").agg(
         busiest=("utilization_rate", "max"), idlest=("utilization_rate", "min"),
@@ -51,40 +134,90 @@ def inspect(model: str = typer.Argument(..., help="hub id, local directory or bu
 
 
 @app.command()
-def verify(model: str = typer.Option(..., help="hub id, local directory or builtin:tiny-moe"),
-           corpus: str = "builtin", n: int = 2, dtype: str = "auto", device: str = "cpu",
+def verify(model: str = typer.Option(..., help=_MODEL_HELP),
+           corpus: str = typer.Option("builtin", help="corpus the checks run on"),
+           n: int = typer.Option(2, help="sequences the checks run on"), dtype: str = "auto", device: str = "cpu",
            trust_remote_code: bool = False) -> None:
-    """Run the verification suite; exit 1 when a check fails."""
+    """Run the verification suite and print it as a table; exit 1 when a check fails."""
     import pandas as pd
 
     import moeaudit
 
-    m, tok = moeaudit.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    seqs = moeaudit.load_corpus(corpus, tok, n_samples=n)
+    try:
+        m, tok = moeaudit.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        seqs = moeaudit.load_corpus(corpus, tok, n_samples=n)
+    except _expected_errors() as exc:
+        raise _fail(exc) from None
     report = moeaudit.verify(m, tok, seqs, modes=("zero", "renormalize", "reroute"))
     _console().print(_table("verification", pd.DataFrame(report.to_dict()["checks"])))
     raise typer.Exit(0 if report.passed else 1)
 
 
 @app.command()
-def audit(model: str = typer.Option("builtin:tiny-moe", help="hub id, local directory or builtin:tiny-moe"),
-          corpus: str = typer.Option("builtin", help="wikitext-2, builtin, builtin:train, or a file"),
-          layers: str = typer.Option("", help="comma-separated MoE layers (default: all)"),
-          metrics: str = typer.Option("", help="comma-separated observe columns (default: the paper's four)"),
-          n: int = 200, n_progressive: int = 500, n_docs: int = 100, max_length: int = 512, seed: int = 0,
-          scope: str = "token", mode: str = "zero", dtype: str = "auto", device: str = "cpu",
-          out: Path = typer.Option(Path("moeaudit-out"), help="directory for records and tables"),
-          trust_remote_code: bool = False) -> None:
-    """Run all experiments and write records (parquet) and cell tables (CSV)."""
-    _run_audit(model, corpus, layers, metrics, n, n_progressive, n_docs, max_length, seed, scope, mode, dtype,
-               device, out, trust_remote_code)
+def run(
+    config: str = typer.Argument(None, help="a .toml config file or a preset (paper-olmoe, paper-qwen, "
+                                            "paper-deepseek, demo); flags override it"),
+    model: str = typer.Option(None, help=_MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
+    corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
+    layers: str = typer.Option(None, help="comma-separated MoE layers, or 'all'"),
+    metrics: str = typer.Option(None, help="comma-separated observational metrics"),
+    experiments: str = typer.Option(None, help="comma-separated: audit, control, rank_validity, progressive, "
+                                                "redistribution, stability"),
+    n: int = typer.Option(None, help="positions per cell"),
+    n_progressive: int = typer.Option(None, help="positions per layer of the progressive ablation"),
+    n_docs: int = typer.Option(None, help="documents for the single-expert experiments"),
+    n_docs_progressive: int = typer.Option(None, help="documents for the progressive ablation"),
+    max_length: int = typer.Option(None, help="tokens per document"),
+    scope: str = typer.Option(None, help="token or sequence"),
+    mode: str = typer.Option(None, help="zero, renormalize or reroute"),
+    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
+    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
+    report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+) -> None:
+    """Run (or resume) an audit into a run directory: records, summary, report."""
+    from moeaudit.config import PRESETS, RunConfig
+
+    flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
+             "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
+             "n_docs_progressive": n_docs_progressive, "max_length": max_length, "scope": scope, "mode": mode,
+             "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    try:
+        if config is None:
+            cfg = RunConfig.from_mapping(flags, source="flags")
+        elif config in PRESETS:
+            cfg = RunConfig.from_mapping({"preset": config, **flags}, source="flags")
+        else:
+            cfg = RunConfig.from_toml(config).replace(**flags) if flags else RunConfig.from_toml(config)
+    except _expected_errors() as exc:
+        raise _fail(exc) from None
+    _execute(cfg, out or Path("runs") / cfg.label, report)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="output directory")) -> None:
-    """The whole audit on the embedded model and corpus (a couple of minutes on 2 CPU cores)."""
-    _run_audit("builtin:tiny-moe", "builtin", "", "", 200, 200, 64, 512, 0, "token", "zero", "float32", "cpu", out,
-               False)
+def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="run directory")) -> None:
+    """The whole audit (all five experiments, then the report) on the embedded model and corpus; a couple of
+    minutes on 2 CPU cores."""
+    from moeaudit.config import preset
+
+    _execute(preset("demo"), out, True)
+
+
+@app.command("report")
+def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run directories"),
+               out: Path = typer.Option(None, help="output directory (default: the run directory for one run, "
+                                                   "./moeaudit-report for several)")) -> None:
+    """Regenerate the report from stored records; several runs are set side by side."""
+    from moeaudit.report import write_report
+
+    target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
+    try:
+        paths = write_report(runs, target)
+    except _expected_errors() as exc:
+        raise _fail(exc) from None
+    _console().print(f"report: {paths['html']} and {paths['markdown']}, figures in {paths['figures']}")
 
 
 def bench(ctx: typer.Context) -> None:
@@ -97,38 +230,28 @@ def bench(ctx: typer.Context) -> None:
 bench = app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
 
 
-def _run_audit(model, corpus, layers, metrics, n, n_progressive, n_docs, max_length, seed, scope, mode, dtype,
-               device, out, trust_remote_code) -> None:
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    import moeaudit
-    from moeaudit.experiments import PAPER_METRICS, ExperimentSettings, run_experiments
+def _execute(cfg, out: Path, report: bool) -> None:
+    from moeaudit.pipeline import run_audit
 
     console = _console()
     start = time.perf_counter()
-    m, tok = moeaudit.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    seqs = moeaudit.load_corpus(corpus, tok, n_samples=n_docs, max_length=max_length)
-    settings = ExperimentSettings(
-        layers=tuple(int(x) for x in layers.split(",")) if layers else None,
-        metrics=tuple(x.strip() for x in metrics.split(",")) if metrics else PAPER_METRICS,
-        n=n, n_progressive=n_progressive, seed=seed, scope=scope, mode=mode, model_name=model)
-    n_layers = len(settings.layers or moeaudit.describe(m).moe_layers)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("ablating positions", total=n_layers * (n + n_progressive))
-        result = run_experiments(m, seqs, settings, progress=lambda k: bar.advance(task, k))
-    out.mkdir(parents=True, exist_ok=True)
-    result.records.to_parquet(out / "records.parquet")
-    result.metrics.to_csv(out / "metrics.csv", index=False)
-    for name, table in result.tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
+    console.print(f"[bold]moeaudit run[/bold] {cfg.label} -> {out}")
+    try:
+        with RichProgress(console) as progress:
+            result = run_audit(cfg, out, progress=progress, report=report)
+    except _expected_errors() as exc:
+        raise _fail(exc) from None
+    tables = result.tables
     cols = ["layer", "metric", "n", "cohens_d", "p_t", "p_wilcoxon", "significant"]
-    console.print(_table("audit (Definition 2.1)", result.tables["audit"], cols))
-    console.print(_table("routing-weight control", result.tables["control"],
-                         ["layer", "n", "cohens_d", "p_t", "p_wilcoxon", "spearman_rho", "significant"]))
-    console.print(f"{len(result.records)} ablation records in {time.perf_counter() - start:.1f} s -> {out}")
+    if len(tables["audit"]):
+        console.print(_table("audit (Definition 2.1)", tables["audit"], cols))
+    if len(tables["control"]):
+        console.print(_table("routing-weight control", tables["control"],
+                             ["layer", "n", "cohens_d", "p_t", "p_wilcoxon", "spearman_rho", "significant"]))
+    console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
+                  f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {out}")
+    if result.report:
+        console.print(f"report: {result.report['html']}")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from moeaudit.config import PAPER_METRICS
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.experiments._records import to_frame
 from moeaudit.experiments._sampling import candidate_positions
@@ -20,9 +21,6 @@ from moeaudit.intervene import Ablation, SequenceAblator
 from moeaudit.intervene._spec import MODES, SCOPES, check_choice
 from moeaudit.models import describe, moe_block
 
-#: The paper's four observational metrics (its Table 1 order).
-PAPER_METRICS: tuple[str, ...] = ("utilization_rate", "activation_norm", "mean_routing_weight_when_active",
-                                  "activation_std")
 #: The per-token quantity of the routing-weight control.
 ROUTING_WEIGHT = "routing_weight"
 EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution")

@@ -1,0 +1,5 @@
+"""``python -m moeaudit``: the command line."""
+
+from moeaudit.cli import main
+
+main()

@@ -1,0 +1,313 @@
+"""A whole audit run into a run directory: load, verify, observe, collect every cell, summarise, report.
+
+Each cell (one layer's single-expert pool, or one layer's progressive ablation) is written as soon as it finishes,
+so a run interrupted at any moment (Ctrl-C, ``kill -9``, a preempted node) and started again with the same
+configuration reads the finished cells back and computes only the rest; the records and the summary then equal
+those of an uninterrupted run. See :mod:`moeaudit.rundir` for the directory layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from moeaudit.config import RunConfig
+from moeaudit.errors import ConfigError, RunDirectoryError, did_you_mean
+from moeaudit.rundir import FORMAT_VERSION, RunDirectory
+
+
+class ProgressSink(Protocol):
+    """What the pipeline reports to (the CLI draws rich progress bars from it)."""
+
+    def stage(self, name: str, total: int | None) -> None:
+        """A new stage starts; ``total`` units of work (``None``: unknown)."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more units of the current stage are done."""
+
+    def message(self, text: str) -> None:
+        """A line worth showing the user."""
+
+
+class _Silent:
+    def stage(self, name: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_audit` produced."""
+
+    directory: Path
+    records: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    resumed_cells: list[str] = field(default_factory=list)
+    computed_cells: list[str] = field(default_factory=list)
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """Versions of python, torch, transformers and moeaudit, the git revision and the host."""
+    import torch
+    import transformers
+
+    from moeaudit import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "moeaudit": __version__, "git_revision": _git_revision(),
+            "platform": platform.platform(), "host": platform.node(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, ``mps`` on Apple silicon, else ``cpu``."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def corpus_fingerprint(sequences) -> str:
+    """SHA-256 over the token ids of every sequence (detects a corpus that changed between sessions)."""
+    h = hashlib.sha256()
+    for s in sequences:
+        ids = s.input_ids.numpy().astype("<i8")
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(ids.tobytes())
+    return h.hexdigest()
+
+
+def check_metrics(metrics: tuple[str, ...]) -> None:
+    """Refuse metric names the observe table will not have, before any model is loaded."""
+    from moeaudit._observe import METRICS
+
+    valid = list(METRICS)
+    for m in metrics:
+        if m not in valid:
+            raise ConfigError(f"metrics: {m!r} is not an observational metric; valid: {', '.join(valid)}."
+                              f"{did_you_mean(m, valid)}")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | None = None,
+              report: bool = True, on_cell: Callable[[str, int], None] | None = None) -> RunResult:
+    """Run (or resume) the audit described by ``config`` into the directory ``out``.
+
+    Args:
+        config: The run's configuration (:class:`moeaudit.config.RunConfig`).
+        out: The run directory; created when missing. A directory holding the same configuration resumes; one
+            holding another configuration is refused.
+        progress: Receives stages and progress (see :class:`ProgressSink`).
+        report: Write ``report.md`` / ``report.html`` / ``figures/`` at the end.
+        on_cell: Called with ``(kind, layer)`` after each newly computed cell is on disk.
+
+    Returns:
+        The records, the summary tables and which cells were resumed or computed.
+
+    Raises:
+        RunDirectoryError: ``out`` holds another run, or is in use.
+        VerificationError: The verification suite failed; no data was collected.
+    """
+    progress = progress or _Silent()
+    check_metrics(config.metrics)
+    run_dir = RunDirectory(out)
+    timer = _Timer()
+    session: dict[str, Any] = {"started": _now(), "environment": environment()}
+    with run_dir.lock():
+        run_dir.remove_stale_temporaries()
+        new_manifest = {"format_version": FORMAT_VERSION, "tool": "moeaudit", "config": config.to_dict(),
+                        "status": "running", "created": session["started"], "sessions": []}
+        manifest, resumed = run_dir.claim(config.to_dict(), new_manifest)
+        if not (run_dir.path / "config.toml").is_file():
+            run_dir.write_text("config.toml", config.to_toml())
+        manifest["status"] = "running"
+        manifest["sessions"].append(session)
+        run_dir.write_manifest(manifest)
+        if resumed:
+            progress.message(f"resuming the run in {run_dir.path}")
+        try:
+            result = _execute(config, run_dir, manifest, session, timer, progress, report, on_cell)
+        except BaseException as exc:
+            session.update(ended=_now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
+            manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            run_dir.write_manifest(manifest)
+            raise
+        session.update(ended=_now(), stages=timer.stages, resumed_cells=result.resumed_cells,
+                       computed_cells=result.computed_cells)
+        manifest["status"] = "complete"
+        run_dir.write_manifest(manifest)
+    return result
+
+
+def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: _Timer,
+          progress: ProgressSink):
+    from moeaudit.corpus import load_corpus
+    from moeaudit.models import describe, load_model
+
+    device = resolve_device(config.device)
+    progress.stage(f"loading {config.model}", None)
+    with timer("load_model"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device,
+                                      trust_remote_code=config.trust_remote_code)
+    desc = describe(model)
+    session.update(device=device, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers, "moe_layers": list(desc.moe_layers),
+                         "n_experts": desc.n_experts, "top_k": desc.top_k,
+                         "revision": getattr(model.config, "_commit_hash", None)}
+    n_docs = max(config.n_docs, config.n_docs_progressive if "progressive" in config.experiments else 0)
+    progress.stage(f"tokenising {config.corpus}", None)
+    with timer("load_corpus"):
+        sequences = load_corpus(config.corpus, tokenizer, n_samples=n_docs, max_length=config.max_length,
+                                min_length=config.min_length, text_field=config.text_field)
+    fingerprint = corpus_fingerprint(sequences)
+    stored = manifest.get("corpus", {}).get("sha256")
+    if stored is not None and stored != fingerprint:
+        raise RunDirectoryError(f"the corpus {config.corpus!r} tokenises differently from when {run_dir.path} was "
+                                "started (its contents or the tokenizer changed); the stored cells would not match "
+                                "new ones. Run into a new directory.")
+    manifest["corpus"] = {"source": config.corpus, "n_sequences": len(sequences), "sha256": fingerprint,
+                          "n_tokens": int(sum(len(s) for s in sequences))}
+    run_dir.write_manifest(manifest)
+    return model, tokenizer, sequences
+
+
+def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: _Timer,
+             progress: ProgressSink, report: bool, on_cell) -> RunResult:
+    from moeaudit._observe import observe
+    from moeaudit._verify import verify
+    from moeaudit.experiments import ExperimentSettings, summarize
+    from moeaudit.experiments._run import collect_progressive, collect_single
+    from moeaudit.experiments._stability import ranking_stability
+
+    model, tokenizer, sequences = _load(config, run_dir, manifest, session, timer, progress)
+    single_seqs = sequences[: config.n_docs]
+    progressive_seqs = sequences[: config.n_docs_progressive]
+    settings = ExperimentSettings(layers=config.layers, metrics=config.metrics, n=config.n,
+                                  n_progressive=config.n_progressive, seed=config.seed, scope=config.scope,
+                                  mode=config.mode, min_context=config.min_context, model_name=config.label)
+
+    metric_table = run_dir.read_parquet("metrics.parquet")
+    if metric_table is None:
+        progress.stage("observing expert metrics", len(single_seqs))
+        with timer("observe"):
+            metric_table = observe(model, [s.input_ids for s in single_seqs], progress=progress.advance)
+        run_dir.write_parquet("metrics.parquet", metric_table)
+    layers = settings.check(model, metric_table)
+
+    single = [e for e in config.ablation_experiments if e != "progressive"]
+    cells = [("single", layer) for layer in layers if single]
+    cells += [("progressive", layer) for layer in layers if "progressive" in config.experiments]
+    done = run_dir.finished_cells()
+    pending = [c for c in cells if c not in done]
+    resumed = [f"L{layer}-{kind}" for kind, layer in cells if (kind, layer) in done]
+
+    if pending:
+        progress.stage("verifying the ablation engine", None)
+        with timer("verification"):
+            verification = verify(model, tokenizer, single_seqs[:2], seed=config.seed, modes=(config.mode,))
+        run_dir.write_json("verification.json", verification.to_dict())
+        session["verification_passed"] = verification.passed
+        verification.raise_if_failed()
+
+    if "stability" in config.experiments and run_dir.read_parquet("stability.parquet") is None:
+        progress.stage("ranking stability (corpus halves)", None)
+        with timer("stability"):
+            stability = ranking_stability(model, single_seqs, metrics=config.metrics, layers=list(layers),
+                                          n_boot=config.n_boot, seed=config.seed)
+        run_dir.write_parquet("stability.parquet", stability)
+
+    total = sum(config.n if kind == "single" else config.n_progressive for kind, _ in pending)
+    progress.stage(f"ablating ({len(pending)} cells to go, {len(resumed)} resumed)", total)
+    computed = []
+    for kind, layer in pending:
+        with timer(f"cell L{layer}-{kind}"):
+            if kind == "single":
+                frame = collect_single(model, single_seqs, metric_table, settings, layer, experiments=single,
+                                       progress=progress.advance)
+            else:
+                frame = collect_progressive(model, progressive_seqs, settings, layer, progress=progress.advance)
+        run_dir.write_cell(kind, layer, frame)
+        computed.append(f"L{layer}-{kind}")
+        if on_cell is not None:
+            on_cell(kind, layer)
+
+    progress.stage("summarising", None)
+    with timer("summary"):
+        records = run_dir.read_records()
+        tables = summarize(records, n_boot=config.n_boot)
+        write_summary(run_dir, tables)
+    result = RunResult(run_dir.path, records, tables, resumed, computed)
+    if report:
+        from moeaudit.report import write_report
+
+        progress.stage("writing the report", None)
+        with timer("report"):
+            result.report = write_report([run_dir.path], run_dir.path)
+    return result
+
+
+def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
+    """``summary.json`` (every table), ``summary.csv`` (every cell, long format) and ``tables/<name>.csv``."""
+    import json
+
+    parts = []
+    for name, table in tables.items():
+        if table is not None and len(table):
+            run_dir.write_text(f"tables/{name}.csv", table.to_csv(index=False))
+            parts.append(table.assign(table=name))
+    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["table"])
+    long = long[["table", *[c for c in long.columns if c != "table"]]]
+    run_dir.write_text("summary.csv", long.to_csv(index=False))
+    payload = {name: json.loads(t.to_json(orient="records")) if t is not None and len(t) else []
+               for name, t in tables.items()}
+    run_dir.write_json("summary.json", payload)

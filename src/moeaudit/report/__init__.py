@@ -1,0 +1,196 @@
+"""The report: the paper's tables and figures and a generated verdict, for one run or several side by side.
+
+Everything is rebuilt from what a run directory stores (records, the metric table, stability, the manifest and
+the verification report), so ``moeaudit report RUN_DIR`` regenerates it without the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moeaudit.errors import RunDirectoryError
+from moeaudit.report import _tables as T
+from moeaudit.report._document import Block, Figure, Heading, Paragraph, render_html, render_markdown
+from moeaudit.report._verdict import verdict
+from moeaudit.rundir import RunDirectory, atomic_write_text
+
+
+@dataclass
+class RunData:
+    """One run directory, read back."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    label: str
+    records: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    metrics: pd.DataFrame | None
+    stability: pd.DataFrame | None
+    verification: dict | None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(x) for x in self.records["layer"].unique()) if len(self.records) else []
+
+
+def load_run(path: str | Path, *, label: str | None = None) -> RunData:
+    """Read a run directory and recompute its summary tables from its records.
+
+    Raises:
+        RunDirectoryError: ``path`` is not a run directory, or holds no finished cell.
+    """
+    from moeaudit.experiments import summarize
+
+    run_dir = RunDirectory(path)
+    manifest = run_dir.manifest()
+    config = manifest["config"]
+    records = run_dir.read_records()
+    if records.empty:
+        raise RunDirectoryError(f"{run_dir.path} holds no finished cell yet (records/ is empty); run or resume it "
+                                "first.")
+    stored_label = str(records["model"].iloc[0])
+    label = label or stored_label
+    if label != stored_label:
+        records = records.assign(model=label)
+    return RunData(path=run_dir.path, manifest=manifest, config=config, label=label, records=records,
+                   tables=summarize(records, n_boot=int(config.get("n_boot", 2000))),
+                   metrics=run_dir.read_parquet("metrics.parquet"),
+                   stability=run_dir.read_parquet("stability.parquet"),
+                   verification=run_dir.read_json("verification.json"))
+
+
+def load_runs(paths: list[str | Path]) -> list[RunData]:
+    """Several runs; labels made unique (``label (directory)``) when two runs share one."""
+    runs = [load_run(p) for p in paths]
+    labels = [r.label for r in runs]
+    if len(set(labels)) < len(labels):
+        runs = [load_run(r.path, label=f"{r.label} ({r.path.name})") if labels.count(r.label) > 1 else r
+                for r in runs]
+    return runs
+
+
+def _concat(runs: list[RunData], name: str) -> pd.DataFrame:
+    parts = [r.tables.get(name) for r in runs if r.tables.get(name) is not None and len(r.tables[name])]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def build(runs: list[RunData]) -> tuple[str, list[Block]]:
+    """The report's title and blocks."""
+    from moeaudit.report import _figures as F
+
+    title = "moeaudit report: " + ", ".join(r.label for r in runs)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks: list[Block] = [Paragraph(
+        f"Generated {now} from {len(runs)} run director{'y' if len(runs) == 1 else 'ies'} "
+        f"({', '.join(f'`{r.path}`' for r in runs)}). Every number is recomputed from the stored per-token records. "
+        "Question: do observational expert statistics (how often the router picks an expert, how large its output "
+        "is) predict what removing the expert does to the next-token loss, token by token?")]
+    blocks += [Heading("Verdict")]
+    for run in runs:
+        if len(runs) > 1:
+            blocks.append(Heading(run.label, 3))
+        blocks += [Paragraph(p) for p in verdict(run.tables, run.stability, run.verification)]
+    blocks += [Heading("Runs"), T.runs_table(runs)]
+
+    audit_all, control_all = _concat(runs, "audit"), _concat(runs, "control")
+    fig = F.control_vs_depth(audit_all, control_all) if len(control_all) else None
+    if fig is not None:
+        blocks += [Heading("Figure 1: effect size against depth"), _figure(
+            "control_vs_depth", "Effect size d of the routing-weight control against relative depth, per model; the "
+            "shaded band spans every observational-metric cell at that layer. Filled markers: significant after "
+            "Bonferroni correction.", fig)]
+    for run in runs:
+        blocks += _model_section(run, F)
+    blocks += [Heading("How to read this report"), Paragraph(
+        "For each sampled position t and layer, the active experts are ranked by a metric; the highest- and the "
+        "lowest-ranked are removed in turn (their weighted output set to zero at that token only) and the change "
+        "of the next-token cross-entropy is measured: D = ΔL_high − ΔL_low. A valid metric gives E[D] > 0. Each "
+        "cell is tested with a paired t-test and a Wilcoxon signed-rank test; it counts as significant only when "
+        "both pass the Bonferroni-corrected level. Effect size d = mean(D) / sd(D) (Cohen's d_z); |d| < 0.2 is "
+        "small by any convention. The routing-weight control ranks experts by their per-token router weight "
+        "instead of a corpus statistic.")]
+    return title, blocks
+
+
+def _model_section(run: RunData, F) -> list[Block]:
+    label, tables = run.label, run.tables
+    blocks: list[Block] = [Heading(f"{label}: tables")]
+    for table in (T.audit_table(tables["audit"], label), T.control_table(tables["control"], label),
+                  T.rank_validity_table(tables["rank_validity"], label),
+                  T.progressive_table(tables["progressive"], label),
+                  T.redistribution_table(tables["redistribution_layers"], label),
+                  T.stability_table(run.stability, label)):
+        if table is not None:
+            blocks.append(table)
+    figures = [
+        ("progressive", F.progressive_curves(tables["progressive"], label),
+         "Progressive ablation: ΔL when the k highest-weight active experts are removed together, per layer."),
+        ("scatter", F.paired_scatter(run.records, label),
+         "ΔL_low against ΔL_high per position and cell; points above the diagonal favour the metric."),
+        ("difference_hist", F.difference_histograms(run.records, label),
+         "Histograms of D = ΔL_high − ΔL_low per cell, with zero and the mean marked."),
+        ("metric_vs_importance", F.metric_vs_importance(run.records, run.metrics, label)
+         if run.metrics is not None else None,
+         "Each expert's metric value against its mean ΔL when removed alone (ρ: Spearman across experts)."),
+    ]
+    figures = [(n, f, c) for n, f, c in figures if f is not None]
+    if figures:
+        blocks.append(Heading(f"{label}: figures"))
+        stem = _stem(label)
+        blocks += [_figure(f"{stem}-{name}", caption, fig) for name, fig, caption in figures]
+    return blocks
+
+
+def _figure(name: str, caption: str, fig) -> Figure:
+    """A figure block holding the PNG (embedded in the HTML) and a vector PDF of the same matplotlib figure."""
+    import io
+
+    png, pdf = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=150)
+    fig.savefig(pdf, format="pdf")
+    fig.clear()
+    return Figure(name, caption, png.getvalue(), pdf.getvalue())
+
+
+def _stem(label: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
+
+
+def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png|pdf`` for the runs at ``paths`` into ``out``.
+
+    Returns:
+        ``{"markdown": ..., "html": ..., "figures": ...}``.
+    """
+    if not paths:
+        raise ValueError("write_report needs at least one run directory.")
+    runs = load_runs(list(paths))
+    title, blocks = build(runs)
+    out = Path(out)
+    figures_dir = out / "figures"
+    staging = out / ".tmp-figures"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    from moeaudit.rundir import atomic_write_bytes
+
+    for block in blocks:
+        if isinstance(block, Figure):
+            atomic_write_bytes(staging / f"{block.name}.png", block.png)
+            atomic_write_bytes(staging / f"{block.name}.pdf", block.pdf)
+    for p in staging.iterdir():
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        p.replace(figures_dir / p.name)
+    staging.rmdir()
+    md = atomic_write_text(out / "report.md", render_markdown(title, blocks))
+    html = atomic_write_text(out / "report.html", render_html(title, blocks))
+    return {"markdown": md, "html": html, "figures": figures_dir}
+

@@ -1,0 +1,284 @@
+"""Run directories: atomic writes, a manifest binding the directory to one configuration, per-cell record files
+that let an interrupted run resume, and a lock against two processes writing the same directory.
+
+Layout::
+
+    manifest.json        config, environment, corpus fingerprint, sessions with stage timings, status
+    config.toml          the configuration, re-runnable with ``moeaudit run config.toml``
+    verification.json    the verification report that gated the last session's data collection
+    metrics.parquet      the observe table (per layer x expert metrics)
+    stability.parquet    ranking stability (when requested)
+    records/L004-single.parquet, records/L004-progressive.parquet, ...   one file per finished cell
+    summary.csv, summary.json, tables/*.csv
+    report.md, report.html, figures/*.png|pdf
+
+Every file is written to a temporary name in the same directory and renamed into place, so a reader (or a
+resumed run) sees either the whole file or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moeaudit.errors import RunDirectoryError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RECORDS = "records"
+CELL_KINDS: tuple[str, ...] = ("single", "progressive")
+_CELL_RE = re.compile(r"^L(\d+)-(single|progressive)\.parquet$")
+_TMP_PREFIX = ".tmp-"
+
+
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` would have created (``mkstemp`` creates 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that wants a file name; rename it into place on
+    success, delete it on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def cell_name(kind: str, layer: int) -> str:
+    """File name of a cell's records (``L004-single.parquet``)."""
+    if kind not in CELL_KINDS:
+        raise ValueError(f"cell kind {kind!r}; valid: {', '.join(CELL_KINDS)}")
+    return f"L{layer:03d}-{kind}.parquet"
+
+
+class RunDirectory:
+    """A run directory on disk (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest; raises :class:`RunDirectoryError` when the directory holds no readable run."""
+        if not self.manifest_path.is_file():
+            raise RunDirectoryError(f"{self.path} is not a moeaudit run directory (no {MANIFEST}); pass a directory "
+                                    "written by `moeaudit run` or `moeaudit demo`.")
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RunDirectoryError(f"{self.manifest_path} is damaged ({exc}); move the directory aside and "
+                                    "run again.") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise RunDirectoryError(f"{self.path} was written in run-directory format "
+                                    f"{manifest.get('format_version')!r}; this moeaudit reads format "
+                                    f"{FORMAT_VERSION}. Re-run it into a new directory.")
+        return manifest
+
+    def finished_cells(self) -> dict[tuple[str, int], Path]:
+        """``(kind, layer) -> path`` of every cell whose records are on disk."""
+        cells = {}
+        directory = self.path / RECORDS
+        if directory.is_dir():
+            for p in sorted(directory.iterdir()):
+                m = _CELL_RE.match(p.name)
+                if m:
+                    cells[(m.group(2), int(m.group(1)))] = p
+        return cells
+
+    def read_cell(self, kind: str, layer: int) -> pd.DataFrame:
+        return pd.read_parquet(self.path / RECORDS / cell_name(kind, layer))
+
+    def read_records(self) -> pd.DataFrame:
+        """Every finished cell's records, in (layer, kind) order, as one table."""
+        from moeaudit.experiments._records import empty_records
+
+        cells = self.finished_cells()
+        order = sorted(cells, key=lambda c: (c[1], CELL_KINDS.index(c[0])))
+        frames = [pd.read_parquet(cells[c]) for c in order]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else empty_records()
+
+    def read_json(self, name: str) -> Any | None:
+        p = self.path / name
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+    def read_parquet(self, name: str) -> pd.DataFrame | None:
+        p = self.path / name
+        return pd.read_parquet(p) if p.is_file() else None
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def write_cell(self, kind: str, layer: int, frame: pd.DataFrame) -> Path:
+        return atomic_write_parquet(self.path / RECORDS / cell_name(kind, layer), frame)
+
+    def write_json(self, name: str, value: Any) -> Path:
+        return atomic_write_json(self.path / name, value)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.path / name, text)
+
+    def write_parquet(self, name: str, frame: pd.DataFrame) -> Path:
+        return atomic_write_parquet(self.path / name, frame)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Path:
+        return atomic_write_json(self.manifest_path, manifest)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a process killed mid-write; return how many."""
+        removed = 0
+        if self.path.is_dir():
+            for p in self.path.rglob(f"{_TMP_PREFIX}*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # -- binding a directory to a configuration ---------------------------------------------------------------
+    def claim(self, config: dict[str, Any], new_manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Bind the directory to ``config``: create it with ``new_manifest``, or check that the run it holds has
+        the same configuration. Returns ``(manifest, resumed)``.
+
+        Raises:
+            RunDirectoryError: The directory holds a run with another configuration, or files that are not a
+                run's.
+        """
+        if self.exists():
+            manifest = self.manifest()
+            differences = config_differences(manifest.get("config", {}), config)
+            if differences:
+                lines = "\n".join(f"  {k}: stored {a!r}, requested {b!r}" for k, a, b in differences)
+                raise RunDirectoryError(
+                    f"{self.path} holds a run with a different configuration:\n{lines}\n"
+                    "Resuming would mix two experiments. Choose another output directory (--out), or run with the "
+                    f"stored configuration ({self.path / 'config.toml'}) to resume it.")
+            return manifest, True
+        if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
+            raise RunDirectoryError(f"{self.path} is not empty and holds no moeaudit run ({MANIFEST} missing); "
+                                    "choose a new or empty output directory.")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_manifest(new_manifest)
+        return new_manifest, False
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``.lock`` for the duration; refuse when a live process on this host holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / ".lock"
+        host, pid = socket.gethostname(), os.getpid()
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _read_lock(lock)
+                if holder is None or (holder[0] == host and not _pid_alive(holder[1])):
+                    lock.unlink(missing_ok=True)  # stale: its process was killed (or died mid-write)
+                    continue
+                raise RunDirectoryError(
+                    f"{self.path} is in use by process {holder[1] if holder else '?'} on "
+                    f"{holder[0] if holder else '?'} ({lock}). Wait for it to finish; if that process is gone, "
+                    "delete the lock file.") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{host}\n{pid}\n")
+            break
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, stored, requested)`` for every key whose values differ."""
+    keys = list(dict.fromkeys([*stored, *requested]))
+    return [(k, stored.get(k), requested.get(k)) for k in keys if stored.get(k) != requested.get(k)]
+
+
+def _read_lock(path: Path) -> tuple[str, int] | None:
+    try:
+        host, pid = path.read_text().split()[:2]
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
