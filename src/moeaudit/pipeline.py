@@ -176,16 +176,25 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
         if resumed:
             progress.message(f"resuming the run in {run_dir.path}")
         try:
-            result = _execute(config, run_dir, manifest, session, timer, progress, report, on_cell)
+            result = _execute(config, run_dir, manifest, session, timer, progress, on_cell)
+            session.update(ended=_now(), stages=timer.stages, resumed_cells=result.resumed_cells,
+                           computed_cells=result.computed_cells)
+            manifest["status"] = "complete"
+            run_dir.write_manifest(manifest)
+            if report:  # after the manifest is final, so the report shows the finished run
+                from moeaudit.report import write_report
+
+                progress.stage("writing the report", None)
+                with timer("report"):
+                    result.report = write_report([run_dir.path], run_dir.path)
+                session.update(ended=_now(), stages=timer.stages)
+                run_dir.write_manifest(manifest)
         except BaseException as exc:
             session.update(ended=_now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
-            manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            if manifest["status"] != "complete":
+                manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             run_dir.write_manifest(manifest)
             raise
-        session.update(ended=_now(), stages=timer.stages, resumed_cells=result.resumed_cells,
-                       computed_cells=result.computed_cells)
-        manifest["status"] = "complete"
-        run_dir.write_manifest(manifest)
     return result
 
 
@@ -222,7 +231,7 @@ def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dic
 
 
 def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: _Timer,
-             progress: ProgressSink, report: bool, on_cell) -> RunResult:
+             progress: ProgressSink, on_cell) -> RunResult:
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.experiments import ExperimentSettings, summarize
@@ -286,14 +295,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         records = run_dir.read_records()
         tables = summarize(records, n_boot=config.n_boot)
         write_summary(run_dir, tables)
-    result = RunResult(run_dir.path, records, tables, resumed, computed)
-    if report:
-        from moeaudit.report import write_report
-
-        progress.stage("writing the report", None)
-        with timer("report"):
-            result.report = write_report([run_dir.path], run_dir.path)
-    return result
+    return RunResult(run_dir.path, records, tables, resumed, computed)
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:

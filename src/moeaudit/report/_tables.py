@@ -153,7 +153,7 @@ def runs_table(runs) -> Table:
         m, c = run.manifest, run.config
         sessions = m.get("sessions", [])
         last = sessions[-1] if sessions else {}
-        wall = sum(sum(v for v in s.get("stages", {}).values()) for s in sessions)
+        wall = sum(sum(v for k, v in s.get("stages", {}).items() if k != "report") for s in sessions)
         rows.append([run.label, m.get("model", {}).get("family", "?"), c["model"],
                      ", ".join(f"L{x}" for x in run.layers), str(c["n"]), str(c["n_progressive"]),
                      f"{c['corpus']} ({m.get('corpus', {}).get('n_sequences', '?')} docs, ≤{c['max_length']} tok)",
@@ -162,4 +162,4 @@ def runs_table(runs) -> Table:
                      ("FAILED" if run.verification else "not run"),
                      f"{len(run.records):,}", f"{wall:.0f} s", m.get("status", "?")])
     return Table("Configuration and provenance of each run", ["model", "family", "checkpoint", "layers", "n", "n prog.", "corpus", "scope/mode",
-                          "dtype", "device", "verification", "records", "time", "status"], rows, align_left=3)
+                          "dtype", "device", "verification", "records", "compute time", "status"], rows, align_left=3)

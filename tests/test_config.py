@@ -1,0 +1,104 @@
+"""RunConfig: defaults, the paper's presets, TOML round trips, precedence, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeaudit.config import PAPER_METRICS, PRESETS, RUN_EXPERIMENTS, RunConfig, preset
+from moeaudit.errors import ConfigError
+
+
+def test_defaults_are_the_papers_geometry():
+    c = RunConfig()
+    assert (c.n, c.n_progressive, c.max_length, c.n_docs, c.n_docs_progressive) == (200, 500, 512, 100, 200)
+    assert c.metrics == PAPER_METRICS and c.experiments == RUN_EXPERIMENTS
+    assert (c.scope, c.mode, c.seed) == ("token", "zero", 0)
+
+
+@pytest.mark.parametrize(("name", "model", "layers", "dtype"), [
+    ("paper-olmoe", "allenai/OLMoE-1B-7B-0924", (0, 4, 7, 11, 15), "float32"),
+    ("paper-qwen", "Qwen/Qwen1.5-MoE-A2.7B", (0, 6, 12, 18, 23), "bfloat16"),
+    ("paper-deepseek", "deepseek-ai/DeepSeek-V2-Lite", (1, 7, 13, 20, 26), "float16"),
+])
+def test_paper_presets(name, model, layers, dtype):
+    c = preset(name)
+    assert (c.model, c.layers, c.dtype, c.corpus) == (model, layers, dtype, "wikitext-2")
+    assert (c.n, c.n_progressive, c.max_length, c.n_docs, c.n_docs_progressive) == (200, 500, 512, 100, 200)
+
+
+def test_unknown_preset_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="paper-olmoe") as err:
+        preset("paper-olmo")
+    assert "Did you mean 'paper-olmoe'" in str(err.value)
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({"n_position": 5})
+    msg = str(err.value)
+    assert "unknown key 'n_position'" in msg and "n_progressive" in msg and "Valid keys" in msg and "layers" in msg
+
+
+@pytest.mark.parametrize(("values", "fragment"), [
+    ({"scope": "global"}, "valid: token, sequence"),
+    ({"mode": "zeros"}, "Did you mean 'zero'"),
+    ({"dtype": "int8"}, "valid: auto, float32"),
+    ({"experiments": ["audit", "progresive"]}, "Did you mean 'progressive'"),
+    ({"n": 2}, "n=2 is too small"),
+    ({"n": "many"}, "n must be an integer"),
+    ({"layers": ["a"]}, "layers must be integers"),
+    ({"layers": [-1]}, "non-negative"),
+    ({"min_length": 600}, "exceeds max_length"),
+    ({"trust_remote_code": "yes"}, "true or false"),
+    ({"experiments": []}, "experiments is empty"),
+])
+def test_bad_values_are_named(values, fragment):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(values)
+    assert fragment in str(err.value)
+
+
+def test_coercions_from_flags():
+    c = RunConfig.from_mapping({"layers": "0, 4,7", "metrics": "activation_norm", "dtype": "bf16", "n": "12"})
+    assert c.layers == (0, 4, 7) and c.metrics == ("activation_norm",) and c.dtype == "bfloat16" and c.n == 12
+    assert RunConfig.from_mapping({"layers": "all"}).layers is None
+
+
+def test_toml_round_trip_and_precedence(tmp_path):
+    for name, cfg in PRESETS.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(cfg.to_toml())
+        assert RunConfig.from_toml(path) == cfg
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "paper-qwen"\ndevice = "cuda:1"\nlayers = [0, 23]\n')
+    c = RunConfig.from_toml(path)
+    assert (c.model, c.device, c.layers, c.dtype) == ("Qwen/Qwen1.5-MoE-A2.7B", "cuda:1", (0, 23), "bfloat16")
+    flagged = c.replace(n=50)  # flags come last
+    assert flagged.n == 50 and flagged.layers == (0, 23)
+
+
+def test_toml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(bad)
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[model]\nname = 'x'\n")
+    with pytest.raises(ConfigError, match="top level"):
+        RunConfig.from_toml(nested)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("modell = 'x'\n")
+    with pytest.raises(ConfigError, match="Did you mean 'model'") as err:
+        RunConfig.from_toml(typo)
+    assert str(typo) in str(err.value)
+
+
+def test_config_is_frozen_and_labelled():
+    c = RunConfig(model="/models/OLMoE-1B-7B-0924/")
+    with pytest.raises(AttributeError):
+        c.n = 3  # type: ignore[misc]
+    assert c.label == "OLMoE-1B-7B-0924"
+    assert RunConfig().label == "tiny-moe"
+    assert RunConfig(name="mine").label == "mine"

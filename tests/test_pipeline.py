@@ -1,0 +1,221 @@
+"""Whole runs into run directories: every artefact, resume (no-op and partial), refusals, the verification gate,
+report regeneration from records, several runs side by side, and the HTML rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from moeaudit.config import RunConfig
+from moeaudit.errors import RunDirectoryError, VerificationError
+from moeaudit.experiments import summarize
+from moeaudit.pipeline import run_audit
+from moeaudit.rundir import RunDirectory
+
+CONFIG = RunConfig(model="builtin:tiny-moe", name="tiny", corpus="builtin", n_docs=6, n_docs_progressive=8,
+                   max_length=96, layers=(1, 5), n=12, n_progressive=8, n_boot=100, device="cpu", dtype="float32")
+CELLS = {("single", 1), ("single", 5), ("progressive", 1), ("progressive", 5)}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "clean"
+    result = run_audit(CONFIG, out)
+    return out, result
+
+
+def _without_timestamp(text: str) -> str:
+    return re.sub(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC from \d+ run director\w+ \(.*?\)\.", "", text)
+
+
+def test_every_artefact_is_written(clean):
+    out, result = clean
+    for name in ("manifest.json", "config.toml", "verification.json", "metrics.parquet", "stability.parquet",
+                 "summary.csv", "summary.json", "report.md", "report.html", "tables/audit.csv"):
+        assert (out / name).is_file(), name
+    assert set(RunDirectory(out).finished_cells()) == CELLS
+    figures = {p.name for p in (out / "figures").iterdir()}
+    for stem in ("control_vs_depth", "tiny-progressive", "tiny-scatter", "tiny-difference_hist",
+                 "tiny-metric_vs_importance"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= figures
+    assert not list(out.rglob(".tmp-*")) and not (out / ".lock").exists()
+    assert sorted(result.computed_cells) == sorted(f"L{layer}-{kind}" for kind, layer in CELLS)
+
+
+def test_manifest_records_config_environment_and_stages(clean):
+    out, _ = clean
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"] == CONFIG.to_dict() and m["status"] == "complete"
+    assert RunConfig.from_toml(out / "config.toml") == CONFIG
+    session = m["sessions"][-1]
+    env = session["environment"]
+    assert {"python", "torch", "transformers", "moeaudit", "git_revision"} <= set(env)
+    assert session["device"] == "cpu" and session["dtype"] == "float32" and session["verification_passed"]
+    assert {"load_model", "load_corpus", "observe", "verification", "cell L1-single", "summary", "report"} \
+        <= set(session["stages"])
+    assert session["started"] <= session["ended"]
+    assert m["model"]["family"] == "olmoe" and m["corpus"]["n_sequences"] == 8 and len(m["corpus"]["sha256"]) == 64
+
+
+def test_summary_files_equal_the_records_summary(clean):
+    out, result = clean
+    records = RunDirectory(out).read_records()
+    pd.testing.assert_frame_equal(records, result.records)
+    tables = summarize(records, n_boot=CONFIG.n_boot)
+    stored = json.loads((out / "summary.json").read_text())
+    for name, table in tables.items():
+        pd.testing.assert_frame_equal(pd.DataFrame(stored[name]).reset_index(drop=True),
+                                      table.reset_index(drop=True), check_dtype=False, rtol=1e-12)
+    long = pd.read_csv(out / "summary.csv")
+    assert (long["table"] == "audit").sum() == 8 and (long["table"] == "control").sum() == 2
+    audit = tables["audit"]
+    assert set(audit["layer"]) == {1, 5} and (audit["n"] == 12).all()
+
+
+def test_rerun_is_a_noop_and_partial_resume_recomputes_only_missing_cells(clean, tmp_path):
+    out, result = clean
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = run_audit(CONFIG, copy, report=False)
+    assert again.computed_cells == [] and len(again.resumed_cells) == 4
+    (copy / "records" / "L005-single.parquet").unlink()
+    (copy / "records" / ".tmp-x.parquet").write_bytes(b"half a file")  # a write killed mid-way
+    partial = run_audit(CONFIG, copy, report=False)
+    assert partial.computed_cells == ["L5-single"]
+    pd.testing.assert_frame_equal(partial.records, result.records)
+    assert (copy / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert len(manifest["sessions"]) == 3 and manifest["sessions"][-1]["computed_cells"] == ["L5-single"]
+
+
+def test_a_directory_with_another_config_is_refused(clean, tmp_path):
+    out, _ = clean
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = sorted(p.name for p in copy.rglob("*"))
+    with pytest.raises(RunDirectoryError, match="n: stored 12, requested 13"):
+        run_audit(CONFIG.replace(n=13), copy)
+    assert sorted(p.name for p in copy.rglob("*")) == before
+
+
+def test_a_changed_corpus_is_refused(tmp_path):
+    corpus = tmp_path / "docs.txt"
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+    corpus.write_text(f"{text}\n\n{text} again\n")
+    cfg = CONFIG.replace(corpus=str(corpus), n_docs=2, n_docs_progressive=2, n=3, n_progressive=2, layers=[1],
+                         experiments=["audit"], min_length=16)
+    run_audit(cfg, tmp_path / "run", report=False)
+    corpus.write_text(f"Changed: {text}\n\n{text} again\n")
+    with pytest.raises(RunDirectoryError, match="tokenises differently"):
+        run_audit(cfg, tmp_path / "run", report=False)
+
+
+def test_failed_verification_collects_nothing(tmp_path, monkeypatch):
+    import moeaudit._verify as verify_module
+
+    real = verify_module.verify
+
+    def broken(*args, **kwargs):
+        report = real(*args, **kwargs)
+        bad = verify_module.CheckResult(name="engines_agree", passed=False, value=1.0, threshold=1e-4,
+                                        detail="injected failure")
+        return verify_module.VerificationReport((*report.checks[:-1], bad), report.dtype, report.n_sequences,
+                                                report.seed)
+
+    monkeypatch.setattr(verify_module, "verify", broken)
+    out = tmp_path / "run"
+    with pytest.raises(VerificationError, match="injected failure"):
+        run_audit(CONFIG.replace(experiments=["audit"], layers=[1]), out)
+    assert RunDirectory(out).finished_cells() == {}
+    assert json.loads((out / "verification.json").read_text())["passed"] is False
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "VerificationError" in manifest["sessions"][-1]["error"]
+
+
+def test_report_is_regenerated_from_records_alone(clean, tmp_path):
+    from moeaudit.report import write_report
+
+    out, _ = clean
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("report.md", "report.html", "summary.json", "summary.csv"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "figures")
+    paths = write_report([copy], copy)
+    assert _without_timestamp(paths["markdown"].read_text()) == _without_timestamp(
+        (out / "report.md").read_text()).replace(str(out), str(copy))
+    assert (copy / "figures" / "control_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_contents_follow_the_numbers(clean):
+    out, result = clean
+    md = (out / "report.md").read_text()
+    audit = result.tables["audit"]
+    n_sig = int(audit["significant"].sum())
+    assert f"{n_sig} of 8 metric × layer cells survive Bonferroni correction" in md
+    top = audit.loc[audit["cohens_d"].abs().idxmax()]
+    assert f"|d| ≤ {abs(top['cohens_d']):.3f} in every cell" in md
+    for _, row in audit.iterrows():  # every audit cell appears with its d
+        assert f"| L{row['layer']} |" in md and f"{row['cohens_d']:+.3f}" in md
+    assert "k=1" in md and "ρ(weight, gap)" in md and "Kendall τ" in md
+    assert "All 5 checks passed" in md
+
+
+def test_two_runs_side_by_side(clean, tmp_path):
+    from moeaudit.report import build, load_runs, write_report
+
+    out, _ = clean
+    other = tmp_path / "other"
+    run_audit(CONFIG.replace(name="tiny-renorm", mode="renormalize", experiments=["audit", "control"]), other,
+              report=False)
+    runs = load_runs([out, other])
+    assert [r.label for r in runs] == ["tiny", "tiny-renorm"]
+    _, blocks = build(runs)
+    headings = [b.text for b in blocks if type(b).__name__ == "Heading"]
+    assert "tiny: tables" in headings and "tiny-renorm: tables" in headings
+    paths = write_report([out, other], tmp_path / "both")
+    md = paths["markdown"].read_text()
+    assert md.count("survive Bonferroni correction") == 2
+    # the same run twice gets unique labels
+    assert [r.label for r in load_runs([out, out])] == ["tiny (clean)", "tiny (clean)"]
+
+
+def test_report_needs_records(tmp_path):
+    from moeaudit.report import write_report
+
+    with pytest.raises(RunDirectoryError, match="not a moeaudit run directory"):
+        write_report([tmp_path], tmp_path / "r")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs "
+                                                              "it)")
+def test_html_report_renders_in_headless_chromium(clean, tmp_path):
+    out, _ = clean
+    html = (out / "report.html").read_text()
+    assert not re.search(r'(src|href)="(https?:|//|figures/)', html), "the HTML must be self-contained"
+    n_images = html.count("<img ")
+    assert n_images == 5
+    probe = html.replace("</body>", "<script>window.addEventListener('load', () => { const ok = [...document.images]"
+                         ".filter(i => i.complete && i.naturalWidth > 100).length; document.title = "
+                         "`images:${ok}/${document.images.length}`; });</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text(probe)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert f"<title>images:{n_images}/{n_images}</title>" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", *flags, "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html")
+                    .as_uri()], capture_output=True, timeout=120, check=True)
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[..., :3]
+    coloured = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 0.2  # not grey: figure colours on the page
+    assert coloured.mean() > 0.001, "the screenshot shows no figure"

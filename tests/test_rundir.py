@@ -1,0 +1,99 @@
+"""Run directories: atomic writes, binding to one configuration, cell files, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from moeaudit.errors import RunDirectoryError
+from moeaudit.rundir import FORMAT_VERSION, RunDirectory, atomic_path, atomic_write_json, atomic_write_text
+
+
+def _manifest(config):
+    return {"format_version": FORMAT_VERSION, "config": config, "sessions": []}
+
+
+def test_atomic_write_replaces_whole_files_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "a" / "x.json"
+    atomic_write_json(target, {"k": 1})
+    assert json.loads(target.read_text()) == {"k": 1}
+    mode = target.stat().st_mode & 0o777
+    assert mode & 0o044, f"files should be readable by others per umask, got {oct(mode)}"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"k": 2')  # half written
+        raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"k": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.json"]
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    run = RunDirectory(tmp_path)
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / ".tmp-abc.parquet").write_bytes(b"partial")
+    atomic_write_text(tmp_path / "keep.txt", "ok")
+    assert run.remove_stale_temporaries() == 1
+    assert not (tmp_path / "records" / ".tmp-abc.parquet").exists() and (tmp_path / "keep.txt").exists()
+
+
+def test_claim_creates_then_resumes_then_refuses_other_config(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    cfg = {"model": "m", "n": 12}
+    manifest, resumed = run.claim(cfg, _manifest(cfg))
+    assert not resumed and run.exists()
+    _, resumed = run.claim(cfg, _manifest(cfg))
+    assert resumed
+    with pytest.raises(RunDirectoryError) as err:
+        run.claim({"model": "m", "n": 13}, _manifest({}))
+    msg = str(err.value)
+    assert "n: stored 12, requested 13" in msg and "--out" in msg and "config.toml" in msg
+
+
+def test_claim_refuses_a_foreign_directory_and_a_damaged_manifest(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="not empty and holds no moeaudit run"):
+        RunDirectory(tmp_path).claim({}, _manifest({}))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text("{")
+    with pytest.raises(RunDirectoryError, match="damaged"):
+        RunDirectory(damaged).manifest()
+    (damaged / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(RunDirectoryError, match="format 99"):
+        RunDirectory(damaged).manifest()
+    with pytest.raises(RunDirectoryError, match="not a moeaudit run directory"):
+        RunDirectory(tmp_path / "nothing").manifest()
+
+
+def test_cells_are_listed_and_read_in_layer_order(tmp_path):
+    run = RunDirectory(tmp_path)
+    frames = {}
+    for kind, layer in [("progressive", 10), ("single", 2), ("single", 10), ("progressive", 2)]:
+        frames[(kind, layer)] = pd.DataFrame({"layer": [layer], "kind": [kind]})
+        run.write_cell(kind, layer, frames[(kind, layer)])
+    (tmp_path / "records" / "notes.parquet").write_bytes(b"")  # ignored: not a cell name
+    assert set(run.finished_cells()) == set(frames)
+    records = run.read_records()
+    assert list(zip(records["layer"], records["kind"])) == [(2, "single"), (2, "progressive"), (10, "single"),
+                                                             (10, "progressive")]
+    with pytest.raises(ValueError, match="cell kind"):
+        run.write_cell("audit", 1, frames[("single", 2)])
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    run = RunDirectory(tmp_path)
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{socket.gethostname()}\n{os.getppid()}\n")  # a live process on this host
+    with pytest.raises(RunDirectoryError, match="in use by process"), run.lock():
+        pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()}\n{dead.pid}\n")
+    with run.lock():
+        assert lock.read_text().split()[1] == str(os.getpid())
+    assert not lock.exists()
