@@ -1,6 +1,8 @@
-"""The command line on the embedded model: inspect, verify, audit (files written), bench, bad input."""
+"""The command line on the embedded model: inspect, verify, run (run directories, resume, TOML), report, bad input."""
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 from typer.testing import CliRunner
@@ -22,21 +24,64 @@ def test_verify_builtin_passes():
     assert "engines_agree" in result.output
 
 
-def test_audit_writes_records_and_tables(tmp_path):
+RUN = ["--layers", "7", "--n", "12", "--n-progressive", "6", "--n-docs", "6", "--n-docs-progressive", "6",
+       "--max-length", "96", "--n-boot", "50", "--device", "cpu"]
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo", "run", "report", "verify", "inspect", "bench"):
+        assert command in result.output
+
+
+def test_run_writes_a_run_directory_and_report_regenerates_it(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["audit", "--layers", "7", "--n", "20", "--n-progressive", "10", "--n-docs", "8",
-                                 "--out", str(out)])
+    result = runner.invoke(app, ["run", *RUN, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    records = pd.read_parquet(out / "records.parquet")
+    records = pd.read_parquet(out / "records" / "L007-single.parquet")
     assert set(records["layer"]) == {7}
-    audit = pd.read_csv(out / "audit.csv")
-    assert len(audit) == 4 and (audit["n"] == 20).all()
-    for name in ("control", "rank_validity", "progressive", "redistribution_layers", "metrics"):
-        assert (out / f"{name}.csv").is_file()
+    audit = pd.read_csv(out / "tables" / "audit.csv")
+    assert len(audit) == 4 and (audit["n"] == 12).all()
+    assert "4 cells" not in result.output and "2 cells computed, 0 resumed" in result.output
+    again = runner.invoke(app, ["run", *RUN, "--out", str(out)])
+    assert again.exit_code == 0 and "0 cells computed, 2 resumed" in again.output
+    (out / "report.md").unlink()
+    regen = runner.invoke(app, ["report", str(out)])
+    assert regen.exit_code == 0, regen.output
+    assert (out / "report.md").is_file()
 
 
-def test_audit_bad_metric_is_a_clear_error(tmp_path):
-    result = runner.invoke(app, ["audit", "--layers", "7", "--n", "5", "--n-docs", "4", "--metrics", "utilisation",
-                                 "--out", str(tmp_path / "x")])
-    assert result.exit_code != 0
-    assert "utilization_rate" in str(result.exception)
+def test_run_from_toml_with_flag_override(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('model = "builtin:tiny-moe"\nlayers = [7]\nn = 12\nn_progressive = 6\nn_docs = 6\n'
+                      'n_docs_progressive = 6\nmax_length = 96\nn_boot = 50\nexperiments = ["audit"]\n'
+                      'device = "cpu"\n')
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(config), "--name", "from-toml", "--out", str(out), "--no-report"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "from-toml" and manifest["config"]["experiments"] == ["audit"]
+    assert not (out / "report.md").exists()
+
+
+def test_run_refuses_another_config_in_the_same_directory(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", *RUN, "--experiments", "audit", "--no-report", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, [*args, "--seed", "1"])
+    assert result.exit_code == 2
+    assert "different configuration" in result.output and "seed: stored 0, requested 1" in result.output
+
+
+def test_run_bad_input_is_one_clear_message(tmp_path):
+    result = runner.invoke(app, ["run", *RUN, "--metrics", "utilisation", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "utilization_rate" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["run", "paper-olmo"])
+    assert result.exit_code == 2 and "does not exist" in result.output and "paper-olmoe" in result.output
+    result = runner.invoke(app, ["run", *RUN, "--layers", "3,99", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "not MoE layers" in result.output
+    assert not (tmp_path / "y").exists(), "a run refused for bad input leaves nothing on disk"
+    result = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not a moeaudit run directory" in result.output

@@ -8,9 +8,9 @@ import sys
 import moeaudit
 
 EXPECTED = [
-    "Ablation", "AblationResult", "CorpusSequence", "ExperimentSettings", "MoEDescription", "SequenceAblator",
-    "__version__", "ablate", "describe", "load_corpus", "load_model", "moe_layers", "observe", "run_experiments",
-    "summarize", "valid_positions", "verify",
+    "Ablation", "AblationResult", "CorpusSequence", "ExperimentSettings", "MoEDescription", "RunConfig",
+    "SequenceAblator", "__version__", "ablate", "describe", "load_corpus", "load_model", "load_run", "moe_layers",
+    "observe", "preset", "run_audit", "run_experiments", "summarize", "valid_positions", "verify", "write_report",
 ]
 
 

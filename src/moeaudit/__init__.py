@@ -17,17 +17,22 @@ _EXPORTS: dict[str, str] = {
     "CorpusSequence": "moeaudit.corpus",
     "ExperimentSettings": "moeaudit.experiments",
     "MoEDescription": "moeaudit.models",
+    "RunConfig": "moeaudit.config",
     "SequenceAblator": "moeaudit.intervene",
     "ablate": "moeaudit.intervene",
     "describe": "moeaudit.models",
     "load_corpus": "moeaudit.corpus",
     "load_model": "moeaudit.models",
+    "load_run": "moeaudit.report",
     "moe_layers": "moeaudit.models",
     "observe": "moeaudit._observe",
+    "preset": "moeaudit.config",
+    "run_audit": "moeaudit.pipeline",
     "run_experiments": "moeaudit.experiments",
     "summarize": "moeaudit.experiments",
     "valid_positions": "moeaudit.corpus",
     "verify": "moeaudit._verify",
+    "write_report": "moeaudit.report",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from moeaudit.config import RunConfig
-from moeaudit.errors import ConfigError, RunDirectoryError, did_you_mean
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError, did_you_mean
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory
 
 
@@ -163,6 +164,18 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
     run_dir = RunDirectory(out)
     timer = _Timer()
     session: dict[str, Any] = {"started": _now(), "environment": environment()}
+    fresh = not run_dir.path.exists()
+    try:
+        return _run_locked(config, run_dir, session, timer, progress, report, on_cell)
+    except (ConfigError, UnsupportedModelError, CorpusError, OSError):
+        # Bad input found before any data: leave no half-made directory behind.
+        if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+
+
+def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: _Timer, progress: ProgressSink,
+                report: bool, on_cell) -> RunResult:
     with run_dir.lock():
         run_dir.remove_stale_temporaries()
         new_manifest = {"format_version": FORMAT_VERSION, "tool": "moeaudit", "config": config.to_dict(),

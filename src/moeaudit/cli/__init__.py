@@ -173,6 +173,7 @@ def run(
     dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
     seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
 ) -> None:
@@ -182,7 +183,8 @@ def run(
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "scope": scope, "mode": mode,
-             "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code}
+             "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code,
+             "n_boot": n_boot}
     flags = {k: v for k, v in flags.items() if v is not None}
     try:
         if config is None:
