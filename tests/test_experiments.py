@@ -244,3 +244,29 @@ def test_ranking_stability():
     assert router_row["tau"] == pytest.approx(1.0)  # weight-only: identical on both halves
     util = table[table["metric"] == "utilization_rate"].iloc[0]
     assert -1 <= util["ci_low"] <= util["tau"] <= util["ci_high"] <= 1
+
+
+def test_token_spearman_equals_scipy_per_token_with_ties_and_constant_tokens():
+    from moeaudit import stats
+    from moeaudit.experiments._summary import _token_spearman
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for token in range(60):
+        k = int(rng.integers(2, 7))
+        values = rng.integers(0, 3, size=k).astype(float)  # ties
+        deltas = rng.normal(size=k) if token % 7 else np.zeros(k)  # some constant tokens
+        for v, d in zip(values, deltas):
+            rows.append({"model": "m", "layer": token % 2, "metric": "x", "seq_id": token // 5,
+                         "position": token, "ablated_metric_value": v, "delta": d})
+    frame = pd.DataFrame(rows)
+    got = _token_spearman(frame)
+    for (model, layer, metric), group in frame.groupby(["model", "layer", "metric"]):
+        expected = []
+        for _, tok in group.groupby(["seq_id", "position"], sort=False):
+            if len(tok) >= 3:
+                rho, _ = stats.spearman(tok["ablated_metric_value"].to_numpy(), tok["delta"].to_numpy())
+                if not math.isnan(rho):
+                    expected.append(rho)
+        assert len(expected) > 5
+        np.testing.assert_allclose(got[(model, layer, metric)], expected, rtol=0, atol=1e-12)

@@ -367,3 +367,17 @@ def test_kendall_tau_ci():
     perfect = kendall_tau_ci(np.arange(10.0), np.arange(10.0) ** 2, n_boot=50)
     assert perfect.tau == pytest.approx(1.0, abs=1e-12) and perfect.ci_low == pytest.approx(1.0, abs=1e-12)
     assert np.isnan(kendall_tau_ci(np.ones(5), np.arange(5.0), n_boot=10).tau)
+
+
+def test_vectorised_tau_b_equals_scipy_row_by_row():
+    from moeaudit.stats import _tau_b_rows
+
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 5, size=(200, 13)).astype(float)  # many ties, as bootstrap resamples have
+    b = a + rng.integers(0, 3, size=a.shape)
+    a[0] = 2.0  # constant row: tau undefined
+    got = _tau_b_rows(a, b, chunk=64)
+    ref = np.array([sps.kendalltau(x, y).statistic if np.ptp(x) > 0 and np.ptp(y) > 0 else np.nan
+                    for x, y in zip(a, b)])
+    assert np.isnan(got[0]) and np.array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[1:], ref[1:], rtol=0, atol=1e-12)

@@ -58,14 +58,9 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], n_boo
 def _rank_validity(records: pd.DataFrame) -> pd.DataFrame:
     sub = records[records["experiment"] == "rank_validity"]
     rows = []
+    token_rho = _token_spearman(sub)
     for (model, layer, metric), group in sub.groupby(["model", "layer", "metric"], sort=True):
-        rhos = []
-        for _, token in group.groupby(["seq_id", "position"], sort=False):
-            if len(token) >= 3:
-                rho, _ = stats.spearman(token["ablated_metric_value"].to_numpy(), token["delta"].to_numpy())
-                if not math.isnan(rho):
-                    rhos.append(rho)
-        rhos_arr = np.asarray(rhos, dtype=float)
+        rhos_arr = token_rho.get((model, layer, metric), np.empty(0))
         z = stats.fisher_z(rhos_arr) if len(rhos_arr) else rhos_arr
         t_res = sps.ttest_1samp(z, 0.0) if len(z) >= 3 else None
         rows.append({
@@ -83,6 +78,29 @@ def _rank_validity(records: pd.DataFrame) -> pd.DataFrame:
     if not frame.empty:
         frame.insert(2, "relative_depth", _relative_depth(frame))
     return frame
+
+
+def _token_spearman(sub: pd.DataFrame) -> dict[tuple, np.ndarray]:
+    """Spearman rho between metric value and delta within every token (>= 3 experts, neither constant), grouped
+    by (model, layer, metric) in token order: Pearson correlation of average ranks, vectorised over tokens."""
+    keys = ["model", "layer", "metric", "seq_id", "position"]
+    frame = sub[keys].copy()
+    grouped = sub.groupby(keys, sort=False)
+    frame["rx"] = grouped["ablated_metric_value"].rank(method="average")
+    frame["ry"] = grouped["delta"].rank(method="average")
+    g = frame.groupby(keys, sort=False)
+    n = g["rx"].transform("size")
+    frame["dx"] = frame["rx"] - g["rx"].transform("mean")
+    frame["dy"] = frame["ry"] - g["ry"].transform("mean")
+    frame["sxy"], frame["sxx"], frame["syy"] = frame["dx"] * frame["dy"], frame["dx"] ** 2, frame["dy"] ** 2
+    sums = frame[n >= 3].groupby(keys, sort=False)[["sxy", "sxx", "syy"]].sum()
+    tiny = 1e-12  # a constant vector has zero squared deviation from its ranks' mean
+    ok = (sums["sxx"] > tiny) & (sums["syy"] > tiny)
+    rho = (sums.loc[ok, "sxy"] / np.sqrt(sums.loc[ok, "sxx"] * sums.loc[ok, "syy"])).clip(-1.0, 1.0)
+    out: dict[tuple, np.ndarray] = {}
+    for key, values in rho.groupby(level=[0, 1, 2], sort=False):
+        out[key] = values.to_numpy(dtype=float)
+    return out
 
 
 def _progressive(records: pd.DataFrame) -> pd.DataFrame:

@@ -154,6 +154,7 @@ def _figure(name: str, caption: str, fig) -> Figure:
 
     png, pdf = io.BytesIO(), io.BytesIO()
     fig.savefig(png, format="png", dpi=150)
+    fig.set_layout_engine("none")  # keep the layout the PNG computed instead of solving it again for the PDF
     fig.savefig(pdf, format="pdf")
     fig.clear()
     return Figure(name, caption, png.getvalue(), pdf.getvalue())
