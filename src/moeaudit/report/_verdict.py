@@ -32,7 +32,8 @@ def audit_verdict(audit: pd.DataFrame) -> str | None:
     alpha = audit["alpha_corrected"].iloc[0]
     half = float(np.nanmean((audit["ci_high"] - audit["ci_low"]) / 2))
     metrics = _join([metric_label(m) for m in dict.fromkeys(audit["metric"])])
-    text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells survive Bonferroni correction "
+    verb = "survives" if len(sig) == 1 else "survive"
+    text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells {verb} Bonferroni correction "
             f"(α = {alpha:.4g}, t-test and Wilcoxon agreeing)")
     text += f"; the largest effect is {_cell(top)}, and |d| ≤ {d.max():.3f} in every cell. " if top is not None \
         else ". "
