@@ -7,6 +7,7 @@ import math
 import pandas as pd
 
 from moeaudit.report._document import Table
+from moeaudit.report._figures import metric_label
 
 ALPHA = 0.05
 
@@ -33,13 +34,6 @@ def fmt_ci(low: float, high: float) -> str:
     if any(v is None or math.isnan(v) for v in (low, high)):
         return "n/a"
     return f"[{low:+.3f}, {high:+.3f}]"
-
-
-def metric_label(name: str) -> str:
-    labels = {"utilization_rate": "utilization", "activation_norm": "activation norm",
-              "mean_routing_weight_when_active": "mean weight (active)", "activation_std": "activation std",
-              "routing_weight": "routing weight"}
-    return labels.get(name, name.replace("_", " "))
 
 
 def _sig(row) -> str:
