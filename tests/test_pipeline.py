@@ -152,6 +152,18 @@ def test_report_is_regenerated_from_records_alone(clean, tmp_path):
     assert (copy / "figures" / "control_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_of_an_unfinished_run_says_so(clean, tmp_path):
+    from moeaudit.report import write_report
+
+    out, _ = clean
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "records" / "L005-progressive.parquet").unlink()
+    md = write_report([copy], copy)["markdown"].read_text()
+    assert "**This run is incomplete** (status: complete; 3 of 4 cells finished)" in md
+    assert "This run is incomplete" not in (out / "report.md").read_text()
+
+
 def test_report_contents_follow_the_numbers(clean):
     out, result = clean
     md = (out / "report.md").read_text()
@@ -219,3 +231,20 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     pixels = imread(shot)[..., :3]
     coloured = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 0.2  # not grey: figure colours on the page
     assert coloured.mean() > 0.001, "the screenshot shows no figure"
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_keeps_finished_cells(clean, tmp_path):
+    out, result = clean
+
+    def interrupt(kind, layer):
+        raise KeyboardInterrupt
+
+    cfg = CONFIG
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(cfg, tmp_path / "run", report=False, on_cell=interrupt)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "KeyboardInterrupt" in manifest["sessions"][-1]["error"]
+    assert len(RunDirectory(tmp_path / "run").finished_cells()) == 1 and not (tmp_path / "run" / ".lock").exists()
+    resumed = run_audit(cfg, tmp_path / "run", report=False)
+    assert len(resumed.resumed_cells) == 1 and len(resumed.computed_cells) == 3
+    pd.testing.assert_frame_equal(resumed.records, result.records)

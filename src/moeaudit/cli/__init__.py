@@ -243,6 +243,10 @@ def _execute(cfg, out: Path, report: bool) -> None:
             result = run_audit(cfg, out, progress=progress, report=report)
     except _expected_errors() as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        _console(stderr=True).print(f"interrupted; finished cells are kept in {out}. Run the same command again to "
+                                    "resume.")
+        raise typer.Exit(130) from None
     tables = result.tables
     cols = ["layer", "metric", "n", "cohens_d", "p_t", "p_wilcoxon", "significant"]
     if len(tables["audit"]):

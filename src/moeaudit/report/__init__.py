@@ -96,6 +96,9 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
     for run in runs:
         if len(runs) > 1:
             blocks.append(Heading(run.label, 3))
+        warning = _incomplete(run)
+        if warning:
+            blocks.append(Paragraph(warning))
         blocks += [Paragraph(p) for p in verdict(run.tables, run.stability, run.verification)]
     blocks += [Heading("Runs"), T.runs_table(runs)]
 
@@ -117,6 +120,28 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         "small by any convention. The routing-weight control ranks experts by their per-token router weight "
         "instead of a corpus statistic.")]
     return title, blocks
+
+
+def expected_cells(config: dict[str, Any], manifest: dict[str, Any]) -> list[tuple[str, int]]:
+    """The (kind, layer) cells a finished run with ``config`` holds."""
+    layers = config.get("layers") or manifest.get("model", {}).get("moe_layers", [])
+    experiments = config.get("experiments", [])
+    single = any(e not in ("progressive", "stability") for e in experiments)
+    cells = [("single", int(layer)) for layer in layers if single]
+    return cells + [("progressive", int(layer)) for layer in layers if "progressive" in experiments]
+
+
+def _incomplete(run: RunData) -> str | None:
+    """A warning paragraph for a run that has not finished (killed, failed, or still running)."""
+    expected = expected_cells(run.config, run.manifest)
+    finished = set(RunDirectory(run.path).finished_cells())
+    missing = [c for c in expected if c not in finished]
+    status = run.manifest.get("status", "?")
+    if status == "complete" and not missing:
+        return None
+    return (f"**This run is incomplete** (status: {status}; {len(expected) - len(missing)} of {len(expected)} "
+            f"cells finished): the numbers below cover the finished cells only. Run the same command again to "
+            "resume it.")
 
 
 def _model_section(run: RunData, F) -> list[Block]:
