@@ -85,3 +85,13 @@ def test_run_bad_input_is_one_clear_message(tmp_path):
     assert not (tmp_path / "y").exists(), "a run refused for bad input leaves nothing on disk"
     result = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a moeaudit run directory" in result.output
+
+
+def test_every_config_key_has_a_run_flag():
+    import dataclasses
+
+    from moeaudit.config import RunConfig
+
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    for f in dataclasses.fields(RunConfig):
+        assert f"--{f.name.replace('_', '-')}" in result.output, f.name

@@ -168,6 +168,9 @@ def run(
     n_docs: int = typer.Option(None, help="documents for the single-expert experiments"),
     n_docs_progressive: int = typer.Option(None, help="documents for the progressive ablation"),
     max_length: int = typer.Option(None, help="tokens per document"),
+    min_length: int = typer.Option(None, help="shorter documents are skipped"),
+    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
     scope: str = typer.Option(None, help="token or sequence"),
     mode: str = typer.Option(None, help="zero, renormalize or reroute"),
     dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
@@ -182,7 +185,8 @@ def run(
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
-             "n_docs_progressive": n_docs_progressive, "max_length": max_length, "scope": scope, "mode": mode,
+             "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
+             "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
              "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code,
              "n_boot": n_boot}
     flags = {k: v for k, v in flags.items() if v is not None}
