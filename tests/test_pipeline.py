@@ -248,3 +248,11 @@ def test_ctrl_c_marks_the_run_interrupted_and_keeps_finished_cells(clean, tmp_pa
     resumed = run_audit(cfg, tmp_path / "run", report=False)
     assert len(resumed.resumed_cells) == 1 and len(resumed.computed_cells) == 3
     pd.testing.assert_frame_equal(resumed.records, result.records)
+
+
+def test_half_precision_runs_carry_a_precision_note(tmp_path):
+    out = tmp_path / "bf16"
+    run_audit(CONFIG.replace(dtype="bfloat16", experiments=["audit", "control"], layers=[5]), out)
+    md = (out / "report.md").read_text()
+    assert "**Precision.** This run computed in bfloat16" in md
+    assert "Precision." not in RunDirectory(out).path.joinpath("config.toml").read_text()

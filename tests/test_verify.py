@@ -50,3 +50,20 @@ def test_verify_bad_input():
         verify(cached_tiny("olmoe"), None, [])
     with pytest.raises(ValueError, match="1-D sequences"):
         verify(cached_tiny("olmoe"), None, [random_ids(10)[None]])
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_passes_and_still_catches_a_leaky_mask(family, dtype, monkeypatch):
+    """Rounding in half precision must not fail a correct engine (bfloat16 runs such as the paper's Qwen would be
+    blocked), while broken logic stays caught."""
+    from moeaudit.testing import tiny_model
+
+    model = tiny_model(family, seed=0, dtype=dtype)
+    ids = [random_ids(40, seed=1)]
+    report = verify(model, None, ids, n_engine_checks=12)
+    assert report.passed, [c for c in report.checks if not c.passed]
+    real = _fast._query_mask
+    monkeypatch.setattr(_fast, "_query_mask", lambda *a: torch.zeros_like(real(*a)))
+    leaky = verify(model, None, ids, n_engine_checks=12)
+    assert [c.name for c in leaky.checks if not c.passed] == ["engines_agree"]

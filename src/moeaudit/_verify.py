@@ -71,6 +71,17 @@ def _half(model: nn.Module) -> bool:
     return next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
 
 
+#: engines_agree tolerance per dtype: (max |fast - naive|, mean |fast - naive|) over the sampled ablations (loss and
+#: gap norm). Half precision rounds every ΔL by ~1e-3 (float16) / ~1e-2 (bfloat16) nats in either engine (measured
+#: against float32 on tiny models of all 7 families, max over 12 ablations up to 2.2e-3 / 8.1e-2), while broken engine
+#: logic (a leaky attention mask) is off by 0.2-2.4 nats there. Checking the logic exactly needs float32.
+ENGINE_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 5e-3),
+    torch.bfloat16: (1.5e-1, 4e-2),
+}
+
+
 @torch.no_grad()
 def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks: int = 8, seed: int = 0,
            modes: Sequence[str] = ("zero",)) -> VerificationReport:
@@ -82,8 +93,9 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
     3. ``position_diversity``: more than 50% distinct losses over (up to) 100 positions.
     4. ``position_specific``: ablating an expert where it is routed moves the loss more, on average, than ablating
        it where it is not.
-    5. ``engines_agree``: the fast engine equals the naive engine on a random sample of ablations
-       (1e-4 in float32, 1e-2 in half precision), in every mode of ``modes``.
+    5. ``engines_agree``: the fast engine equals the naive engine on a random sample of ablations, in every mode
+       of ``modes`` (1e-4 in float32; in half precision see :data:`ENGINE_TOLERANCE`: rounding there is as large as
+       small effects, so only float32 checks the engine's logic exactly).
     """
     ids_list = _as_ids(sequences, tokenizer)
     desc = describe(model)
@@ -148,8 +160,7 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
                               f"(layer {layer}, {len(routed_effects)} + {len(idle_effects)} ablations)"))
 
     # 5. Fast engine == naive engine
-    worst_engine = 0.0
-    n_checked = 0
+    diffs: list[float] = []
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not valid; choose from {', '.join(MODES)}.")
@@ -165,9 +176,13 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
         fast = ablators[k].run(sample, mode)
         naive = SequenceAblator(model, ids, engine="naive").run(sample, mode)
         for f, nv in zip(fast, naive):
-            worst_engine = max(worst_engine, abs(f.ablated_loss - nv.ablated_loss), abs(f.gap_norm - nv.gap_norm))
-        n_checked += len(sample)
-    checks.append(CheckResult("engines_agree", worst_engine <= tol, worst_engine, tol,
-                              f"max |fast - naive| over {n_checked} ablations = {worst_engine:.2e}"))
+            diffs.append(max(abs(f.ablated_loss - nv.ablated_loss), abs(f.gap_norm - nv.gap_norm)))
+    dtype = next(model.parameters()).dtype
+    tol_max, tol_mean = ENGINE_TOLERANCE.get(dtype, ENGINE_TOLERANCE[torch.float32])
+    worst_engine, mean_engine = max(diffs, default=0.0), sum(diffs) / max(len(diffs), 1)
+    checks.append(CheckResult("engines_agree", worst_engine <= tol_max and mean_engine <= tol_mean, worst_engine,
+                              tol_max, f"max |fast - naive| over {len(diffs)} ablations = {worst_engine:.2e} "
+                              f"(mean {mean_engine:.2e}; tolerance {tol_max:g} max, {tol_mean:g} mean in "
+                              f"{str(dtype).removeprefix('torch.')})"))
     return VerificationReport(tuple(checks), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                               n_sequences=len(ids_list), seed=seed)
