@@ -76,3 +76,21 @@ def test_renderers_escape_and_embed():
     assert "&lt;1&gt;" in html and 'href="#a-b-c"' in html
     md = render_markdown("T", blocks)
     assert "| x | y\\|z |" in md and "![caption <i>](figures/fig.png)" in md and md.startswith("# T\n")
+
+
+def test_comparison_with_the_paper_only_for_its_checkpoints():
+    from moeaudit.report._paper import comparison
+
+    audit = _audit([0.05, -0.1, 0.12, 0.0, 0.02], [0.5] * 5, [False] * 5)
+    audit["layer"] = [0, 4, 7, 11, 15]
+    control = _audit([0.05, 0.0, 0.1, 0.02, 0.231], [0.5, 0.5, 0.5, 0.5, 0.0013],
+                     [False, False, False, False, True]).drop(columns="metric")
+    control["layer"] = [0, 4, 7, 11, 15]
+    tables = {"audit": audit, "control": control}
+    text = comparison("allenai/OLMoE-1B-7B-0924", tables, "float32")
+    assert "0 significant cells and max |d| = 0.120 (consistent)" in text
+    assert "paper L15 (d = +0.231); this run L15 (d = +0.231) (consistent)" in text
+    assert "ran this model in" not in text and "tested layers" not in text
+    local = comparison("/models/Qwen1.5-MoE-A2.7B", tables, "float32")  # a local copy, other precision
+    assert "paper none; this run L15" in local and "(different)" in local and "in bfloat16; this run in float32" in local
+    assert comparison("builtin:tiny-moe", tables, "float32") is None

@@ -17,6 +17,7 @@ import pandas as pd
 from moeaudit.errors import RunDirectoryError
 from moeaudit.report import _tables as T
 from moeaudit.report._document import Block, Figure, Heading, Paragraph, render_html, render_markdown
+from moeaudit.report._paper import comparison
 from moeaudit.report._verdict import verdict
 from moeaudit.rundir import RunDirectory, atomic_write_text
 
@@ -100,6 +101,9 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
             if warning:
                 blocks.append(Paragraph(warning))
         blocks += [Paragraph(p) for p in verdict(run.tables, run.stability, run.verification)]
+        against = comparison(run.config["model"], run.tables, _last_dtype(run))
+        if against:
+            blocks.append(Paragraph(against))
     blocks += [Heading("Runs"), T.runs_table(runs)]
 
     audit_all, control_all = _concat(runs, "audit"), _concat(runs, "control")
@@ -142,6 +146,11 @@ def _incomplete(run: RunData) -> str | None:
     return (f"**This run is incomplete** (status: {status}; {len(expected) - len(missing)} of {len(expected)} "
             f"cells finished): the numbers below cover the finished cells only. Run the same command again to "
             "resume it.")
+
+
+def _last_dtype(run: RunData) -> str | None:
+    sessions = [s for s in run.manifest.get("sessions", []) if s.get("dtype")]
+    return sessions[-1]["dtype"] if sessions else None
 
 
 def _precision_note(run: RunData) -> str | None:
