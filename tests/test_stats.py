@@ -370,7 +370,7 @@ def test_kendall_tau_ci():
 
 
 def test_vectorised_tau_b_equals_scipy_row_by_row():
-    from moeaudit.stats import _tau_b_rows
+    from moeaudit.stats._correlation import _tau_b_rows
 
     rng = np.random.default_rng(7)
     a = rng.integers(0, 5, size=(200, 13)).astype(float)  # many ties, as bootstrap resamples have
