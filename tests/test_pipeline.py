@@ -193,6 +193,10 @@ def test_two_runs_side_by_side(clean, tmp_path):
     paths = write_report([out, other], tmp_path / "both")
     md = paths["markdown"].read_text()
     assert len(re.findall("survives? Bonferroni correction", md)) == 2
+    headline = md[md.index("**Headline numbers per model**"):md.index("## Runs")]
+    for run in runs:
+        audit = run.tables["audit"]
+        assert f"| {run.label} | {len(audit)} | {int(audit['significant'].sum())} |" in headline
     # the same run twice gets unique labels
     assert [r.label for r in load_runs([out, out])] == ["tiny (clean)", "tiny (clean)"]
 

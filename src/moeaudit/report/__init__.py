@@ -104,7 +104,7 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         against = comparison(run.config["model"], run.tables, _last_dtype(run))
         if against:
             blocks.append(Paragraph(against))
-    blocks += [Heading("Runs"), T.runs_table(runs)]
+    blocks += [T.headline_table(runs), Heading("Runs"), T.runs_table(runs)]
 
     audit_all, control_all = _concat(runs, "audit"), _concat(runs, "control")
     fig = F.control_vs_depth(audit_all, control_all) if len(control_all) else None

@@ -157,3 +157,27 @@ def runs_table(runs) -> Table:
                      f"{len(run.records):,}", f"{wall:.0f} s", m.get("status", "?")])
     return Table("Configuration and provenance of each run", ["model", "family", "checkpoint", "layers", "n", "n prog.", "corpus", "scope/mode",
                           "dtype", "device", "verification", "records", "compute time", "status"], rows, align_left=3)
+
+
+def headline_table(runs) -> Table:
+    """One row per model: the audit's and the control's headline numbers, side by side."""
+    rows = []
+    for run in runs:
+        audit, control = run.tables.get("audit"), run.tables.get("control")
+        row = [run.label]
+        if audit is not None and len(audit):
+            both = int(((audit["p_t"] < ALPHA) & (audit["p_wilcoxon"] < ALPHA)).sum())
+            row += [str(len(audit)), str(int(audit["significant"].sum())), str(both),
+                    fmt(float(audit["cohens_d"].abs().max()))]
+        else:
+            row += ["", "", "", ""]
+        if control is not None and len(control):
+            sig = control[control["significant"].astype(bool)]
+            row += [", ".join(f"L{x}" for x in sig["layer"]) or "none",
+                    fmt(float(control["cohens_d"].abs().max()))]
+        else:
+            row += ["", ""]
+        rows.append(row)
+    return Table("Headline numbers per model", ["model", "audit cells", "Bonferroni-significant",
+                                                "p < .05 on both (uncorrected)", "max |d|",
+                                                "control: significant layers", "control: max |d|"], rows)
