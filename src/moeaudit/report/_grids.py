@@ -23,6 +23,7 @@ from moeaudit.report._style import (
     _corner,
     _empty,
     _grid,
+    _grid_labels,
     _style,
     metric_color,
     metric_label,
@@ -95,9 +96,9 @@ def paired_scatter(records: pd.DataFrame, model: str) -> Figure | None:
     """
     fig = _paired_grid(records, model, _draw_scatter, sharey="row")
     if fig is not None:
-        fig.supxlabel(r"$\Delta L_{\mathrm{low}}$ (nats): lower-ranked expert ablated", fontsize=9)
-        fig.supylabel(r"$\Delta L_{\mathrm{high}}$ (nats): higher-ranked expert ablated", fontsize=9)
-        fig.suptitle(f"{model}: paired ablations per position (dashed: y = x)", fontsize=10)
+        _grid_labels(fig, f"{model}: paired ablations per position (dashed: y = x)",
+                     r"$\Delta L_{\mathrm{low}}$ (nats): lower-ranked expert ablated",
+                     r"$\Delta L_{\mathrm{high}}$ (nats): higher-ranked expert ablated")
     return fig
 
 
@@ -125,9 +126,7 @@ def difference_histograms(records: pd.DataFrame, model: str) -> Figure | None:
     """
     fig = _paired_grid(records, model, _draw_histogram, sharey=False)
     if fig is not None:
-        fig.supxlabel(f"D = {_D_LABEL}", fontsize=9)
-        fig.supylabel("positions", fontsize=9)
-        fig.suptitle(f"{model}: paired differences (dashed: 0, solid: mean)", fontsize=10)
+        _grid_labels(fig, f"{model}: paired differences (dashed: 0, solid: mean)", f"D = {_D_LABEL}", "positions")
     return fig
 
 
@@ -207,8 +206,8 @@ def metric_vs_importance(records: pd.DataFrame, metrics: pd.DataFrame, model: st
             _style(ax, f"L{layer} · {metric_label(metric)}")
             if i == len(layers) - 1:
                 ax.set_xlabel(metric_label(metric), fontsize=8)
-    fig.supylabel(f"mean {_DELTA} when ablated alone (nats)", fontsize=9)
-    fig.suptitle(f"{model}: expert metric vs causal importance (area ∝ ablations)", fontsize=10)
+    _grid_labels(fig, f"{model}: expert metric vs causal importance (area ∝ ablations)", None,
+                 f"mean {_DELTA} when ablated alone (nats)")
     return fig
 
 
