@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -260,3 +261,29 @@ def test_half_precision_runs_carry_a_precision_note(tmp_path):
     md = (out / "report.md").read_text()
     assert "**Precision.** This run computed in bfloat16" in md
     assert "Precision." not in RunDirectory(out).path.joinpath("config.toml").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_a_saved_checkpoint_of_another_family_runs_end_to_end(family, tmp_path):
+    """Any HuggingFace MoE checkpoint directory: shared experts, dense layers (Qwen2 mlp_only_layers, DeepSeek's
+    first dense layer) and group-limited routing go through the whole pipeline, report included."""
+    from moeaudit.models import describe, load_model
+    from moeaudit.testing import tiny_model
+
+    _, tokenizer = load_model("builtin:tiny-moe")
+    model = tiny_model(family, seed=0, vocab_size=len(tokenizer))
+    checkpoint = tmp_path / family
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    desc = describe(model)
+    cfg = RunConfig(model=str(checkpoint), corpus="builtin", n_docs=4, n_docs_progressive=4, max_length=64,
+                    n=8, n_progressive=4, n_boot=50, device="cpu", dtype="float32")
+    result = run_audit(cfg, tmp_path / "run")
+    assert cfg.label == family
+    assert sorted(set(result.records["layer"])) == list(desc.moe_layers)  # dense layers skipped
+    audit = result.tables["audit"]
+    assert len(audit) == 4 * len(desc.moe_layers) and (audit["n"] == 8).all()
+    expected_depth = audit["layer"] / (desc.n_layers - 1)
+    assert np.allclose(audit["relative_depth"], expected_depth)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"| {family} | {desc.family} |" in md and "Against the paper" not in md
