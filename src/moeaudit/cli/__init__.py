@@ -2,7 +2,7 @@
 
 Errors moeaudit raises on purpose (bad config, unsupported model, unreadable corpus, a run directory that holds
 another run, a failed verification) are printed as one clear message with exit status 2 (1 for a failed
-verification); anything else is a bug and keeps its traceback.
+verification); anything else is a bug and keeps its traceback (``MOEAUDIT_DEBUG=1`` shows it for those too).
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ def _quiet_transformers() -> None:
 
 
 def _fail(exc: Exception) -> typer.Exit:
+    """Print ``exc`` as one line and return the exit to raise; ``MOEAUDIT_DEBUG=1`` re-raises with the traceback."""
+    import os
+
     from moeaudit.errors import VerificationError
+
+    if os.environ.get("MOEAUDIT_DEBUG"):
+        raise exc
 
     _console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
     return typer.Exit(1 if isinstance(exc, VerificationError) else 2)
