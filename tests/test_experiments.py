@@ -16,6 +16,7 @@ from moeaudit.errors import ConfigError, VerificationError
 from moeaudit.experiments import (
     EXPERIMENTS,
     PAPER_METRICS,
+    POOL,
     RECORD_COLUMNS,
     ExperimentSettings,
     ranking_stability,
@@ -41,7 +42,7 @@ def olmoe_run():
 def test_records_have_the_schema(olmoe_run):
     _, _, _, result = olmoe_run
     assert tuple(result.records.columns) == RECORD_COLUMNS
-    assert set(result.records["experiment"]) == set(EXPERIMENTS)
+    assert set(result.records["experiment"]) == {*EXPERIMENTS, POOL}
     assert result.verification.passed
 
 
@@ -147,6 +148,29 @@ def test_rank_validity_rho_per_token(olmoe_run):
     assert row["n_positions"] == len(rhos)
 
 
+def test_single_expert_pool_holds_every_active_expert_once(olmoe_run):
+    """The pool has exactly one row per (position, active expert), and its delta is the one every single-expert
+    experiment recorded for that ablation (they share one ablation)."""
+    _, _, _, result = olmoe_run
+    records = result.records
+    pool = records[records["experiment"] == POOL].copy()
+    pool["expert"] = pool["ablated_experts"].map(lambda e: int(e[0]))
+    key = ["layer", "seq_id", "position", "expert"]
+    assert not pool.duplicated(key).any()
+    per_position = pool.groupby(["layer", "seq_id", "position"])
+    active = per_position["active_experts"].first().map(len)
+    assert (per_position.size() == active).all()
+    audit = records[records["experiment"] == "audit"]
+    assert set(map(tuple, pool[["layer", "seq_id", "position"]].drop_duplicates().to_numpy())) == \
+        set(map(tuple, audit[["layer", "seq_id", "position"]].drop_duplicates().to_numpy()))
+    rv = records[(records["experiment"] == "rank_validity") & (records["metric"] == "routing_weight")].copy()
+    rv["expert"] = rv["ablated_experts"].map(lambda e: int(e[0]))
+    joined = pool.merge(rv, on=key, suffixes=("_pool", "_rv"))
+    assert len(joined) == len(pool)
+    np.testing.assert_array_equal(joined["delta_pool"], joined["delta_rv"])
+    np.testing.assert_array_equal(joined["ablated_metric_value_pool"], joined["ablated_weight_pool"])
+
+
 def test_redistribution_contribution_is_consistent(olmoe_run):
     _, _, _, result = olmoe_run
     red = result.records[result.records["experiment"] == "redistribution"]
@@ -165,7 +189,7 @@ def test_every_family_runs_all_experiments(family):
     seqs = _corpus(4, seed=1)
     desc_layers = tuple(model.config.num_hidden_layers - i for i in (1,))
     result = run_experiments(model, seqs, ExperimentSettings(layers=desc_layers, n=10, n_progressive=5, seed=1))
-    assert set(result.records["experiment"]) == set(EXPERIMENTS)
+    assert set(result.records["experiment"]) == {*EXPERIMENTS, POOL}
     assert len(result.tables["audit"]) == len(PAPER_METRICS)
     sample = result.records.sample(5, random_state=1)
     for _, row in sample.iterrows():

@@ -18,6 +18,7 @@ from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
     EXPERIMENTS,
     PAPER_METRICS,
+    POOL,
     ROUTING_WEIGHT,
     ExperimentSettings,
     Progress,
@@ -128,6 +129,7 @@ def redistribution(model, sequences, settings: ExperimentSettings = ExperimentSe
 __all__ = [
     "EXPERIMENTS",
     "PAPER_METRICS",
+    "POOL",
     "RECORD_COLUMNS",
     "ROUTING_WEIGHT",
     "ExperimentResult",

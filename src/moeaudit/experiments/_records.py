@@ -8,7 +8,7 @@ import pandas as pd
 RECORD_COLUMNS: tuple[str, ...] = (
     "model",  # model name or path
     "n_layers",  # decoder layers of the model (for relative depth)
-    "experiment",  # audit | control | rank_validity | progressive | redistribution
+    "experiment",  # audit | control | rank_validity | progressive | redistribution | pool (single-expert pool)
     "layer",
     "metric",  # the ranking criterion ("routing_weight" for the control / progressive experiments)
     "role",  # high | low | single | top<k>

@@ -24,6 +24,10 @@ from moeaudit.models import describe, moe_block
 #: The per-token quantity of the routing-weight control.
 ROUTING_WEIGHT = "routing_weight"
 EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution")
+#: Record experiment of the single-expert pool: every active expert ablated alone at every sampled position of a
+#: layer, emitted whenever a single-expert experiment runs (it is the data of expert-level nulls, the causal
+#: ceiling and the causal importance map; no extra ablation is needed, the experiments ablate these anyway).
+POOL = "pool"
 
 Progress = Callable[[int], None]
 
@@ -136,7 +140,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
                    settings: ExperimentSettings, layer: int, *, experiments: Sequence[str] = EXPERIMENTS,
                    progress: Progress | None = None) -> pd.DataFrame:
     """Ablate every active expert singly at ``settings.n`` positions of ``layer``; emit the records of the audit,
-    control, rank-validity and redistribution experiments (those named in ``experiments``)."""
+    control, rank-validity and redistribution experiments (those named in ``experiments``), and always the
+    single-expert pool (experiment :data:`POOL`: one row per position and active expert)."""
     desc = describe(model)
     ids_list = _sequences_ids(sequences)
     candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
@@ -156,6 +161,11 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
         for pos in positions:
             active, weights = _active(ls, pos)
             res = by_pos[pos]
+            for i, e in enumerate(active):
+                row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
+                row.update(experiment=POOL, metric=ROUTING_WEIGHT, role="single", metric_values=list(weights),
+                           ablated_experts=[e], ablated_metric_value=weights[i], k=1)
+                rows.append(row)
             ranked_by = {ROUTING_WEIGHT: weights}
             for m in metrics:
                 ranked_by[m] = [float(table.at[(layer, e), m]) for e in active]

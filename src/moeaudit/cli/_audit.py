@@ -1,0 +1,114 @@
+"""``moeaudit run``, ``demo`` and ``report``: audits into run directories, and reports from them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from moeaudit.cli._app import MODEL_HELP, app
+from moeaudit.cli._common import RichProgress, expected_errors, fail, make_console, rich_table
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(None, help="a .toml config file or a preset (paper-olmoe, paper-qwen, "
+                                            "paper-deepseek, demo); flags override it"),
+    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
+    corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
+    layers: str = typer.Option(None, help="comma-separated MoE layers, or 'all'"),
+    metrics: str = typer.Option(None, help="comma-separated observational metrics"),
+    experiments: str = typer.Option(None, help="comma-separated: audit, control, rank_validity, progressive, "
+                                                "redistribution, stability"),
+    n: int = typer.Option(None, help="positions per cell"),
+    n_progressive: int = typer.Option(None, help="positions per layer of the progressive ablation"),
+    n_docs: int = typer.Option(None, help="documents for the single-expert experiments"),
+    n_docs_progressive: int = typer.Option(None, help="documents for the progressive ablation"),
+    max_length: int = typer.Option(None, help="tokens per document"),
+    min_length: int = typer.Option(None, help="shorter documents are skipped"),
+    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
+    scope: str = typer.Option(None, help="token or sequence"),
+    mode: str = typer.Option(None, help="zero, renormalize or reroute"),
+    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
+    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
+    out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
+    report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+) -> None:
+    """Run (or resume) an audit into a run directory: records, summary, report."""
+    from moeaudit.config import PRESETS, RunConfig
+
+    flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
+             "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
+             "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
+             "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
+             "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code,
+             "n_boot": n_boot}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    try:
+        if config is None:
+            cfg = RunConfig.from_mapping(flags, source="flags")
+        elif config in PRESETS:
+            cfg = RunConfig.from_mapping({"preset": config, **flags}, source="flags")
+        else:
+            cfg = RunConfig.from_toml(config).replace(**flags) if flags else RunConfig.from_toml(config)
+    except expected_errors() as exc:
+        raise fail(exc) from None
+    _execute(cfg, out or Path("runs") / cfg.label, report)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="run directory")) -> None:
+    """The whole audit (all five experiments, then the report) on the embedded model and corpus; a couple of
+    minutes on 2 CPU cores."""
+    from moeaudit.config import preset
+
+    _execute(preset("demo"), out, True)
+
+
+@app.command("report")
+def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run directories"),
+               out: Path = typer.Option(None, help="output directory (default: the run directory for one run, "
+                                                   "./moeaudit-report for several)")) -> None:
+    """Regenerate the report from stored records; several runs are set side by side."""
+    from moeaudit.report import write_report
+
+    target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
+    try:
+        paths = write_report(runs, target)
+    except expected_errors() as exc:
+        raise fail(exc) from None
+    make_console().print(f"report: {paths['html']} and {paths['markdown']}, figures in {paths['figures']}")
+
+
+def _execute(cfg, out: Path, report: bool) -> None:
+    from moeaudit.pipeline import run_audit
+
+    console = make_console()
+    start = time.perf_counter()
+    console.print(f"[bold]moeaudit run[/bold] {cfg.label} -> {out}")
+    try:
+        with RichProgress(console) as progress:
+            result = run_audit(cfg, out, progress=progress, report=report)
+    except expected_errors() as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        make_console(stderr=True).print(f"interrupted; finished cells are kept in {out}. Run the same command again to "
+                                    "resume.")
+        raise typer.Exit(130) from None
+    tables = result.tables
+    cols = ["layer", "metric", "n", "cohens_d", "p_t", "p_wilcoxon", "significant"]
+    if len(tables["audit"]):
+        console.print(rich_table("audit (Definition 2.1)", tables["audit"], cols))
+    if len(tables["control"]):
+        console.print(rich_table("routing-weight control", tables["control"],
+                             ["layer", "n", "cohens_d", "p_t", "p_wilcoxon", "spearman_rho", "significant"]))
+    console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
+                  f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {out}")
+    if result.report:
+        console.print(f"report: {result.report['html']}")
+
+
