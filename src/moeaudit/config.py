@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from moeaudit.errors import ConfigError, did_you_mean
 
@@ -41,8 +43,90 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+class FlatConfig:
+    """Base of moeaudit's frozen, flat configurations (:class:`RunConfig`, the pruning configs).
+
+    A subclass is a frozen dataclass; it lists its presets in ``_PRESETS`` and validates itself in ``_check``. Values
+    are coerced from the forms files and flags produce according to the fields' type hints (``"0,4,7"`` or a list for
+    a tuple, ``"12"`` for an int, ``fp16`` for ``float16``), so every source is refused the same way, naming the key.
+    """
+
+    _PRESETS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._check()
+
+    def _check(self) -> None:
+        """Validate the coerced values (subclasses raise :class:`ConfigError`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (tuples as lists), every key present."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """A TOML file that :meth:`from_toml` reads back to an equal config (unset optional keys are omitted)."""
+        lines = []
+        for key, value in self.to_dict().items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (validated like any other source)."""
+        return type(self).from_mapping(changes, base=self)
+
+    @classmethod
+    def preset(cls, name: str):
+        """The named preset of this configuration class."""
+        if name not in cls._PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(cls._PRESETS)}."
+                              f"{did_you_mean(name, cls._PRESETS)}")
+        return cls._PRESETS[name]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base=None, source: str = "config"):
+        """Build from ``values`` on top of ``base`` (or the defaults); a ``preset`` key names the base.
+
+        Raises:
+            ConfigError: An unknown key (the message lists the valid keys) or a bad value.
+        """
+        values = dict(values)
+        preset_name = values.pop("preset", None)
+        if preset_name is not None:
+            if base is not None:
+                raise ConfigError(f"{source}: 'preset' cannot be combined with another base configuration.")
+            base = cls.preset(preset_name)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in valid:
+                raise ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, valid)} Valid keys: "
+                                  f"preset, {', '.join(valid)}.")
+        merged = (base or cls()).to_dict()
+        merged.update(values)
+        return cls(**merged)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, base=None):
+        """Read a flat TOML file (see the module docstring)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a .toml file or a preset name "
+                              f"({', '.join(cls._PRESETS)}).")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        nested = [k for k, v in values.items() if isinstance(v, dict)]
+        if nested:
+            raise ConfigError(f"{path}: tables {nested} are not supported; write every key at the top level.")
+        return cls.from_mapping(values, base=base, source=str(path))
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(FlatConfig):
     """Everything that determines an audit's numbers (the output directory is not part of it).
 
     Attributes:
@@ -91,15 +175,8 @@ class RunConfig:
     trust_remote_code: bool = False
     n_boot: int = 2000
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
-        self._check()
-
     def _check(self) -> None:
-        _choice("scope", self.scope, SCOPES)
-        _choice("mode", self.mode, MODES)
-        _choice("dtype", self.dtype, DTYPES)
+        check_common(self)
         for e in self.experiments:
             _choice("experiments", e, RUN_EXPERIMENTS)
         if not self.experiments:
@@ -107,119 +184,111 @@ class RunConfig:
         if not self.metrics and ("audit" in self.experiments or "rank_validity" in self.experiments):
             raise ConfigError("metrics is empty but the audit / rank_validity experiments rank experts by metrics; "
                               "name at least one metric (e.g. utilization_rate).")
-        for key, low in (("n", 3), ("n_progressive", 1), ("n_docs", 1), ("n_docs_progressive", 1),
-                         ("max_length", 2), ("min_length", 2), ("min_context", 1), ("n_boot", 0)):
+        for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
-        if self.min_length > self.max_length:
-            raise ConfigError(f"min_length={self.min_length} exceeds max_length={self.max_length}; no document "
-                              "could pass. Lower min_length or raise max_length.")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ConfigError(f"layers={list(self.layers)}: give non-negative decoder-layer indices, or leave "
-                              "layers unset for every MoE layer.")
-        if not self.model:
-            raise ConfigError("model is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
 
     @property
     def label(self) -> str:
         """The model's name in tables and figures."""
-        if self.name:
-            return self.name
-        return self.model.rstrip("/").split("/")[-1].removeprefix("builtin:")
+        return model_label(self.model, self.name)
 
     @property
     def ablation_experiments(self) -> tuple[str, ...]:
         return tuple(e for e in self.experiments if e != "stability")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (tuples as lists), every key present."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def to_toml(self) -> str:
-        """A TOML file that :meth:`from_toml` reads back to an equal config (unset optional keys are omitted)."""
-        lines = []
-        for key, value in self.to_dict().items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
+def model_label(model: str, name: str | None = None) -> str:
+    """A model's name in tables and figures: ``name`` when given, else the last part of its id or path."""
+    if name:
+        return name
+    return model.rstrip("/").split("/")[-1].removeprefix("builtin:")
 
-    def replace(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes`` applied (validated like any other source)."""
-        return RunConfig.from_mapping(changes, base=self)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, base: RunConfig | None = None,
-                     source: str = "config") -> RunConfig:
-        """Build from ``values`` on top of ``base`` (or the defaults); a ``preset`` key names the base.
+def check_common(config) -> None:
+    """The checks every run configuration shares (scope, mode, dtype, lengths, layers, model, seed)."""
+    _choice("scope", config.scope, SCOPES)
+    _choice("mode", config.mode, MODES)
+    _choice("dtype", config.dtype, DTYPES)
+    for key, low in (("n", 3), ("n_docs", 1), ("max_length", 2), ("min_length", 2), ("min_context", 1)):
+        if getattr(config, key) < low:
+            raise ConfigError(f"{key}={getattr(config, key)} is too small; use at least {low}.")
+    if config.min_length > config.max_length:
+        raise ConfigError(f"min_length={config.min_length} exceeds max_length={config.max_length}; no document "
+                          "could pass. Lower min_length or raise max_length.")
+    if config.layers is not None and (not config.layers or min(config.layers) < 0):
+        raise ConfigError(f"layers={list(config.layers)}: give non-negative decoder-layer indices, or leave "
+                          "layers unset for every MoE layer.")
+    if not config.model:
+        raise ConfigError("model is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
 
-        Raises:
-            ConfigError: An unknown key (the message lists the valid keys) or a bad value.
-        """
-        values = dict(values)
-        preset_name = values.pop("preset", None)
-        if preset_name is not None:
-            if base is not None:
-                raise ConfigError(f"{source}: 'preset' cannot be combined with another base configuration.")
-            base = preset(preset_name)
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in valid:
-                raise ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, valid)} Valid keys: "
-                                  f"preset, {', '.join(valid)}.")
-        merged = (base or cls()).to_dict()
-        merged.update(values)
-        return cls(**merged)
 
-    @classmethod
-    def from_toml(cls, path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
-        """Read a flat TOML file (see the module docstring)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a .toml file or a preset name "
-                              f"({', '.join(PRESETS)}).")
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split(hint: Any) -> tuple[Any, bool]:
+    """``(type without None, whether None is allowed)`` of a field's type hint."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+_ARTICLES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _scalar(key: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (bool, int, float, str); digit strings from flags become numbers."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and isinstance(value, str):
         try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        nested = [k for k, v in values.items() if isinstance(v, dict)]
-        if nested:
-            raise ConfigError(f"{path}: tables {nested} are not supported; write every key at the top level.")
-        return cls.from_mapping(values, base=base, source=str(path))
+            return kind(value.strip())
+        except ValueError:
+            pass
+    if kind not in _ARTICLES:
+        return value
+    if kind is bool:
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    raise ConfigError(f"{key} must be {_ARTICLES[kind]}, got {value!r}.")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Normalise the forms files and flags produce (``"0,4,7"`` / lists for tuples, ``fp16`` for ``float16``)."""
-    if key in ("layers", "metrics", "experiments"):
-        if value is None or (key == "layers" and value in ("", "all")):
-            return None if key == "layers" else ()
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Normalise the forms files and flags produce (``"0,4,7"`` / lists for tuples, ``fp16`` for ``float16``),
+    following the field's type hint; ``None`` (and ``"all"`` / ``""`` for optional tuples) means unset."""
+    kind, nullable = _split(hint)
+    if typing.get_origin(kind) is tuple:
+        element = typing.get_args(kind)[0]
+        if value is None or (nullable and value in ("", "all")):
+            return None if nullable else ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list (or a comma-separated string), got {value!r}.")
-        if key == "layers":
-            try:
-                return tuple(int(v) for v in value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"layers must be integers, got {list(value)!r} (e.g. layers = [0, 4, 7]).") \
-                    from None
-        return tuple(str(v) for v in value)
+        if element is str:
+            return tuple(str(v) for v in value)
+        try:
+            if any(isinstance(v, bool) for v in value):
+                raise TypeError
+            return tuple(element(v) for v in value)
+        except (TypeError, ValueError):
+            plural = "integers" if element is int else "numbers"
+            raise ConfigError(f"{key} must be {plural}, got {list(value)!r} (e.g. {key} = "
+                              f"{[0, 4, 7] if element is int else [0.125, 0.25]}).") from None
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{key} must be {_ARTICLES.get(kind, 'set')}, got None.")
     if key == "dtype" and isinstance(value, str):
         return _DTYPE_ALIASES.get(value.lower(), value.lower())
-    expected = _TYPES.get(key)
-    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}.")
-    if expected is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}.")
-    if expected is str and not isinstance(value, str) and not (key == "name" and value is None):
-        raise ConfigError(f"{key} must be a string, got {value!r}.")
-    return value
-
-
-_TYPES = {"model": str, "name": str, "corpus": str, "text_field": str, "n_docs": int, "n_docs_progressive": int,
-          "max_length": int, "min_length": int, "n": int, "n_progressive": int, "scope": str, "mode": str,
-          "min_context": int, "dtype": str, "device": str, "seed": int, "trust_remote_code": bool, "n_boot": int}
+    return _scalar(key, value, kind)
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -253,8 +322,9 @@ PRESETS: Mapping[str, RunConfig] = MappingProxyType({
 })
 
 
+RunConfig._PRESETS = PRESETS
+
+
 def preset(name: str) -> RunConfig:
     """The named preset (see :data:`PRESETS`)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}.{did_you_mean(name, PRESETS)}")
-    return PRESETS[name]
+    return RunConfig.preset(name)

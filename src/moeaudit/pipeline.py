@@ -40,7 +40,9 @@ class ProgressSink(Protocol):
         """A line worth showing the user."""
 
 
-class _Silent:
+class SilentProgress:
+    """A :class:`ProgressSink` that shows nothing (the library default)."""
+
     def stage(self, name: str, total: int | None) -> None:
         pass
 
@@ -127,7 +129,9 @@ def check_metrics(metrics: tuple[str, ...]) -> None:
                               f"{did_you_mean(m, valid)}")
 
 
-class _Timer:
+class StageTimer:
+    """Accumulates wall-clock seconds per named stage (``with timer("observe"): ...``)."""
+
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
 
@@ -159,10 +163,10 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
         RunDirectoryError: ``out`` holds another run, or is in use.
         VerificationError: The verification suite failed; no data was collected.
     """
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     check_metrics(config.metrics)
     run_dir = RunDirectory(out)
-    timer = _Timer()
+    timer = StageTimer()
     session: dict[str, Any] = {"started": _now(), "environment": environment()}
     fresh = not run_dir.path.exists()
     try:
@@ -174,44 +178,78 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
         raise
 
 
-def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: _Timer, progress: ProgressSink,
-                report: bool, on_cell) -> RunResult:
+@dataclass
+class Session:
+    """One session in a run directory (see :func:`run_session`): its manifest, its entry in the manifest's
+    ``sessions``, its stage timer and whether it resumed an existing run."""
+
+    run_dir: RunDirectory
+    manifest: dict[str, Any]
+    entry: dict[str, Any]
+    timer: StageTimer
+    resumed: bool
+
+    def write(self) -> None:
+        """Record the session's timings so far and write the manifest."""
+        self.entry.update(ended=_now(), stages=self.timer.stages)
+        self.run_dir.write_manifest(self.manifest)
+
+    def complete(self, **details: Any) -> None:
+        """Mark the run complete (before writing its report, so the report shows a finished run)."""
+        self.entry.update(details)
+        self.manifest["status"] = "complete"
+        self.write()
+
+
+@contextmanager
+def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str, *, entry: dict[str, Any],
+                timer: StageTimer, progress: ProgressSink, tool: str = "moeaudit") -> Iterator[Session]:
+    """Hold ``run_dir``'s lock, bind it to ``config`` (create it, or resume the same configuration), and record
+    the session in the manifest; a failure or an interruption marks the run ``failed`` / ``interrupted``.
+
+    Raises:
+        RunDirectoryError: ``run_dir`` holds another configuration, or is in use.
+    """
     with run_dir.lock():
         run_dir.remove_stale_temporaries()
-        new_manifest = {"format_version": FORMAT_VERSION, "tool": "moeaudit", "config": config.to_dict(),
-                        "status": "running", "created": session["started"], "sessions": []}
-        manifest, resumed = run_dir.claim(config.to_dict(), new_manifest)
+        new_manifest = {"format_version": FORMAT_VERSION, "tool": tool, "config": config, "status": "running",
+                        "created": entry["started"], "sessions": []}
+        manifest, resumed = run_dir.claim(config, new_manifest)
         if not (run_dir.path / "config.toml").is_file():
-            run_dir.write_text("config.toml", config.to_toml())
+            run_dir.write_text("config.toml", config_toml)
         manifest["status"] = "running"
-        manifest["sessions"].append(session)
+        manifest["sessions"].append(entry)
         run_dir.write_manifest(manifest)
         if resumed:
             progress.message(f"resuming the run in {run_dir.path}")
+        session = Session(run_dir, manifest, entry, timer, resumed)
         try:
-            result = _execute(config, run_dir, manifest, session, timer, progress, on_cell)
-            session.update(ended=_now(), stages=timer.stages, resumed_cells=result.resumed_cells,
-                           computed_cells=result.computed_cells)
-            manifest["status"] = "complete"
-            run_dir.write_manifest(manifest)
-            if report:  # after the manifest is final, so the report shows the finished run
-                from moeaudit.report import write_report
-
-                progress.stage("writing the report", None)
-                with timer("report"):
-                    result.report = write_report([run_dir.path], run_dir.path)
-                session.update(ended=_now(), stages=timer.stages)
-                run_dir.write_manifest(manifest)
+            yield session
         except BaseException as exc:
-            session.update(ended=_now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
+            entry.update(ended=_now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
             if manifest["status"] != "complete":
                 manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             run_dir.write_manifest(manifest)
             raise
+
+
+def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: StageTimer,
+                progress: ProgressSink, report: bool, on_cell) -> RunResult:
+    with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer,
+                     progress=progress) as s:
+        result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell)
+        s.complete(resumed_cells=result.resumed_cells, computed_cells=result.computed_cells)
+        if report:  # after the manifest is final, so the report shows the finished run
+            from moeaudit.report import write_report
+
+            progress.stage("writing the report", None)
+            with timer("report"):
+                result.report = write_report([run_dir.path], run_dir.path)
+            s.write()
     return result
 
 
-def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: _Timer,
+def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
           progress: ProgressSink):
     from moeaudit.corpus import load_corpus
     from moeaudit.models import describe, load_model
@@ -243,7 +281,7 @@ def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dic
     return model, tokenizer, sequences
 
 
-def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: _Timer,
+def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
              progress: ProgressSink, on_cell) -> RunResult:
     from moeaudit._observe import observe
     from moeaudit._verify import verify

@@ -9,13 +9,14 @@ from moeaudit.models._describe import (
     moe_layers,
     router,
 )
-from moeaudit.models._families import FAMILIES, FamilyAdapter
+from moeaudit.models._families import FAMILIES, FamilyAdapter, RoutingGroups
 from moeaudit.models._loading import load_model, resolve_dtype
 
 __all__ = [
     "FAMILIES",
     "FamilyAdapter",
     "MoEDescription",
+    "RoutingGroups",
     "adapter_for",
     "decoder_layers",
     "describe",

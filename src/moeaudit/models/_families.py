@@ -15,6 +15,13 @@ Routing rules (transformers 5.x):
   times ``routed_scaling_factor``.
 - GPT-OSS: top-k of the logits (router has a bias), softmax over the chosen logits.
 
+Pruning facts (what a checkpoint with experts deleted must slice, see :mod:`moeaudit.pruning`): every adapter names
+the config key holding the routed-expert count (``num_experts`` / ``n_routed_experts`` / ``num_local_experts``), the
+router's expert-indexed tensors (its weight rows; GPT-OSS's router bias; DeepSeek-V3's ``e_score_correction_bias``)
+and the fused experts module's expert-indexed parameters (``gate_up_proj``, ``down_proj``; GPT-OSS adds their
+biases). Group-limited routers (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3) regroup a sliced checkpoint's
+experts contiguously, so ``routing_groups`` states the groups and how many experts per group the rule needs.
+
 To add a family: write a ``select`` (or reuse one) and register a :class:`FamilyAdapter` in ``FAMILIES``.
 """
 
@@ -91,6 +98,32 @@ def select_topk_softmax(router: nn.Module, logits: torch.Tensor, removed: torch.
 
 
 @dataclass(frozen=True)
+class RoutingGroups:
+    """The expert groups of a group-limited router (experts ``g * E/n_group ... (g+1) * E/n_group - 1`` form group g).
+
+    Attributes:
+        n_group: Number of groups.
+        topk_group: Groups each token may choose from.
+        min_per_group: Experts a group needs for the rule to be defined (DeepSeek-V3 scores a group by the sum of
+            its two best experts: 2; DeepSeek-V2 by its best: 1).
+    """
+
+    n_group: int
+    topk_group: int
+    min_per_group: int
+
+
+def groups_deepseek_v2(router: nn.Module) -> RoutingGroups | None:
+    if router.topk_method != "group_limited_greedy":
+        return None
+    return RoutingGroups(int(router.num_group), int(router.topk_group), 1)
+
+
+def groups_deepseek_v3(router: nn.Module) -> RoutingGroups:
+    return RoutingGroups(int(router.num_group), int(router.topk_group), 2)
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """What moeaudit needs to know about one MoE family.
 
@@ -103,6 +136,10 @@ class FamilyAdapter:
         shared_gate_attr: Attribute of a sigmoid gate on the shared expert, or ``None``.
         returns_tuple: The MoE block returns ``(hidden, router_scores)`` instead of a tensor.
         sliding_window_layers: The family may alternate sliding-window and full attention layers.
+        n_experts_key: Config attribute holding the number of routed experts per MoE layer.
+        router_expert_tensors: Tensors (parameters or buffers) of the router indexed by expert on dim 0.
+        expert_tensors: Parameters of the fused ``experts`` module indexed by expert on dim 0.
+        routing_groups: The router's expert groups when its rule is group-limited, else ``None``.
     """
 
     family: str
@@ -113,6 +150,10 @@ class FamilyAdapter:
     shared_gate_attr: str | None = None
     returns_tuple: bool = False
     sliding_window_layers: bool = False
+    n_experts_key: str = "num_experts"
+    router_expert_tensors: tuple[str, ...] = ("weight",)
+    expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    routing_groups: Callable[[nn.Module], RoutingGroups | None] | None = None
 
 
 FAMILIES: dict[str, FamilyAdapter] = {
@@ -122,12 +163,18 @@ FAMILIES: dict[str, FamilyAdapter] = {
         FamilyAdapter("qwen2_moe", ("qwen2_moe",), "gate", select_softmax_topk,
                       shared_attr="shared_expert", shared_gate_attr="shared_expert_gate",
                       sliding_window_layers=True),
-        FamilyAdapter("deepseek_v2", ("deepseek_v2",), "gate", select_deepseek_v2, shared_attr="shared_experts"),
-        FamilyAdapter("deepseek_v3", ("deepseek_v3",), "gate", select_deepseek_v3, shared_attr="shared_experts"),
-        FamilyAdapter("mixtral", ("mixtral",), "gate", select_softmax_topk, sliding_window_layers=True),
+        FamilyAdapter("deepseek_v2", ("deepseek_v2",), "gate", select_deepseek_v2, shared_attr="shared_experts",
+                      n_experts_key="n_routed_experts", routing_groups=groups_deepseek_v2),
+        FamilyAdapter("deepseek_v3", ("deepseek_v3",), "gate", select_deepseek_v3, shared_attr="shared_experts",
+                      n_experts_key="n_routed_experts",
+                      router_expert_tensors=("weight", "e_score_correction_bias"), routing_groups=groups_deepseek_v3),
+        FamilyAdapter("mixtral", ("mixtral",), "gate", select_softmax_topk, sliding_window_layers=True,
+                      n_experts_key="num_local_experts"),
         FamilyAdapter("qwen3_moe", ("qwen3_moe",), "gate", select_softmax_topk, sliding_window_layers=True),
         FamilyAdapter("gpt_oss", ("gpt_oss",), "router", select_topk_softmax, returns_tuple=True,
-                      sliding_window_layers=True),
+                      sliding_window_layers=True, n_experts_key="num_local_experts",
+                      router_expert_tensors=("weight", "bias"),
+                      expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
     )
 }
 

@@ -1,0 +1,154 @@
+"""The configurations of ``moeaudit map`` (:class:`MapConfig`) and ``moeaudit prune-eval`` (:class:`PruneConfig`):
+frozen, flat, built from defaults, a preset, a TOML file and flags exactly like :class:`moeaudit.RunConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from moeaudit.config import FlatConfig, check_common, model_label
+from moeaudit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MapConfig(FlatConfig):
+    """Everything that determines a causal importance map (the output directory is not part of it).
+
+    Attributes:
+        model: Hub id, local checkpoint directory, or ``builtin:tiny-moe``.
+        name: Label of the model in tables and figures (default: derived from ``model``).
+        corpus: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
+        text_field: Field holding the text in ``.jsonl`` / ``.parquet`` corpora.
+        n_docs: Documents of the calibration split (the first documents of ``corpus`` that pass the length filter).
+        max_length: Tokens per document after truncation.
+        min_length: Shorter documents are skipped.
+        layers: MoE layers to map (and, for prune-eval, to prune); ``None``: every MoE layer.
+        n: Sampled positions per layer; every active expert is ablated singly at each (the single-expert pool).
+        scope: ``token`` (the expert removed at the position only) or ``sequence``.
+        mode: ``reroute`` (default: the router picks top-k from the remaining experts, as in a pruned model),
+            ``zero`` (the paper's ablation) or ``renormalize``.
+        min_context: Positions need at least this many tokens of context.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        seed: Seed of the position sampling (and, for prune-eval, of tie-breaks, random rankings and resampling).
+        trust_remote_code: Run modelling code shipped with the checkpoint.
+    """
+
+    model: str = "builtin:tiny-moe"
+    name: str | None = None
+    corpus: str = "builtin"
+    text_field: str = "text"
+    n_docs: int = 32
+    max_length: int = 512
+    min_length: int = 32
+    layers: tuple[int, ...] | None = None
+    n: int = 200
+    scope: str = "token"
+    mode: str = "reroute"
+    min_context: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def _check(self) -> None:
+        check_common(self)
+
+    @property
+    def label(self) -> str:
+        """The model's name in tables and figures."""
+        return model_label(self.model, self.name)
+
+
+@dataclass(frozen=True)
+class PruneConfig(MapConfig):
+    """Everything that determines a prune-eval run: the map's keys (computed on the calibration split) and:
+
+    Attributes:
+        eval_corpus: Corpus of the evaluation split; ``None``: the documents of ``corpus`` after the ``n_docs``
+            calibration documents (disjoint by document).
+        n_docs_eval: Documents of the evaluation split.
+        criteria: Criteria to prune by: ``observe`` metrics, ``random`` and ``causal``; ``None``: all of them.
+        fractions: Shares of each layer's experts to remove.
+        random_seeds: Seeds of the ``random`` criterion (its band).
+        per_layer: Also prune one layer at a time (every criterion, fraction and seed), to show where pruning hurts.
+        alpha: Family-wise error rate of the paired tests (Holm over criteria x fractions).
+        n_boot: Document bootstrap resamples of the intervals.
+        n_perm: Document sign flips of the permutation test (exact enumeration when 2^documents is smaller).
+        lm_eval_tasks: lm-evaluation-harness tasks to score every pruned model on (needs ``moeaudit[lmeval]``).
+        lm_eval_include: Directory of extra lm-eval task YAMLs (``include_path``), e.g. local tasks.
+        lm_eval_limit: Score at most this many documents per task (``None``: all).
+    """
+
+    eval_corpus: str | None = None
+    n_docs_eval: int = 32
+    criteria: tuple[str, ...] | None = None
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
+    random_seeds: int = 5
+    per_layer: bool = False
+    alpha: float = 0.05
+    n_boot: int = 2000
+    n_perm: int = 10000
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+
+    def _check(self) -> None:
+        check_common(self)
+        if not self.fractions:
+            raise ConfigError("fractions is empty; give at least one share of experts to remove, e.g. 0.25.")
+        bad = [f for f in self.fractions if not 0 < f < 1]
+        if bad:
+            raise ConfigError(f"fractions {bad} are not in (0, 1); give shares of each layer's experts to remove, "
+                              "e.g. fractions = [0.125, 0.25, 0.5].")
+        if len(set(self.fractions)) < len(self.fractions):
+            raise ConfigError(f"fractions {list(self.fractions)} repeat a value; give each fraction once.")
+        if self.criteria is not None and not self.criteria:
+            raise ConfigError("criteria is empty; name at least one criterion, or leave it unset for all of them.")
+        if self.criteria is not None and len(set(self.criteria)) < len(self.criteria):
+            raise ConfigError(f"criteria {list(self.criteria)} repeat a name; give each criterion once.")
+        if self.random_seeds < 2 and (self.criteria is None or "random" in self.criteria):
+            raise ConfigError(f"random_seeds={self.random_seeds}: the random band and its test need at least 2 "
+                              "seeds (default 5).")
+        if self.n_docs_eval < 2:
+            raise ConfigError(f"n_docs_eval={self.n_docs_eval}: the document-level tests need at least 2 "
+                              "evaluation documents (more give them power; default 32).")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha={self.alpha} is not in (0, 1); e.g. 0.05.")
+        if self.n_boot < 1 or self.n_perm < 1:
+            raise ConfigError(f"n_boot={self.n_boot}, n_perm={self.n_perm}: use at least 1 (defaults 2000, 10000).")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ConfigError(f"lm_eval_limit={self.lm_eval_limit}: use at least 1, or leave it unset for every "
+                              "document of each task.")
+        if self.lm_eval_include is not None and not self.lm_eval_tasks:
+            raise ConfigError("lm_eval_include is set but lm_eval_tasks is empty; name the tasks to score.")
+
+    def map_config(self) -> MapConfig:
+        """The importance map this run computes on its calibration split."""
+        keys = MapConfig.__dataclass_fields__
+        return MapConfig(**{k: v for k, v in self.to_dict().items() if k in keys})
+
+
+def _paper_map(model: str, name: str, dtype: str) -> dict:
+    return dict(model=model, name=name, corpus="wikitext-2", n_docs=30, max_length=512, n=200, dtype=dtype)
+
+
+_PAPER = {
+    "paper-olmoe": _paper_map("allenai/OLMoE-1B-7B-0924", "OLMoE-1B-7B", "float32"),
+    "paper-qwen": _paper_map("Qwen/Qwen1.5-MoE-A2.7B", "Qwen1.5-MoE-A2.7B", "bfloat16"),
+    "paper-deepseek": _paper_map("deepseek-ai/DeepSeek-V2-Lite", "DeepSeek-V2-Lite", "float16"),
+}
+_DEMO = dict(model="builtin:tiny-moe", name="tiny-moe", corpus="builtin", n_docs=32, n=200, dtype="float32",
+             device="cpu")
+
+#: Presets of ``moeaudit map``: the embedded model (``demo``) and the paper's three checkpoints on WikiText-2.
+MAP_PRESETS: Mapping[str, MapConfig] = MappingProxyType(
+    {"demo": MapConfig(**_DEMO), **{k: MapConfig(**v) for k, v in _PAPER.items()}})
+#: Presets of ``moeaudit prune-eval``: WikiText-2's test split has about 60 articles, so the paper presets
+#: calibrate on 30 and evaluate on the next 30.
+PRUNE_PRESETS: Mapping[str, PruneConfig] = MappingProxyType(
+    {"demo": PruneConfig(**_DEMO, n_docs_eval=32),
+     **{k: PruneConfig(**v, n_docs_eval=30) for k, v in _PAPER.items()}})
+MapConfig._PRESETS = MAP_PRESETS
+PruneConfig._PRESETS = PRUNE_PRESETS
