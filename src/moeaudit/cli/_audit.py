@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from moeaudit.cli._app import MODEL_HELP, app
-from moeaudit.cli._common import RichProgress, expected_errors, fail, make_console, rich_table
+from moeaudit.cli._common import RichProgress, build_config, expected_errors, fail, make_console, rich_table
 
 
 @app.command()
@@ -39,7 +39,7 @@ def run(
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
-    from moeaudit.config import PRESETS, RunConfig
+    from moeaudit.config import RunConfig
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
@@ -47,16 +47,7 @@ def run(
              "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
              "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code,
              "n_boot": n_boot}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    try:
-        if config is None:
-            cfg = RunConfig.from_mapping(flags, source="flags")
-        elif config in PRESETS:
-            cfg = RunConfig.from_mapping({"preset": config, **flags}, source="flags")
-        else:
-            cfg = RunConfig.from_toml(config).replace(**flags) if flags else RunConfig.from_toml(config)
-    except expected_errors() as exc:
-        raise fail(exc) from None
+    cfg = build_config(RunConfig, config, flags)
     _execute(cfg, out or Path("runs") / cfg.label, report)
 
 

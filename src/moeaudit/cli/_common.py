@@ -44,6 +44,20 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (MoEAuditError, ValueError, FileNotFoundError, OSError)
 
 
+def build_config(cls, config: str | None, flags: dict):
+    """A config of class ``cls`` from an optional TOML file or preset name and the flags given (``None``: unset),
+    in the documented precedence (defaults, preset or file, flags); errors exit with one clear line."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    try:
+        if config is None:
+            return cls.from_mapping(flags, source="flags")
+        if config in cls._PRESETS:
+            return cls.from_mapping({"preset": config, **flags}, source="flags")
+        return cls.from_toml(config).replace(**flags) if flags else cls.from_toml(config)
+    except expected_errors() as exc:
+        raise fail(exc) from None
+
+
 def rich_table(title: str, frame, columns: list[str] | None = None):
     from rich.table import Table
 

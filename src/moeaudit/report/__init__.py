@@ -6,7 +6,6 @@ the verification report), so ``moeaudit report RUN_DIR`` regenerates it without 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,10 +15,10 @@ import pandas as pd
 
 from moeaudit.errors import RunDirectoryError
 from moeaudit.report import _tables as T
-from moeaudit.report._document import Block, Figure, Heading, Paragraph, render_html, render_markdown
+from moeaudit.report._document import Block, Figure, Heading, Paragraph, figure_block, write_document
 from moeaudit.report._paper import comparison
 from moeaudit.report._verdict import verdict
-from moeaudit.rundir import RunDirectory, atomic_write_text
+from moeaudit.rundir import RunDirectory
 
 
 @dataclass
@@ -194,15 +193,7 @@ def _model_section(run: RunData, F) -> list[Block]:
 
 
 def _figure(name: str, caption: str, fig) -> Figure:
-    """A figure block holding the PNG (embedded in the HTML) and a vector PDF of the same matplotlib figure."""
-    import io
-
-    png, pdf = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=150)
-    fig.set_layout_engine("none")  # keep the layout the PNG computed instead of solving it again for the PDF
-    fig.savefig(pdf, format="pdf")
-    fig.clear()
-    return Figure(name, caption, png.getvalue(), pdf.getvalue())
+    return figure_block(name, caption, fig)
 
 
 def _stem(label: str) -> str:
@@ -221,22 +212,4 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
         raise ValueError("write_report needs at least one run directory.")
     runs = load_runs(list(paths))
     title, blocks = build(runs)
-    out = Path(out)
-    figures_dir = out / "figures"
-    staging = out / ".tmp-figures"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    from moeaudit.rundir import atomic_write_bytes
-
-    for block in blocks:
-        if isinstance(block, Figure):
-            atomic_write_bytes(staging / f"{block.name}.png", block.png)
-            atomic_write_bytes(staging / f"{block.name}.pdf", block.pdf)
-    for p in staging.iterdir():
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        p.replace(figures_dir / p.name)
-    staging.rmdir()
-    md = atomic_write_text(out / "report.md", render_markdown(title, blocks))
-    html = atomic_write_text(out / "report.html", render_html(title, blocks))
-    return {"markdown": md, "html": html, "figures": figures_dir}
-
+    return write_document(title, blocks, out)

@@ -115,3 +115,45 @@ def render_html(title: str, blocks: list[Block]) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
             f"<body><h1>{html.escape(title)}</h1>{nav}{''.join(body)}</body></html>\n")
+
+
+def figure_block(name: str, caption: str, fig) -> Figure:
+    """A figure block holding the PNG (embedded in the HTML) and a vector PDF of the same matplotlib figure."""
+    import io
+
+    png, pdf = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=150)
+    fig.set_layout_engine("none")  # keep the layout the PNG computed instead of solving it again for the PDF
+    fig.savefig(pdf, format="pdf")
+    fig.clear()
+    return Figure(name, caption, png.getvalue(), pdf.getvalue())
+
+
+def write_document(title: str, blocks: list[Block], out) -> dict:
+    """Write ``report.md``, ``report.html`` and ``figures/<name>.png|pdf`` of ``blocks`` into the directory ``out``
+    (every file atomically; figures staged and moved into place together).
+
+    Returns:
+        ``{"markdown": ..., "html": ..., "figures": ...}`` paths.
+    """
+    import shutil
+    from pathlib import Path
+
+    from moeaudit.rundir import atomic_write_bytes, atomic_write_text
+
+    out = Path(out)
+    figures_dir = out / "figures"
+    staging = out / ".tmp-figures"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for block in blocks:
+        if isinstance(block, Figure):
+            atomic_write_bytes(staging / f"{block.name}.png", block.png)
+            atomic_write_bytes(staging / f"{block.name}.pdf", block.pdf)
+    for p in staging.iterdir():
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        p.replace(figures_dir / p.name)
+    staging.rmdir()
+    md = atomic_write_text(out / "report.md", render_markdown(title, blocks))
+    html_path = atomic_write_text(out / "report.html", render_html(title, blocks))
+    return {"markdown": md, "html": html_path, "figures": figures_dir}

@@ -1,0 +1,128 @@
+"""``moeaudit map`` and ``moeaudit prune-eval``: the causal importance map, and pruning by criteria against a
+random band and the causal reference (thin layers over :func:`moeaudit.importance_map` / :func:`moeaudit.prune_eval`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import typer
+
+from moeaudit.cli._app import MODEL_HELP, app
+from moeaudit.cli._common import RichProgress, build_config, expected_errors, fail, make_console, rich_table
+
+_PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
+
+
+def _run(call, out: Path, what: str):
+    console = make_console()
+    start = time.perf_counter()
+    console.print(f"[bold]moeaudit {what}[/bold] -> {out}")
+    try:
+        with RichProgress(console) as progress:
+            result = call(progress)
+    except expected_errors() as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        make_console(stderr=True).print(f"interrupted; finished units are kept in {out}. Run the same command again "
+                                        "to resume.")
+        raise typer.Exit(130) from None
+    return console, result, time.perf_counter() - start
+
+
+@app.command("map")
+def map_cmd(
+    config: str = typer.Argument(None, help=_PRESET_HELP),
+    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
+    corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
+    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    n_docs: int = typer.Option(None, help="calibration documents (positions are sampled from them)"),
+    max_length: int = typer.Option(None, help="tokens per document"),
+    min_length: int = typer.Option(None, help="shorter documents are skipped"),
+    layers: str = typer.Option(None, help="comma-separated MoE layers, or 'all'"),
+    n: int = typer.Option(None, help="sampled positions per layer (every active expert is ablated at each)"),
+    scope: str = typer.Option(None, help="token or sequence"),
+    mode: str = typer.Option(None, help="reroute (default), zero or renormalize"),
+    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
+    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
+    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    out: Path = typer.Option(None, help="run directory (default: runs/<name>-map); re-running resumes it"),
+    report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+) -> None:
+    """The causal importance map: every active expert removed alone at n positions per layer, aggregated per
+    (layer, expert) into importance.parquet and a layer x expert heat map."""
+    from moeaudit.pruning import MapConfig, importance_map
+
+    values = locals()
+    cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)})
+    target = out or Path("runs") / f"{cfg.label}-map"
+    console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report), target, "map")
+    table = result.importance
+    summary = (table.groupby("layer").agg(never_routed=("never_routed", "sum"), max_mean_delta=("mean_delta", "max"),
+                                          ablations=("n_routed", "sum")).reset_index())
+    console.print(rich_table("causal importance per layer", summary))
+    console.print(f"{len(table)} (layer, expert) rows in {seconds:.1f} s -> {target / 'importance.parquet'}")
+    if result.report:
+        console.print(f"report: {result.report['html']}")
+
+
+@app.command("prune-eval")
+def prune_eval_cmd(
+    config: str = typer.Argument(None, help=_PRESET_HELP),
+    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
+    corpus: str = typer.Option(None, help="calibration corpus (and evaluation corpus unless --eval-corpus)"),
+    eval_corpus: str = typer.Option(None, help="evaluation corpus (default: the documents of --corpus after the "
+                                               "calibration ones)"),
+    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    n_docs: int = typer.Option(None, help="calibration documents"),
+    n_docs_eval: int = typer.Option(None, help="evaluation documents (disjoint from the calibration ones)"),
+    max_length: int = typer.Option(None, help="tokens per document"),
+    min_length: int = typer.Option(None, help="shorter documents are skipped"),
+    layers: str = typer.Option(None, help="comma-separated MoE layers to prune, or 'all'"),
+    criteria: str = typer.Option(None, help="comma-separated criteria: observe metrics, random, causal (default: "
+                                            "all)"),
+    fractions: str = typer.Option(None, help="comma-separated shares of each layer's experts to remove "
+                                             "(default 0.125,0.25,0.5)"),
+    random_seeds: int = typer.Option(None, help="seeds of the random band (default 5)"),
+    per_layer: bool = typer.Option(None, help="also prune one layer at a time"),
+    n: int = typer.Option(None, help="positions per layer of the causal importance map"),
+    scope: str = typer.Option(None, help="importance map ablation scope: token or sequence"),
+    mode: str = typer.Option(None, help="importance map ablation mode: reroute (default), zero or renormalize"),
+    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
+    alpha: float = typer.Option(None, help="family-wise error rate of the paired tests (Holm)"),
+    n_boot: int = typer.Option(None, help="document bootstrap resamples"),
+    n_perm: int = typer.Option(None, help="document sign flips of the permutation test"),
+    lm_eval_tasks: str = typer.Option(None, help="comma-separated lm-evaluation-harness tasks (moeaudit[lmeval])"),
+    lm_eval_include: str = typer.Option(None, help="directory of extra lm-eval task YAMLs"),
+    lm_eval_limit: int = typer.Option(None, help="at most this many documents per lm-eval task"),
+    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
+    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    out: Path = typer.Option(None, help="run directory (default: runs/<name>-prune); re-running resumes it"),
+    report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+    save_pruned: Path = typer.Option(None, help="also write a loadable checkpoint with the experts of "
+                                                "--save-criterion at --save-fraction deleted to this directory"),
+    save_criterion: str = typer.Option(None, help="criterion of the checkpoint --save-pruned writes"),
+    save_fraction: float = typer.Option(None, help="fraction of the checkpoint --save-pruned writes"),
+) -> None:
+    """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
+    held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
+    from moeaudit.pruning import PruneConfig, prune_eval
+
+    values = locals()
+    cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)})
+    target = out or Path("runs") / f"{cfg.label}-prune"
+    console, result, seconds = _run(
+        lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
+                             save_criterion=save_criterion, save_fraction=save_fraction), target, "prune-eval")
+    columns = ["criterion", "fraction", "mean_loss", "delta_random", "vs_random_docs", "vs_random", "delta_causal",
+               "vs_causal"]
+    if len(result.tests):
+        console.print(rich_table("pruning against random and the causal reference", result.tests, columns))
+    console.print(f"{len(result.prune)} pruned models evaluated in {seconds:.1f} s -> {target}")
+    if result.saved is not None:
+        console.print(f"pruned checkpoint: {result.saved}")
+    if result.report:
+        console.print(f"report: {result.report['html']}")

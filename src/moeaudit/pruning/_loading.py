@@ -1,0 +1,118 @@
+"""Loading a map / prune-eval run: the model, the calibration split and the disjoint evaluation split, recorded in
+the run directory (``splits.json``, ``eval_tokens.parquet``) and checked against it on resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from moeaudit.corpus import CorpusSequence, load_corpus
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError
+from moeaudit.pipeline import ProgressSink, corpus_fingerprint, resolve_device
+from moeaudit.pruning._config import MapConfig
+from moeaudit.pruning._plan import PruneGeometry, prune_geometry
+from moeaudit.rundir import RunDirectory
+
+
+@dataclass
+class Loaded:
+    """The model and the splits of a run."""
+
+    model: nn.Module
+    tokenizer: object
+    geometry: PruneGeometry
+    layers: tuple[int, ...]
+    calibration: list[CorpusSequence]
+    evaluation: list[CorpusSequence]
+
+    @property
+    def eval_docs(self) -> np.ndarray:
+        """Document id (index in its source) of every predicted token of the evaluation split, in loss order."""
+        return np.concatenate([np.full(len(q) - 1, q.doc_index, dtype=np.int64) for q in self.evaluation]) \
+            if self.evaluation else np.zeros(0, dtype=np.int64)
+
+
+def _take(source: str, tokenizer, config: MapConfig, n: int, what: str) -> list[CorpusSequence]:
+    sequences = load_corpus(source, tokenizer, n_samples=n, max_length=config.max_length,
+                            min_length=config.min_length, text_field=config.text_field)
+    if len(sequences) < n:
+        raise CorpusError(f"{source!r} has only {len(sequences)} documents of at least min_length="
+                          f"{config.min_length} tokens, but the run asks for {n} ({what}). Lower the document "
+                          "counts (n_docs, n_docs_eval) or min_length, or use a larger corpus.")
+    return sequences
+
+
+def _split_record(source: str, sequences: list[CorpusSequence]) -> dict:
+    return {"source": source, "n_docs": len(sequences), "doc_ids": [q.doc_index for q in sequences],
+            "n_tokens": int(sum(len(q) for q in sequences)),
+            "n_predicted_tokens": int(sum(len(q) - 1 for q in sequences)), "sha256": corpus_fingerprint(sequences)}
+
+
+def _check_layers(config: MapConfig, geometry: PruneGeometry) -> tuple[int, ...]:
+    if config.layers is None:
+        return geometry.moe_layers
+    bad = [layer for layer in config.layers if layer not in geometry.moe_layers]
+    if bad or len(set(config.layers)) < len(config.layers):
+        raise ConfigError(f"layers {list(config.layers)}: {bad or 'repeated'} are not (distinct) MoE layers of "
+                          f"this model; MoE layers: {', '.join(map(str, geometry.moe_layers))}.")
+    return tuple(sorted(config.layers))
+
+
+def load_splits(config: MapConfig, run_dir: RunDirectory, session, progress: ProgressSink, *,
+                evaluation: bool) -> Loaded:
+    """Load the model and the splits; write (first session) or check (resume) ``splits.json`` and
+    ``eval_tokens.parquet``.
+
+    The calibration split is the first ``n_docs`` documents of ``corpus`` that pass the length filter; the
+    evaluation split (prune-eval) the next ``n_docs_eval`` ones, or the first ``n_docs_eval`` of ``eval_corpus``
+    when it names another corpus. Documents never appear in both.
+    """
+    from moeaudit.models import describe, load_model
+
+    device = resolve_device(config.device)
+    progress.stage(f"loading {config.model}", None)
+    with session.timer("load_model"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device,
+                                      trust_remote_code=config.trust_remote_code)
+    desc = describe(model)
+    geometry = prune_geometry(model)
+    layers = _check_layers(config, geometry)
+    session.entry.update(device=device, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    session.manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers,
+                                 "moe_layers": list(desc.moe_layers), "n_experts": desc.n_experts,
+                                 "top_k": desc.top_k, "n_shared_experts": desc.n_shared_experts,
+                                 "revision": getattr(model.config, "_commit_hash", None)}
+    progress.stage(f"tokenising {config.corpus}", None)
+    with session.timer("load_corpus"):
+        eval_source = getattr(config, "eval_corpus", None) or config.corpus
+        if not evaluation:
+            calibration, held_out = _take(config.corpus, tokenizer, config, config.n_docs, "n_docs"), []
+        elif eval_source == config.corpus:
+            n_eval = config.n_docs_eval
+            both = _take(config.corpus, tokenizer, config, config.n_docs + n_eval, "n_docs + n_docs_eval")
+            calibration, held_out = both[: config.n_docs], both[config.n_docs:]
+        else:
+            calibration = _take(config.corpus, tokenizer, config, config.n_docs, "n_docs")
+            held_out = _take(eval_source, tokenizer, config, config.n_docs_eval, "n_docs_eval")
+    splits = {"calibration": _split_record(config.corpus, calibration)}
+    if evaluation:
+        splits["evaluation"] = _split_record(eval_source, held_out)
+        splits["disjoint"] = ("by document (consecutive documents of one corpus)" if eval_source == config.corpus
+                              else "by source (two corpora)")
+    stored = run_dir.read_json("splits.json")
+    if stored is not None and stored != splits:
+        raise RunDirectoryError(f"the corpus tokenises differently from when {run_dir.path} was started (its "
+                                "contents or the tokenizer changed); stored results would not match new ones. Run "
+                                "into a new directory.")
+    if stored is None:
+        run_dir.write_json("splits.json", splits)
+        if evaluation:
+            run_dir.write_parquet("eval_tokens.parquet", pd.DataFrame(
+                {"doc_id": [q.doc_index for q in held_out], "input_ids": [q.input_ids.tolist() for q in held_out]}))
+    session.manifest["corpus"] = {k: {kk: vv for kk, vv in v.items() if kk != "doc_ids"} if isinstance(v, dict)
+                                  else v for k, v in splits.items()}
+    session.write()
+    return Loaded(model, tokenizer, geometry, layers, calibration, held_out)

@@ -1,0 +1,293 @@
+"""``moeaudit map`` and ``moeaudit prune-eval`` into run directories (atomic files, resumable per unit, bound to
+one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.pipeline.run_session`).
+
+Layout of a prune-eval directory (a map directory holds the first part)::
+
+    manifest.json, config.toml, verification.json
+    records/L004-single.parquet ...   single-expert pool of the calibration split, one file per layer
+    importance.parquet                 the causal importance map (per layer x expert)
+    splits.json, eval_tokens.parquet   calibration / evaluation documents; the evaluation tokens (doc_id, input_ids)
+    metrics.parquet                    every observe criterion on the calibration split
+    pruned.parquet                     exactly the experts each (criterion, fraction, seed) removes
+    losses/<model key>.parquet         per-token held-out losses of each distinct pruned model (one file per unit)
+    prune.csv, prune_per_layer.csv, tests.csv, per_layer.csv, lm_eval.csv
+    report.md, report.html, figures/
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
+from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
+from moeaudit.pruning._config import MapConfig, PruneConfig
+from moeaudit.pruning._importance import collect_pool, importance_table
+from moeaudit.pruning._loading import Loaded, load_splits
+from moeaudit.pruning._plan import CAUSAL, NONE, RANDOM, n_removed
+from moeaudit.pruning._units import PruneUnit, build_units, pruned_table, resolve_criteria, sequence_losses
+from moeaudit.rundir import RunDirectory
+
+
+@dataclass
+class MapResult:
+    """What :func:`importance_map` produced."""
+
+    directory: Path
+    importance: pd.DataFrame
+    records: pd.DataFrame
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_eval` produced (the tables are also files of the run directory)."""
+
+    directory: Path
+    prune: pd.DataFrame
+    tests: pd.DataFrame
+    pruned: pd.DataFrame
+    importance: pd.DataFrame | None
+    per_layer: pd.DataFrame | None = None
+    lm_eval: pd.DataFrame | None = None
+    report: dict[str, Path] = field(default_factory=dict)
+    saved: Path | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _guarded(run_dir: RunDirectory, body):
+    """Run ``body``; bad input found before any result leaves no half-made directory behind."""
+    fresh = not run_dir.path.exists()
+    try:
+        return body()
+    except (ConfigError, UnsupportedModelError, CorpusError, OSError):
+        if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+
+
+def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink | None = None,
+                   report: bool = True) -> MapResult:
+    """Compute (or resume) the causal importance map of ``config`` into the run directory ``out``.
+
+    Every active expert is ablated singly at ``config.n`` sampled positions per layer of the ``n_docs`` documents
+    (the single-expert pool), then aggregated per (layer, expert) into ``importance.parquet`` (see
+    :data:`moeaudit.pruning.IMPORTANCE_COLUMNS`) and drawn as a layer x expert heat map in the report.
+
+    Raises:
+        RunDirectoryError: ``out`` holds another run, or is in use.
+        VerificationError: the verification suite failed; no data was collected.
+    """
+    progress = progress or SilentProgress()
+    run_dir = RunDirectory(out)
+
+    def body() -> MapResult:
+        timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
+        with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
+                         progress=progress, tool="moeaudit map") as s:
+            loaded = load_splits(config, run_dir, s, progress, evaluation=False)
+            table, records = _importance(config, loaded, run_dir, s, progress)
+            s.complete()
+            result = MapResult(run_dir.path, table, records)
+            if report:
+                from moeaudit.report._prune import write_map_report
+
+                progress.stage("writing the report", None)
+                with timer("report"):
+                    result.report = write_map_report(run_dir.path)
+                s.write()
+        return result
+
+    return _guarded(run_dir, body)
+
+
+def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
+    from moeaudit._verify import verify
+    from moeaudit.experiments import ExperimentSettings
+
+    settings = ExperimentSettings(layers=config.layers, n=config.n, seed=config.seed, scope=config.scope,
+                                  mode=config.mode, min_context=config.min_context, model_name=config.label)
+    layers = settings.check(loaded.model)
+    done = run_dir.finished_cells()
+    pending = [layer for layer in layers if ("single", layer) not in done]
+    if pending:
+        progress.stage("verifying the ablation engine", None)
+        with s.timer("verification"):
+            report = verify(loaded.model, loaded.tokenizer, loaded.calibration[:2], seed=config.seed,
+                            modes=(config.mode,))
+        run_dir.write_json("verification.json", report.to_dict())
+        report.raise_if_failed()
+        progress.stage(f"importance map ({len(pending)} layers to go, {len(layers) - len(pending)} resumed)",
+                       config.n * len(pending))
+        for layer in pending:
+            with s.timer(f"pool L{layer}"):
+                frame = collect_pool(loaded.model, loaded.calibration, settings, layer, progress=progress.advance)
+            run_dir.write_cell("single", layer, frame)
+    records = run_dir.read_records()
+    table = importance_table(records, layers, loaded.geometry.n_experts)
+    run_dir.write_parquet("importance.parquet", table)
+    return table, records
+
+
+def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save_criterion, save_fraction):
+    if save_criterion not in criteria:
+        raise ConfigError(f"--save-criterion {save_criterion!r} is not a criterion of this run; choose one of "
+                          f"{', '.join(criteria)}.")
+    if save_fraction not in config.fractions:
+        raise ConfigError(f"--save-fraction {save_fraction} is not a fraction of this run; choose one of "
+                          f"{', '.join(map(str, config.fractions))}.")
+    if tuple(layers) != tuple(geometry.moe_layers):
+        raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
+                          "layers); leave layers unset.")
+
+
+def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,
+               save_pruned: str | Path | None = None, save_criterion: str | None = None,
+               save_fraction: float | None = None) -> PruneResult:
+    """Run (or resume) a prune-eval experiment into the run directory ``out``.
+
+    For every criterion (``observe`` metrics on the calibration split, ``random`` with ``random_seeds`` seeds, and
+    the ``causal`` reference ranked by the importance map's mean ΔL on the calibration split) and every fraction,
+    the lowest-ranked experts are removed at every pruned layer (see :mod:`moeaudit.pruning._plan` for the rules)
+    and the pruned model is evaluated in memory on the disjoint evaluation split: held-out mean loss and
+    perplexity, paired tests against the random band and the causal reference (:mod:`moeaudit.pruning._compare`),
+    optionally one layer at a time and lm-evaluation-harness tasks.
+
+    Args:
+        config: The experiment (:class:`PruneConfig`).
+        out: The run directory; a directory holding the same configuration resumes, another is refused.
+        progress: Receives stages and progress.
+        report: Write ``report.md`` / ``report.html`` / ``figures/``.
+        save_pruned: Also write a loadable checkpoint with the experts of (``save_criterion``, ``save_fraction``)
+            deleted to this directory (tokenizer included; ``random`` uses the run's first seed).
+    """
+    progress = progress or SilentProgress()
+    run_dir = RunDirectory(out)
+    criteria = resolve_criteria(config.criteria)
+    if save_pruned is not None and (save_criterion is None or save_fraction is None):
+        if len(criteria) == 1 and len(config.fractions) == 1:
+            save_criterion, save_fraction = criteria[0], config.fractions[0]
+        else:
+            raise ConfigError("--save-pruned needs --save-criterion and --save-fraction: the run prunes by "
+                              f"{len(criteria)} criteria at {len(config.fractions)} fractions.")
+    if config.lm_eval_tasks:
+        from moeaudit.pruning._lmeval import check_lm_eval
+
+        check_lm_eval(config)
+
+    def body() -> PruneResult:
+        timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
+        with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
+                         progress=progress, tool="moeaudit prune-eval") as s:
+            loaded = load_splits(config, run_dir, s, progress, evaluation=True)
+            geometry, layers = loaded.geometry, loaded.layers
+            removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
+            if save_pruned is not None:
+                _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
+            s.manifest["pruning"] = {
+                "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
+                "group_balanced": None if geometry.groups is None else
+                {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
+            s.write()
+            importance = _importance(config.map_config(), loaded, run_dir, s, progress)[0] \
+                if CAUSAL in criteria else None
+            metrics = _metrics(loaded, run_dir, s, progress, criteria)
+            units = build_units(criteria, config.fractions, random_seeds=config.random_seeds, seed=config.seed,
+                                geometry=geometry, layers=layers, metrics=metrics, importance=importance,
+                                per_layer=config.per_layer)
+            result = _evaluate(config, loaded, units, run_dir, s, progress)
+            result.importance = importance
+            if config.lm_eval_tasks:
+                from moeaudit.pruning._lmeval import score_units
+
+                result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
+            s.complete()
+            if save_pruned is not None:
+                result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
+            if report:
+                from moeaudit.report._prune import write_prune_report
+
+                progress.stage("writing the report", None)
+                with timer("report"):
+                    result.report = write_prune_report(run_dir.path)
+                s.write()
+        return result
+
+    return _guarded(run_dir, body)
+
+
+def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
+    from moeaudit._observe import observe
+
+    if not [c for c in criteria if c not in (CAUSAL, RANDOM)]:
+        return None
+    table = run_dir.read_parquet("metrics.parquet")
+    if table is None:
+        progress.stage("observing every criterion on the calibration split", len(loaded.calibration))
+        with s.timer("observe"):
+            table = observe(loaded.model, [q.input_ids for q in loaded.calibration], layers=loaded.layers,
+                            progress=lambda done: progress.advance(1))
+        run_dir.write_parquet("metrics.parquet", table)
+    return table
+
+
+def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
+              progress: ProgressSink) -> PruneResult:
+    from moeaudit.pruning._compare import loss_tables, paired_tests, per_layer_effects
+
+    run_dir.write_parquet("pruned.parquet", pruned_table(units))
+    n_tokens = int(loaded.eval_docs.size)
+    distinct = {u.key: u for u in units}
+    losses: dict[str, np.ndarray] = {}
+    pending = []
+    for key in distinct:
+        stored = run_dir.read_parquet(f"losses/{key}.parquet")
+        if stored is not None and len(stored) == n_tokens:
+            losses[key] = stored["loss"].to_numpy(dtype=np.float64)
+        elif stored is not None:
+            raise RunDirectoryError(f"{run_dir.path / 'losses' / (key + '.parquet')} holds {len(stored)} losses, "
+                                    f"expected {n_tokens}: it is damaged. Delete it and run again to recompute it.")
+        else:
+            pending.append(key)
+    progress.stage(f"evaluating {len(pending)} pruned models ({len(distinct) - len(pending)} resumed, "
+                   f"{len(units)} units)", len(pending) * len(loaded.evaluation))
+    for key in pending:
+        with s.timer("evaluate"):
+            loss = sequence_losses(loaded.model, loaded.evaluation, distinct[key].removal or None,
+                                   progress=progress.advance)
+        run_dir.write_parquet(f"losses/{key}.parquet", pd.DataFrame({"loss": loss}))
+        losses[key] = loss
+    progress.stage("paired tests", None)
+    with s.timer("tests"):
+        prune, per_layer = loss_tables(units, losses)
+        tests = paired_tests(units, losses, loaded.eval_docs, alpha=config.alpha, n_perm=config.n_perm,
+                             n_boot=config.n_boot, seed=config.seed)
+        effects = per_layer_effects(units, losses, loaded.eval_docs) if config.per_layer else None
+    run_dir.write_text("prune.csv", prune.to_csv(index=False))
+    run_dir.write_text("tests.csv", tests.to_csv(index=False))
+    if config.per_layer:
+        run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
+        run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
+    return PruneResult(run_dir.path, prune, tests, pruned_table(units), None, effects)
+
+
+def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, criterion: str, fraction: float,
+          run_dir: RunDirectory) -> Path:
+    from moeaudit.pruning._slice import save_pruned as save
+
+    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None)
+    provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
+                                  "source_model": config.model, "run_directory": str(run_dir.path)}
+    return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)
+
+
+__all__ = ["NONE", "MapResult", "PruneResult", "importance_map", "prune_eval"]

@@ -1,0 +1,214 @@
+"""prune-eval and the causal importance map: the pieces against independent computations (losses against the
+model's own loss, the importance table against pandas / statsmodels, decisions against the numbers), the config,
+and the whole run on the embedded model (run directory, resume, refusal, report, saved checkpoint, CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cached_tiny, random_ids
+from typer.testing import CliRunner
+
+from moeaudit.cli import app
+from moeaudit.errors import ConfigError, RunDirectoryError
+from moeaudit.experiments import ExperimentSettings
+from moeaudit.pruning import (
+    IMPORTANCE_COLUMNS,
+    MapConfig,
+    PruneConfig,
+    PruneUnit,
+    build_units,
+    collect_pool,
+    importance_table,
+    prune_eval,
+    prune_geometry,
+    sequence_losses,
+)
+from moeaudit.pruning._compare import paired_tests
+
+
+def test_sequence_losses_are_the_models_own_loss_per_token():
+    model = cached_tiny("qwen2_moe")
+    seqs = [random_ids(20, seed=1), random_ids(33, seed=2)]
+    losses = sequence_losses(model, seqs)
+    assert losses.shape == (19 + 32,)
+    with torch.no_grad():
+        own = [float(model(input_ids=s[None], labels=s[None]).loss) for s in seqs]
+    assert losses[:19].mean() == pytest.approx(own[0], abs=1e-5)
+    assert losses[19:].mean() == pytest.approx(own[1], abs=1e-5)
+
+
+def test_importance_table_against_pandas_and_statsmodels():
+    import statsmodels.api as sm
+
+    model = cached_tiny("olmoe")
+    seqs = [random_ids(40, seed=s) for s in range(4)]
+    settings = ExperimentSettings(n=24, seed=0, mode="reroute")
+    pool = pd.concat([collect_pool(model, seqs, settings, layer) for layer in (0, 2)], ignore_index=True)
+    table = importance_table(pool, [0, 2], 16)
+    assert list(table.columns) == list(IMPORTANCE_COLUMNS) and len(table) == 32
+    flat = pool.assign(expert=[int(e[0]) for e in pool["ablated_experts"]])
+    direct = flat.groupby(["layer", "expert"])["delta"].agg(["count", "mean"])
+    routed = table[~table["never_routed"]].set_index(["layer", "expert"])
+    assert routed["n_routed"].sum() == len(pool) == int(direct["count"].sum())
+    assert np.allclose(routed.loc[direct.index, "mean_delta"], direct["mean"], atol=1e-12)
+    never = table[table["never_routed"]]
+    assert (never["n_routed"] == 0).all() and never["mean_delta"].isna().all()
+    layer, expert = routed["n_docs"].idxmax()
+    part = flat[(flat["layer"] == layer) & (flat["expert"] == expert)]
+    fit = sm.OLS(part["delta"].to_numpy(), np.ones(len(part))).fit(cov_type="cluster",
+                                                                   cov_kwds={"groups": part["seq_id"]})
+    assert routed.loc[(layer, expert), "se"] == pytest.approx(float(fit.bse[0]), rel=1e-9)
+    assert routed.loc[(layer, expert), "share_hurts"] == pytest.approx(float((part["delta"] > 0).mean()))
+
+
+def test_units_cover_every_criterion_fraction_seed_and_layer():
+    model = cached_tiny("mixtral")
+    geometry = prune_geometry(model)
+    layers = geometry.moe_layers
+    metrics = pd.DataFrame({"layer": np.repeat(layers, 8), "expert": np.tile(np.arange(8), len(layers)),
+                            "m": np.tile(np.arange(8.0), len(layers))})
+    units = build_units(["m", "random"], [0.25, 0.5], random_seeds=3, seed=10, geometry=geometry, layers=layers,
+                        metrics=metrics, importance=None, per_layer=True)
+    everywhere = [u for u in units if u.layer is None]
+    assert len(everywhere) == 1 + 2 * (1 + 3)
+    assert len(units) - len(everywhere) == 2 * 4 * len(layers)
+    by_m = next(u for u in everywhere if u.criterion == "m" and u.fraction == 0.5)
+    assert all(experts == (0, 1, 2, 3) for _, experts in by_m.removed), "the lowest values are removed"
+    seeds = {u.seed for u in everywhere if u.criterion == "random"}
+    assert seeds == {10, 11, 12}
+    one = next(u for u in units if u.criterion == "m" and u.fraction == 0.5 and u.layer == layers[-1])
+    assert one.removal == {layers[-1]: by_m.removal[layers[-1]]}
+    assert len({u.key for u in units}) == len(units), "distinct removals have distinct keys"
+
+
+def _synthetic(shift_a: float, n_docs: int = 30, seeds: int = 5, seed: int = 0):
+    """Per-token losses of criterion 'a' (shifted), a causal reference and random seeds, with document effects."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(20, 60, n_docs)
+    docs = np.repeat(np.arange(n_docs), sizes)
+    doc_effect = rng.normal(0, 0.5, n_docs)[docs]
+    base = 2.0 + doc_effect + rng.normal(0, 0.3, docs.size)
+    units = [PruneUnit("none", 0.0, 0, None, ())]
+    losses = {"none": base}
+
+    def add(criterion, s, values):
+        unit = PruneUnit(criterion, 0.25, s, None, ((0, (s, 100 + len(units))),))
+        units.append(unit)
+        losses[unit.key] = values
+
+    for s in range(seeds):  # random prunings differ by a seed effect
+        add("random", s, base + 0.5 + rng.normal(0, 0.05) + rng.normal(0, 0.05, docs.size))
+    add("causal", 0, base + 0.5 + rng.normal(0, 0.05, docs.size))
+    add("a", 0, base + 0.5 + shift_a + rng.normal(0, 0.05, docs.size))
+    return units, losses, docs
+
+
+def test_decisions_follow_the_numbers():
+    units, losses, docs = _synthetic(-0.4)
+    tests = paired_tests(units, losses, docs, n_perm=2000, n_boot=200)
+    a = tests.set_index("criterion").loc["a"]
+    assert a["vs_random"] == "better" and a["vs_causal"] == "better" and a["delta_random"] < 0
+    band = np.mean([losses[u.key] for u in units if u.criterion == "random"], axis=0)
+    assert a["delta_random"] == pytest.approx(float((losses[units[-1].key] - band).mean()))
+    assert a["p_t_random_holm"] == pytest.approx(min(1.0, 2 * a["p_t_random"]))  # two rows: a and causal
+    units, losses, docs = _synthetic(0.0)
+    same = paired_tests(units, losses, docs, n_perm=2000, n_boot=200).set_index("criterion").loc["a"]
+    assert same["vs_random"] == "inconclusive" and same["vs_causal"] == "inconclusive"
+
+
+def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):
+    for values, fragment in [({"fractions": [0.0, 0.5]}, r"not in \(0, 1\)"), ({"fractions": [0.5, 0.5]}, "repeat"),
+                             ({"random_seeds": 1}, "at least 2"), ({"n_docs_eval": 1}, "at least 2"),
+                             ({"alpha": 1.5}, "alpha"), ({"criteria": []}, "criteria is empty"),
+                             ({"mode": "rerout"}, "Did you mean 'reroute'"), ({"fraction": 0.5}, "'fractions'"),
+                             ({"lm_eval_include": "x"}, "lm_eval_tasks is empty")]:
+        with pytest.raises(ConfigError, match=fragment):
+            PruneConfig.from_mapping(values)
+    for name, cfg in PruneConfig._PRESETS.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(cfg.to_toml())
+        assert PruneConfig.from_toml(path) == cfg
+    assert PruneConfig.from_mapping({"fractions": "0.1, 0.3", "criteria": "reap,random"}).fractions == (0.1, 0.3)
+    assert PruneConfig.preset("demo").map_config() == MapConfig.preset("demo")
+
+
+SMALL = dict(model="builtin:tiny-moe", corpus="builtin", n_docs=4, n_docs_eval=4, max_length=64, n=8,
+             criteria=("reap", "causal", "random"), fractions=(0.25, 0.5), random_seeds=2, n_boot=50, n_perm=200,
+             dtype="float32", device="cpu")
+
+
+@pytest.mark.slow
+def test_prune_eval_end_to_end_resumes_refuses_and_saves(tmp_path):
+    from moeaudit import load_model
+
+    config = PruneConfig(**SMALL)
+    out, saved = tmp_path / "run", tmp_path / "pruned"
+    result = prune_eval(config, out, save_pruned=saved, save_criterion="reap", save_fraction=0.5)
+    for name in ("prune.csv", "tests.csv", "pruned.parquet", "eval_tokens.parquet", "importance.parquet",
+                 "splits.json", "report.md", "report.html", "figures/perplexity.png", "figures/importance.png"):
+        assert (out / name).is_file(), name
+    prune = pd.read_csv(out / "prune.csv")
+    assert len(prune) == 1 + 2 * (2 + 2) and set(prune.columns) >= {"criterion", "fraction", "seed", "n_tokens",
+                                                                   "mean_loss", "perplexity"}
+    splits = json.loads((out / "splits.json").read_text())
+    assert not set(splits["calibration"]["doc_ids"]) & set(splits["evaluation"]["doc_ids"])
+    tokens = pd.read_parquet(out / "eval_tokens.parquet")
+    assert list(tokens["doc_id"]) == splits["evaluation"]["doc_ids"]
+    assert int(sum(len(t) - 1 for t in tokens["input_ids"])) == int(prune["n_tokens"].iloc[0])
+    pruned_rows = pd.read_parquet(out / "pruned.parquet")
+    reap = pruned_rows[(pruned_rows["criterion"] == "reap") & (pruned_rows["fraction"] == 0.5)]
+    assert len(reap) == 8 * 8  # 8 of 16 experts at each of 8 layers
+    # the saved checkpoint (experts really deleted) reproduces the in-memory pruned loss
+    model, tokenizer = load_model(saved, dtype="float32")
+    assert model.config.num_experts == 8
+    removed = {layer: tuple(g["expert"]) for layer, g in reap.groupby("layer")}
+    ids = [torch.tensor(t) for t in tokens["input_ids"]]
+    on_disk = sequence_losses(model, ids)
+    in_memory, _ = load_model("builtin:tiny-moe", dtype="float32")
+    assert np.allclose(on_disk, sequence_losses(in_memory, ids, removed), atol=1e-5)
+    row = prune[(prune["criterion"] == "reap") & (prune["fraction"] == 0.5)].iloc[0]
+    assert row["mean_loss"] == pytest.approx(float(on_disk.mean()), abs=1e-6)
+    # a second run resumes every unit and reproduces the tables; another configuration is refused
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir()}
+    again = prune_eval(config, out, report=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir()} == before
+    pd.testing.assert_frame_equal(again.tests, result.tests)
+    with pytest.raises(RunDirectoryError, match="different configuration"):
+        prune_eval(dataclasses.replace(config, fractions=(0.25,)), out)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_cli_map_and_prune_eval(tmp_path):
+    args = ["--n-docs", "3", "--max-length", "48", "--n", "6", "--layers", "0,7", "--dtype", "float32",
+            "--device", "cpu"]
+    result = runner.invoke(app, ["map", "demo", *args, "--out", str(tmp_path / "map")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "map" / "importance.parquet")
+    assert sorted(table["layer"].unique()) == [0, 7] and len(table) == 32
+    assert (tmp_path / "map" / "report.html").is_file()
+    result = runner.invoke(app, ["prune-eval", "demo", *args, "--n-docs-eval", "3", "--criteria",
+                                 "utilization_rate,random", "--fractions", "0.25", "--random-seeds", "2",
+                                 "--per-layer", "--n-boot", "20", "--out", str(tmp_path / "prune")])
+    assert result.exit_code == 0, result.output
+    per_layer = pd.read_csv(tmp_path / "prune" / "per_layer.csv")
+    assert set(per_layer["layer"]) == {0, 7} and set(per_layer["criterion"]) == {"utilization_rate", "random"}
+    bad = runner.invoke(app, ["prune-eval", "demo", *args, "--criteria", "reapp", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "Did you mean 'reap'" in bad.output and not (tmp_path / "x").exists()
+    bad = runner.invoke(app, ["prune-eval", "demo", *args, "--fractions", "0.01", "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "removes no expert" in bad.output and not (tmp_path / "y").exists()
+
+
+def test_every_config_key_has_a_flag():
+    for command, cls in (("map", MapConfig), ("prune-eval", PruneConfig)):
+        result = runner.invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name.replace('_', '-')}" in result.output, (command, f.name)
