@@ -9,6 +9,7 @@ value, stderr). Only the all-layer prunings (and the unpruned model) are scored,
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -26,13 +27,21 @@ LM_EVAL_COLUMNS = ["criterion", "fraction", "seed", "task", "metric", "value", "
 _INSTALL = "pip install 'moeaudit[lmeval]' (lm-evaluation-harness)"
 
 
-def _task_manager(include: str | None):
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str | None, tasks: tuple[str, ...]):
+    """lm-eval's task index; only the include directory when it holds every task asked for (indexing lm-eval's
+    ~15,000 built-in task files takes tens of seconds)."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ConfigError(f"lm_eval_tasks needs lm-evaluation-harness, which is not installed: {_INSTALL}.") \
             from exc
-    return TaskManager(include_path=include) if include else TaskManager()
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+        return TaskManager(include_path=include)
+    return TaskManager()
 
 
 def check_lm_eval(config: PruneConfig) -> None:
@@ -42,7 +51,7 @@ def check_lm_eval(config: PruneConfig) -> None:
     if config.lm_eval_include is not None and not Path(config.lm_eval_include).is_dir():
         raise ConfigError(f"lm_eval_include {config.lm_eval_include!r} is not a directory; pass the directory that "
                           "holds your task YAML files.")
-    known = _task_manager(config.lm_eval_include).all_tasks
+    known = _task_manager(config.lm_eval_include, tuple(config.lm_eval_tasks)).all_tasks
     for task in config.lm_eval_tasks:
         if task not in known:
             raise ConfigError(f"lm_eval_tasks: {task!r} is not an lm-eval task{did_you_mean(task, known)} (for a "
@@ -60,7 +69,7 @@ def lm_eval_scores(model: nn.Module, tokenizer, tasks: Sequence[str], *, removal
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager or _task_manager(include)
+    manager = task_manager or _task_manager(include, tuple(tasks))
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
@@ -87,7 +96,7 @@ def score_units(config: PruneConfig, loaded, units: Sequence[PruneUnit], run_dir
     distinct = {u.key: u for u in targets}
     stored = {key: run_dir.read_json(f"lm_eval/{key}.json") for key in distinct}
     pending = [key for key, rows in stored.items() if rows is None]
-    manager = _task_manager(config.lm_eval_include) if pending else None
+    manager = _task_manager(config.lm_eval_include, tuple(config.lm_eval_tasks)) if pending else None
     progress.stage(f"lm-eval on {len(pending)} pruned models ({len(distinct) - len(pending)} resumed)", len(pending))
     for key in pending:
         with session.timer("lm_eval"):
