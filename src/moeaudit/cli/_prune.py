@@ -121,7 +121,9 @@ def prune_eval_cmd(
                "vs_causal"]
     if len(result.tests):
         console.print(rich_table("pruning against random and the causal reference", result.tests, columns))
-    console.print(f"{len(result.prune)} pruned models evaluated in {seconds:.1f} s -> {target}")
+    one_layer = 0 if result.per_layer is None else len(result.per_layer)
+    console.print(f"{len(result.prune)} pruned models" + (f" and {one_layer} one-layer prunings" if one_layer else "")
+                  + f" evaluated in {seconds:.1f} s -> {target}")
     if result.saved is not None:
         console.print(f"pruned checkpoint: {result.saved}")
     if result.report:

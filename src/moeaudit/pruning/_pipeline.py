@@ -54,7 +54,8 @@ class PruneResult:
     tests: pd.DataFrame
     pruned: pd.DataFrame
     importance: pd.DataFrame | None
-    per_layer: pd.DataFrame | None = None
+    per_layer: pd.DataFrame | None = None  # prune_per_layer.csv: one row per one-layer pruning
+    per_layer_effects: pd.DataFrame | None = None  # per_layer.csv: loss increase per (criterion, fraction, layer)
     lm_eval: pd.DataFrame | None = None
     report: dict[str, Path] = field(default_factory=dict)
     saved: Path | None = None
@@ -277,7 +278,8 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
     if config.per_layer:
         run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
-    return PruneResult(run_dir.path, prune, tests, pruned_table(units), None, effects)
+    return PruneResult(run_dir.path, prune, tests, pruned_table(units), None,
+                       per_layer if config.per_layer else None, effects)
 
 
 def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, criterion: str, fraction: float,

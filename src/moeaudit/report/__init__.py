@@ -210,6 +210,14 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
     """
     if not paths:
         raise ValueError("write_report needs at least one run directory.")
+    from moeaudit.report._prune import REPORTERS
+
+    tools = [RunDirectory(p).manifest().get("tool") for p in paths]
+    if any(t in REPORTERS for t in tools):  # map / prune-eval directories have reports of their own
+        if len(paths) != 1:
+            raise ValueError("`moeaudit map` and `moeaudit prune-eval` directories are reported one at a time; pass "
+                             "one directory.")
+        return REPORTERS[tools[0]](paths[0], out)
     runs = load_runs(list(paths))
     title, blocks = build(runs)
     return write_document(title, blocks, out)

@@ -65,8 +65,9 @@ def _importance_blocks(importance: pd.DataFrame, config: dict, label: str) -> li
     return blocks
 
 
-def write_map_report(path: str | Path) -> dict[str, Path]:
-    """``report.md`` / ``report.html`` / ``figures/`` of a ``moeaudit map`` directory."""
+def write_map_report(path: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """``report.md`` / ``report.html`` / ``figures/`` of a ``moeaudit map`` directory (into ``out``, default the
+    directory itself)."""
     run_dir = RunDirectory(path)
     manifest = run_dir.manifest()
     label = _label(manifest)
@@ -79,7 +80,7 @@ def write_map_report(path: str | Path) -> dict[str, Path]:
         f"alone and the change of the next-token loss recorded. {len(importance)} (layer, expert) pairs; {never} "
         "were never routed at a sampled position.")]
     blocks += [Heading("Importance"), *_importance_blocks(importance, config, label)]
-    return write_document(f"moeaudit map: {label}", blocks, run_dir.path)
+    return write_document(f"moeaudit map: {label}", blocks, out or run_dir.path)
 
 
 # ---- prune-eval --------------------------------------------------------------------------------------------------
@@ -220,8 +221,9 @@ def _tests_table(tests: pd.DataFrame, label: str, alpha: float) -> Table:
                f"needs every p of its side below α = {alpha:g}."))
 
 
-def write_prune_report(path: str | Path) -> dict[str, Path]:
-    """``report.md`` / ``report.html`` / ``figures/`` of a ``moeaudit prune-eval`` directory."""
+def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """``report.md`` / ``report.html`` / ``figures/`` of a ``moeaudit prune-eval`` directory (into ``out``, default
+    the directory itself)."""
     run_dir = RunDirectory(path)
     manifest = run_dir.manifest()
     config = manifest.get("config", {})
@@ -267,7 +269,7 @@ def write_prune_report(path: str | Path) -> dict[str, Path]:
     if importance is not None:
         blocks += [Heading("Causal importance map (calibration split)"),
                    *_importance_blocks(importance, config, label)]
-    return write_document(f"moeaudit prune-eval: {label}", blocks, run_dir.path)
+    return write_document(f"moeaudit prune-eval: {label}", blocks, out or run_dir.path)
 
 
 def _lm_table(lm: pd.DataFrame, label: str) -> Table:
@@ -280,3 +282,7 @@ def _lm_table(lm: pd.DataFrame, label: str) -> Table:
                  ["task", "metric", "criterion", "f", "value"], rows, align_left=3,
                  notes="Each pruned model scored in memory through lm-eval's Hugging Face wrapper; per-seed values "
                        "and standard errors in lm_eval.csv.")
+
+
+#: The report writer of each run-directory kind this module owns (``manifest["tool"]``).
+REPORTERS = {"moeaudit map": write_map_report, "moeaudit prune-eval": write_prune_report}
