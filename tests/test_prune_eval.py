@@ -122,6 +122,31 @@ def test_decisions_follow_the_numbers():
     assert same["vs_random"] == "inconclusive" and same["vs_causal"] == "inconclusive"
 
 
+def test_verdict_sentences_are_the_decisions():
+    from moeaudit.report._prune import prune_verdict
+
+    prune = pd.DataFrame({"criterion": ["none", "random", "random", "a", "a", "a", "b", "b", "b"],
+                          "fraction": [0.0, 0.25, 0.25, 0.125, 0.25, 0.5, 0.125, 0.25, 0.5], "seed": 0,
+                          "n_tokens": 100, "mean_loss": [1.0, 1.5, 1.7, 1.1, 1.2, 1.3, 1.1, 1.2, 1.3],
+                          "perplexity": 1.0})
+    tests = pd.DataFrame({
+        "criterion": ["a", "a", "a", "b", "b", "b"], "fraction": [0.125, 0.25, 0.5] * 2,
+        "delta_random": [-0.2, -0.3, 0.4, -0.1, -0.1, -0.1],
+        "vs_random_docs": ["better", "better", "worse", "better", "inconclusive", "inconclusive"],
+        "vs_random": ["better", "better", "inconclusive", "inconclusive", "inconclusive", "inconclusive"],
+        "delta_causal": [0.01, 0.02, 0.5, 0.0, 0.0, 0.0],
+        "vs_causal": ["inconclusive", "inconclusive", "worse", "inconclusive", "inconclusive", "inconclusive"]})
+    text = "\n".join(prune_verdict(prune, tests, 0.05))
+    assert ("**a** is better than random at f ≤ 0.25 (δ = -0.200, -0.300 nats); worse than the mean of these "
+            "random prunings at f = 0.5 (δ = +0.400 nats) but not outside their spread") in text
+    assert "worse than the causal reference at f = 0.5 (δ = +0.500 nats)" in text
+    assert ("**b** is better than the mean of these random prunings at f = 0.125 (δ = -0.100 nats) but not outside "
+            "their spread (seed-level test inconclusive); inconclusive against random at f ≥ 0.25; inconclusive "
+            "against the causal reference at every fraction.") in text
+    assert "Better than random at every fraction: no criterion." in text
+    assert "Better than the causal reference at some fraction: no criterion." in text
+
+
 def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):
     for values, fragment in [({"fractions": [0.0, 0.5]}, r"not in \(0, 1\)"), ({"fractions": [0.5, 0.5]}, "repeat"),
                              ({"random_seeds": 1}, "at least 2"), ({"n_docs_eval": 1}, "at least 2"),
@@ -174,10 +199,13 @@ def test_prune_eval_end_to_end_resumes_refuses_and_saves(tmp_path):
     assert np.allclose(on_disk, sequence_losses(in_memory, ids, removed), atol=1e-5)
     row = prune[(prune["criterion"] == "reap") & (prune["fraction"] == 0.5)].iloc[0]
     assert row["mean_loss"] == pytest.approx(float(on_disk.mean()), abs=1e-6)
+    report = (out / "report.md").read_text()
+    assert "## Verdict" in report and "figures/perplexity.png" in report and "**reap**" in report
     # a second run resumes every unit and reproduces the tables; another configuration is refused
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir()}
+    stored = [*(out / "losses").iterdir(), *(out / "records").iterdir()]
+    before = {p: p.stat().st_mtime_ns for p in stored}
     again = prune_eval(config, out, report=False)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "losses").iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in stored} == before
     pd.testing.assert_frame_equal(again.tests, result.tests)
     with pytest.raises(RunDirectoryError, match="different configuration"):
         prune_eval(dataclasses.replace(config, fractions=(0.25,)), out)

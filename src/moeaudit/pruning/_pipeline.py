@@ -71,7 +71,8 @@ def _guarded(run_dir: RunDirectory, body):
     try:
         return body()
     except (ConfigError, UnsupportedModelError, CorpusError, OSError):
-        if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
+        if fresh and run_dir.path.is_dir() and not run_dir.finished_cells() \
+                and not (run_dir.path / "losses").is_dir():
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
 

@@ -28,7 +28,10 @@ def _label(manifest: dict) -> str:
 
 def _read_csv(run_dir: RunDirectory, name: str) -> pd.DataFrame | None:
     path = run_dir.path / name
-    return pd.read_csv(path) if path.is_file() and path.stat().st_size else None
+    try:
+        return pd.read_csv(path) if path.is_file() else None
+    except pd.errors.EmptyDataError:  # a table with no rows (e.g. no criterion besides random)
+        return None
 
 
 def _generated(run_dir: RunDirectory) -> Paragraph:
