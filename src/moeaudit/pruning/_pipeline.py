@@ -65,11 +65,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _guarded(run_dir: RunDirectory, body):
-    """Run ``body``; bad input found before any result leaves no half-made directory behind."""
+def _in_session(config: MapConfig, run_dir: RunDirectory, progress: ProgressSink, tool: str, work, writer,
+                report: bool):
+    """Run ``work(session)`` inside a run session of ``run_dir``, mark the run complete, then write its report with
+    ``writer``. Bad input found before any result leaves no half-made directory behind."""
     fresh = not run_dir.path.exists()
+    timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
     try:
-        return body()
+        with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
+                         progress=progress, tool=tool) as s:
+            result = work(s)
+            s.complete()
+            if report:  # after the manifest is final, so the report shows the finished run
+                progress.stage("writing the report", None)
+                with timer("report"):
+                    result.report = writer(run_dir.path)
+                s.write()
+        return result
     except (ConfigError, UnsupportedModelError, CorpusError, OSError):
         if fresh and run_dir.path.is_dir() and not run_dir.finished_cells() \
                 and not (run_dir.path / "losses").is_dir():
@@ -89,27 +101,17 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
         RunDirectoryError: ``out`` holds another run, or is in use.
         VerificationError: the verification suite failed; no data was collected.
     """
+    from moeaudit.report._prune import write_map_report
+
     progress = progress or SilentProgress()
     run_dir = RunDirectory(out)
 
-    def body() -> MapResult:
-        timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
-        with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
-                         progress=progress, tool="moeaudit map") as s:
-            loaded = load_splits(config, run_dir, s, progress, evaluation=False)
-            table, records = _importance(config, loaded, run_dir, s, progress)
-            s.complete()
-            result = MapResult(run_dir.path, table, records)
-            if report:
-                from moeaudit.report._prune import write_map_report
+    def work(s) -> MapResult:
+        loaded = load_splits(config, run_dir, s, progress, evaluation=False)
+        table, records = _importance(config, loaded, run_dir, s, progress)
+        return MapResult(run_dir.path, table, records)
 
-                progress.stage("writing the report", None)
-                with timer("report"):
-                    result.report = write_map_report(run_dir.path)
-                s.write()
-        return result
-
-    return _guarded(run_dir, body)
+    return _in_session(config, run_dir, progress, "moeaudit map", work, write_map_report, report)
 
 
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
@@ -186,45 +188,36 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
 
         check_lm_eval(config)
 
-    def body() -> PruneResult:
-        timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
-        with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
-                         progress=progress, tool="moeaudit prune-eval") as s:
-            loaded = load_splits(config, run_dir, s, progress, evaluation=True)
-            geometry, layers = loaded.geometry, loaded.layers
-            removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
-            if save_pruned is not None:
-                _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
-            s.manifest["pruning"] = {
-                "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
-                "group_balanced": None if geometry.groups is None else
-                {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
-            s.write()
-            importance = _importance(config.map_config(), loaded, run_dir, s, progress)[0] \
-                if CAUSAL in criteria else None
-            metrics = _metrics(loaded, run_dir, s, progress, criteria)
-            units = build_units(criteria, config.fractions, random_seeds=config.random_seeds, seed=config.seed,
-                                geometry=geometry, layers=layers, metrics=metrics, importance=importance,
-                                per_layer=config.per_layer)
-            result = _evaluate(config, loaded, units, run_dir, s, progress)
-            result.importance = importance
-            if config.lm_eval_tasks:
-                from moeaudit.pruning._lmeval import score_units
+    def work(s) -> PruneResult:
+        loaded = load_splits(config, run_dir, s, progress, evaluation=True)
+        geometry, layers = loaded.geometry, loaded.layers
+        removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
+        if save_pruned is not None:
+            _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
+        s.manifest["pruning"] = {
+            "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
+            "group_balanced": None if geometry.groups is None else
+            {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
+        s.write()
+        importance = _importance(config.map_config(), loaded, run_dir, s, progress)[0] \
+            if CAUSAL in criteria else None
+        metrics = _metrics(loaded, run_dir, s, progress, criteria)
+        units = build_units(criteria, config.fractions, random_seeds=config.random_seeds, seed=config.seed,
+                            geometry=geometry, layers=layers, metrics=metrics, importance=importance,
+                            per_layer=config.per_layer)
+        result = _evaluate(config, loaded, units, run_dir, s, progress)
+        result.importance = importance
+        if config.lm_eval_tasks:
+            from moeaudit.pruning._lmeval import score_units
 
-                result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
-            s.complete()
-            if save_pruned is not None:
-                result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
-            if report:
-                from moeaudit.report._prune import write_prune_report
-
-                progress.stage("writing the report", None)
-                with timer("report"):
-                    result.report = write_prune_report(run_dir.path)
-                s.write()
+            result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
+        if save_pruned is not None:
+            result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
         return result
 
-    return _guarded(run_dir, body)
+    from moeaudit.report._prune import write_prune_report
+
+    return _in_session(config, run_dir, progress, "moeaudit prune-eval", work, write_prune_report, report)
 
 
 def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
