@@ -63,7 +63,7 @@ def _importance_blocks(importance: pd.DataFrame, config: dict, label: str) -> li
     blocks: list[Block] = [table]
     if fig is not None:
         blocks.append(figure_block("importance", "Causal importance map: mean ΔL when each expert is removed alone "
-                                   "(left; red raises the loss) and the share of positions where it does (right); "
+                                   "(top; red raises the loss) and the share of positions where it does (bottom); "
                                    "× marks experts never routed at a sampled position.", fig))
     return blocks
 

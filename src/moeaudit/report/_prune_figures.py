@@ -20,7 +20,7 @@ _BAND = "#b0b0b0"
 
 
 def importance_heatmap(importance: pd.DataFrame, model: str) -> Figure | None:
-    """Mean ΔL when each expert is removed alone (left) and the share of positions where that hurts (right),
+    """Mean ΔL when each expert is removed alone (top) and the share of positions where that hurts (bottom),
     layers as rows and experts as columns; experts never routed at a sampled position are hatched grey."""
     if importance is None or importance.empty:
         return None
@@ -29,9 +29,10 @@ def importance_heatmap(importance: pd.DataFrame, model: str) -> Figure | None:
 
     layers = sorted(importance["layer"].unique())
     n_experts = int(importance["expert"].max()) + 1
-    width = min(18.0, 2.0 + 0.22 * n_experts) * 2
-    fig = Figure(figsize=(width, 1.2 + 0.32 * len(layers)), layout="constrained")
-    axes = fig.subplots(1, 2)
+    # two panels stacked: one row per layer, one column per expert (64-256 experts stay readable at 16 inches)
+    fig = Figure(figsize=(min(16.0, 3.0 + 0.25 * n_experts), 2 * (1.0 + 0.22 * len(layers)) + 0.5),
+                 layout="constrained")
+    axes = fig.subplots(2, 1)
     for ax, column, title, cmap in ((axes[0], "mean_delta", "mean ΔL when removed (nats)", "RdBu_r"),
                                     (axes[1], "share_hurts", "share of positions with ΔL > 0", "viridis")):
         grid = (importance.pivot(index="layer", columns="expert", values=column)
@@ -50,8 +51,9 @@ def importance_heatmap(importance: pd.DataFrame, model: str) -> Figure | None:
         if len(never):
             ax.scatter(never["expert"], [layers.index(v) for v in never["layer"]], marker="x", s=14,
                        color="#555555", linewidths=0.8, label="never routed")
-            ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 1.18), frameon=False)
-        ax.set_yticks(range(len(layers)), [f"L{v}" for v in layers])
+            ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        every = max(1, len(layers) // 24)
+        ax.set_yticks(range(0, len(layers), every), [f"L{v}" for v in layers][::every])
         step = max(1, n_experts // 32)
         ax.set_xticks(range(0, n_experts, step))
         ax.tick_params(labelsize=7)
