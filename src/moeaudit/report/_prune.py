@@ -83,6 +83,15 @@ def write_map_report(path: str | Path, out: str | Path | None = None) -> dict[st
         f"alone and the change of the next-token loss recorded. {len(importance)} (layer, expert) pairs; {never} "
         "were never routed at a sampled position.")]
     blocks += [Heading("Importance"), *_importance_blocks(importance, config, label)]
+    blocks += [Heading("How to read this report"), Paragraph(
+        "ΔL is the change of the next-token cross-entropy at a sampled position when one routed expert is removed "
+        f"there ({config.get('mode')} mode: "
+        + ("the router chooses again among the remaining experts, as in a pruned model" if config.get("mode") ==
+           "reroute" else "its weighted output is set to zero" if config.get("mode") == "zero" else
+           "the remaining weights are rescaled to the original sum")
+        + "). An expert's mean ΔL averages over the positions that route it, so it is conditional on being chosen; "
+        "how often that happens is its n routed. `moeaudit prune-eval` ranks experts by this mean ΔL as its causal "
+        "reference.")]
     return write_document(f"moeaudit map: {label}", blocks, out or run_dir.path)
 
 
@@ -272,6 +281,16 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     if importance is not None:
         blocks += [Heading("Causal importance map (calibration split)"),
                    *_importance_blocks(importance, config, label)]
+    blocks += [Heading("How to read this report"), Paragraph(
+        "Each criterion ranks every layer's experts on the calibration documents (higher = more important); at a "
+        "fraction f the m = floor(f·E + ½) lowest-ranked experts of each layer are removed, so the router chooses among "
+        "the rest exactly as a checkpoint without them would. `random` ranks experts by a seeded random draw (one pruned "
+        "model per seed: the band); `causal` by the mean loss increase measured when each expert is removed alone "
+        "(the importance map). Every pruned model's next-token loss is measured on held-out documents. A criterion "
+        "is **better than random** only when it beats the random seeds' mean on these documents (document-level "
+        "tests) and lies outside the spread of the random seeds (seed-level test); 'better than the mean of these "
+        "random prunings … but not outside their spread' means the first holds and the second could not be shown "
+        "with this many seeds. 'Inconclusive' never means 'equal'.")]
     return write_document(f"moeaudit prune-eval: {label}", blocks, out or run_dir.path)
 
 
