@@ -191,7 +191,7 @@ def test_hooks_removed_after_exception():
 @pytest.mark.parametrize(
     ("ablation", "match"),
     [
-        (Ablation(9, 3, (1,)), "layer 9 is out of range: the model has 4 decoder layers; MoE layers are 1, 2, 3"),
+        (Ablation(9, 3, (1,)), r"layer 9 is out of range: the model has 4 decoder layers \(0..3\); MoE layers are 1, 2, 3"),
         (Ablation(0, 3, (1,)), "layer 0 is a dense layer with no experts to ablate; MoE layers are 1, 2, 3"),
         (Ablation(1, 19, (1,)), r"position 19 is out of range: a next-token loss exists at positions 0..18"),
         (Ablation(1, -1, (1,)), "position -1 is out of range"),

@@ -8,7 +8,7 @@ from conftest import cached_tiny, random_ids
 
 from moeaudit import verify
 from moeaudit.errors import VerificationError
-from moeaudit.intervene import _fast
+from moeaudit.intervene import _incremental
 from moeaudit.testing import TINY_FAMILIES
 
 
@@ -23,12 +23,12 @@ def test_verify_passes_on_every_family(family):
 
 def test_verify_catches_a_broken_fast_engine(monkeypatch):
     """A fast engine that forgets the sliding window / prefix mask is caught by engines_agree."""
-    real = _fast._query_mask
+    real = _incremental._query_mask
 
-    def leaky(pos, start, block, seq_len, window, dtype):
-        return torch.zeros_like(real(pos, start, block, seq_len, window, dtype))  # sees every key
+    def leaky(*args):
+        return torch.zeros_like(real(*args))  # sees every key
 
-    monkeypatch.setattr(_fast, "_query_mask", leaky)
+    monkeypatch.setattr(_incremental, "_query_mask", leaky)
     report = verify(cached_tiny("olmoe"), None, [random_ids(40, seed=1)], n_engine_checks=12)
     assert not report.passed
     assert [c.name for c in report.checks if not c.passed] == ["engines_agree"]
@@ -63,7 +63,7 @@ def test_half_precision_passes_and_still_catches_a_leaky_mask(family, dtype, mon
     ids = [random_ids(40, seed=1)]
     report = verify(model, None, ids, n_engine_checks=12)
     assert report.passed, [c for c in report.checks if not c.passed]
-    real = _fast._query_mask
-    monkeypatch.setattr(_fast, "_query_mask", lambda *a: torch.zeros_like(real(*a)))
+    real = _incremental._query_mask
+    monkeypatch.setattr(_incremental, "_query_mask", lambda *a: torch.zeros_like(real(*a)))
     leaky = verify(model, None, ids, n_engine_checks=12)
     assert [c.name for c in leaky.checks if not c.passed] == ["engines_agree"]

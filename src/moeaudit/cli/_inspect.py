@@ -1,4 +1,4 @@
-"""``moeaudit inspect``, ``verify`` and ``bench``: look at a model, check the engine, time it."""
+"""``moeaudit inspect`` and ``verify``: look at a model, check the engine (``bench`` lives in ``_bench``)."""
 
 from __future__ import annotations
 
@@ -51,15 +51,3 @@ def verify(model: str = typer.Option(..., help=MODEL_HELP),
     report = moeaudit.verify(m, tok, seqs, modes=("zero", "renormalize", "reroute"))
     make_console().print(rich_table("verification", pd.DataFrame(report.to_dict()["checks"])))
     raise typer.Exit(0 if report.passed else 1)
-
-
-def bench(ctx: typer.Context) -> None:
-    """The engine benchmark (options: see `python -m moeaudit.bench --help`)."""
-    from moeaudit.bench import main
-
-    raise typer.Exit(main(ctx.args))
-
-
-bench = app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
-
-

@@ -3,201 +3,262 @@
 For an ablation at MoE layer ``L``, layers ``< L`` and layer ``L``'s own inputs are untouched, so the MoE output at
 a position changes by exactly ``sum_e (w'_e - w_e) E_e(x)`` over the experts whose weight changed. The engine adds
 that to the clean output of layer ``L`` and runs layers ``L+1..N-1`` on the changed positions only ("queries"),
-appended after the clean keys/values of the whole sequence: a query at position ``t`` of a block starting at ``s``
-sees clean keys ``j < s`` and the block's own keys ``<= t`` (and only keys inside a sliding window, where a layer
-has one). Many ablations run together as one batch of queries, each masked to its own prefix.
+appended after the clean keys/values of the whole sequence (see :mod:`moeaudit.intervene._incremental`).
 
 Token scope has one query per ablation; sequence scope has the block from the first position where a removed
-expert is routed up to ``position``.
+expert is routed up to ``position``. Work is cut into chunks of at most ``Q`` query tokens, so peak memory is bounded
+by construction (:mod:`moeaudit.intervene._memory`):
+
+- blocks no longer than ``Q`` are packed whole into chunks, each query masked to its own block;
+- a longer block is split into pieces of at most ``Q`` tokens run one after the other; each piece attends to the
+  keys/values its block's earlier pieces left in every later layer (carried forward), so the result is the same;
+- the deltas of a chunk are built when the chunk runs, never for all ablations of a layer at once;
+- an out-of-memory error halves ``Q`` and retries the chunk (nothing is committed before a chunk succeeds).
+
+Planning reads the routing from host copies made once per layer; each chunk returns its results in one device to
+host transfer (no per-ablation ``float()`` / ``int()`` synchronisation).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moeaudit.intervene._routing import apply_mode, dense_weights, removal_mask
+from moeaudit.intervene._incremental import Context, head_losses, mask_capable_attention, propagate
+from moeaudit.intervene._memory import (
+    QueryBudget,
+    chunk_geometry,
+    is_out_of_memory,
+    layer_devices,
+    release_memory,
+)
+from moeaudit.intervene._routing import apply_mode, dense_weights
 from moeaudit.intervene._spec import Ablation, AblationResult
-from moeaudit.intervene._state import CleanState, _first
-from moeaudit.models import adapter_for, decoder_layers, describe, moe_block, router
+from moeaudit.intervene._state import CleanState
+from moeaudit.models import adapter_for, describe, moe_block, router
 
-#: Upper bound on query tokens pushed through the remaining layers at once (memory ~ Q x (T + Q) per head).
+#: Former fixed chunk size, kept for callers that name it; chunks are now sized from free memory by default
+#: (``max_query_tokens=None``) up to :data:`moeaudit.intervene._memory.AUTO_MAX_QUERY_TOKENS`.
 DEFAULT_MAX_QUERY_TOKENS = 1024
 
 
-def layer_windows(model: nn.Module) -> list[int | None]:
-    """Per decoder layer, its sliding attention window (``None`` for full attention)."""
-    config = model.config
-    n = len(decoder_layers(model))
-    window = getattr(config, "sliding_window", None) or None
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return [window if t == "sliding_attention" else None for t in types[:n]]
-    if config.model_type == "mixtral":
-        return [window] * n
-    return [None] * n
+@dataclass
+class _Block:
+    """One ablation's changed span ``start..end`` (``end`` = its position), consumed piece by piece."""
+
+    index: int  # the ablation's index in the run
+    start: int
+    end: int
+    removed_weight: float
+    next: int = -1  # first position not yet processed
+    carried: dict = field(default_factory=dict)  # per later layer (keys, values) of the processed positions
+
+    def __post_init__(self) -> None:
+        self.next = self.start
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.next + 1
 
 
-class _PrefixCache:
-    """Stand-in cache: layer ``l`` attends over its clean keys/values followed by the queries' own."""
+@dataclass(frozen=True)
+class _Piece:
+    block: _Block
+    first: int
+    last: int
 
-    def __init__(self, clean_cache) -> None:
-        self.clean = clean_cache
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        layer = self.clean.layers[layer_idx]
-        return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
-
-
-@contextmanager
-def _mask_capable_attention(model: nn.Module) -> Iterator[None]:
-    """Use an attention implementation that honours arbitrary 4-D masks (not flash) for the incremental pass."""
-    config = model.config
-    current = getattr(config, "_attn_implementation", None)
-    wanted = current
-    if current not in ("eager", "sdpa"):
-        wanted = "eager" if config.model_type == "gpt_oss" else "sdpa"
-    if wanted == current:
-        yield
-        return
-    config._attn_implementation = wanted
-    try:
-        yield
-    finally:
-        config._attn_implementation = current
+    @property
+    def final(self) -> bool:
+        return self.last == self.block.end
 
 
-def _query_mask(pos: torch.Tensor, start: torch.Tensor, block: torch.Tensor, seq_len: int,
-                window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, Q, T + Q]: query q sees clean keys j < start[q] and its block's keys up to itself."""
-    cached = torch.arange(seq_len, device=pos.device)
-    see_cached = cached[None, :] < start[:, None]
-    see_new = (block[:, None] == block[None, :]) & (pos[None, :] <= pos[:, None])
-    if window is not None:
-        see_cached &= cached[None, :] > pos[:, None] - window
-        see_new &= pos[None, :] > pos[:, None] - window
-    allowed = torch.cat([see_cached, see_new], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+class OutOfMemoryEvenForOneToken(MemoryError):
+    """A chunk of a single query token did not fit: nothing smaller can be tried."""
 
 
 @torch.no_grad()
 def run_fast(model: nn.Module, state: CleanState, ablations: Sequence[Ablation], mode: str, *,
-             max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS) -> list[AblationResult]:
-    """Run ``ablations`` of the sequence whose clean pass is ``state`` (see module docstring)."""
+             max_query_tokens: int | None = None, budget: QueryBudget | None = None) -> list[AblationResult]:
+    """Run ``ablations`` of the sequence whose clean pass is ``state`` (see module docstring).
+
+    Args:
+        model: The model ``state`` was computed with.
+        state: The sequence's :class:`CleanState` (with its cache).
+        ablations: Checked ablations of MoE layers ``state`` holds.
+        mode: ``zero``, ``renormalize`` or ``reroute``.
+        max_query_tokens: Hard cap on query tokens per chunk; ``None`` sizes chunks from the free memory of the
+            devices the later layers live on.
+        budget: A :class:`QueryBudget` shared across runs (remembers out-of-memory halvings); overrides
+            ``max_query_tokens``.
+    """
     adapter = adapter_for(model)
-    desc = describe(model)
+    ctx = Context.build(model, state, describe(model), adapter)
+    budget = budget or QueryBudget(cap=max_query_tokens)
     results: list[AblationResult | None] = [None] * len(ablations)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for i, ab in enumerate(ablations):
         by_layer[ab.layer].append(i)
-    with _mask_capable_attention(model):
+    with mask_capable_attention(model, adapter):
         for layer, idxs in sorted(by_layer.items()):
-            _run_layer(model, state, desc, adapter, layer, [ablations[i] for i in idxs], idxs, mode,
-                       results, max_query_tokens)
+            _run_layer(ctx, layer, ablations, idxs, mode, results, budget)
     return results  # type: ignore[return-value]
 
 
-def _layer_deltas(model, state, desc, adapter, layer, abls, mode):
-    """Per ablation: its changed positions and the [n, d_model] float32 change of layer ``layer``'s output there."""
-    ls = state.moe[layer]
-    device = ls.x.device
-    row_ab, row_pos = [], []
-    for a, ab in enumerate(abls):
-        positions = [ab.position] if ab.scope == "token" else range(ab.position + 1)
-        row_ab.extend([a] * len(positions))
-        row_pos.extend(positions)
-    row_ab_t = torch.tensor(row_ab, device=device)
-    row_pos_t = torch.tensor(row_pos, device=device)
-    ab_masks = torch.stack([removal_mask(ab.experts, desc.n_experts, device) for ab in abls])
-    weights, indices = ls.weights[row_pos_t], ls.indices[row_pos_t]
-    new_w, new_i = apply_mode(adapter, router(model, layer, adapter), ls.logits[row_pos_t], weights, indices,
-                              ab_masks[row_ab_t], mode)
-    diff = dense_weights(new_w, new_i, desc.n_experts) - dense_weights(weights, indices, desc.n_experts)
-    rows, experts = diff.nonzero(as_tuple=True)
-    delta = torch.zeros(len(row_pos), ls.x.shape[-1], dtype=torch.float32, device=device)
-    if len(rows):
-        # Each (position, expert) output is computed once, however many ablations need it.
-        keys, inverse = torch.unique(row_pos_t[rows] * desc.n_experts + experts, return_inverse=True)
-        pos_u, exp_u = keys // desc.n_experts, keys % desc.n_experts
-        ones = torch.ones(len(keys), 1, dtype=ls.weights.dtype, device=device)
-        outputs = moe_block(model, layer).experts(ls.x[pos_u], exp_u[:, None], ones).float()
-        delta.index_add_(0, rows, diff[rows, experts, None] * outputs[inverse])
-    changed = diff.ne(0).any(dim=-1)
-    per_ab = []
-    for a in range(len(abls)):
-        sel = (row_ab_t == a) & changed
-        per_ab.append((row_pos_t[sel], delta[sel]))
-    return per_ab
-
-
-def _run_layer(model, state, desc, adapter, layer, abls, idxs, mode, results, max_query_tokens):
-    ls = state.moe[layer]
-    last = desc.n_layers - 1
-    clean_out = state.layer_out[layer]
-    dtype = clean_out.dtype
-    blocks = []  # (ablation index, positions, inputs[n, d] for layer+1, gap_norm)
-    for a, (positions, delta) in enumerate(_layer_deltas(model, state, desc, adapter, layer, abls, mode)):
-        ab = abls[a]
+def _plan_blocks(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: list[int],
+                 results: list) -> list[_Block]:
+    """Blocks of the ablations that change something; the others get their (clean) result directly."""
+    indices, weights = ctx.state.moe[layer].host_routing()
+    losses = ctx.state.host_losses()
+    seq_len, top_k = indices.shape
+    # first[e]: the first position where expert e is routed (seq_len when never).
+    first = np.full(ctx.desc.n_experts, seq_len, dtype=np.int64)
+    np.minimum.at(first, indices.ravel(), np.repeat(np.arange(seq_len), top_k))
+    blocks = []
+    for i in idxs:
+        ab = ablations[i]
         t = ab.position
-        old_w = dense_weights(ls.weights[t: t + 1], ls.indices[t: t + 1], desc.n_experts)[0]
-        removed_weight = float(old_w[list(ab.experts)].sum())
-        if positions.numel() == 0:
-            clean = float(state.losses[t])
-            results[idxs[a]] = AblationResult(ab, clean, clean, 0.0, 0.0, 0.0, removed_weight)
+        routed_here = np.isin(indices[t], ab.experts)
+        removed_weight = float(weights[t][routed_here].sum(dtype=np.float32))
+        start = t if ab.scope == "token" else int(first[list(ab.experts)].min())
+        if (ab.scope == "token" and not routed_here.any()) or start > t:
+            clean = float(losses[t])
+            results[i] = AblationResult(ab, clean, clean, 0.0, 0.0, 0.0, removed_weight)
             continue
-        start = int(positions.min())
-        span = torch.arange(start, t + 1, device=positions.device)
-        full_delta = torch.zeros(len(span), delta.shape[-1], dtype=torch.float32, device=delta.device)
-        full_delta[positions - start] = delta
-        inputs = (clean_out[start: t + 1].float() + full_delta).to(dtype)
-        gap = float((inputs[-1].float() - clean_out[t].float()).norm())
-        blocks.append((a, span, inputs, gap, removed_weight))
-
-    chunk: list = []
-    size = 0
-    for block in blocks:
-        if chunk and size + len(block[1]) > max_query_tokens:
-            _run_chunk(model, state, desc, layer, last, chunk, abls, idxs, results)
-            chunk, size = [], 0
-        chunk.append(block)
-        size += len(block[1])
-    if chunk:
-        _run_chunk(model, state, desc, layer, last, chunk, abls, idxs, results)
+        blocks.append(_Block(i, start, t, removed_weight))
+    return blocks
 
 
-def _run_chunk(model, state, desc, layer, last, chunk, abls, idxs, results):
-    device = state.input_ids.device
-    pos = torch.cat([b[1] for b in chunk])
-    start = torch.cat([torch.full_like(b[1], int(b[1][0])) for b in chunk])
-    block = torch.cat([torch.full_like(b[1], k) for k, b in enumerate(chunk)])
-    hidden = torch.cat([b[2] for b in chunk])[None]
-    ends = torch.cumsum(torch.tensor([len(b[1]) for b in chunk], device=device), 0) - 1
-    layers = decoder_layers(model)
-    if layer < last:
-        position_ids = pos[None]
-        position_embeddings = model.model.rotary_emb(hidden, position_ids)
-        cache = _PrefixCache(state.cache)
-        masks: dict = {}
-        windows = layer_windows(model)
-        for l_idx in range(layer + 1, desc.n_layers):
-            w = windows[l_idx]
-            if w not in masks:
-                masks[w] = _query_mask(pos, start, block, state.seq_len, w, hidden.dtype)
-            hidden = _first(layers[l_idx](hidden, attention_mask=masks[w], position_ids=position_ids, cache=cache,
-                                          position_embeddings=position_embeddings))
-    final = hidden[0, ends]
-    logits = model.get_output_embeddings()(model.model.norm(final)).float()
-    targets = state.input_ids[[abls[b[0]].position + 1 for b in chunk]]
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    for k, (a, _span, _inputs, gap, removed_weight) in enumerate(chunk):
-        t = abls[a].position
-        clean = float(state.losses[t])
-        ablated = float(losses[k])
-        final_gap = float((final[k].float() - state.layer_out[last][t].float()).norm())
-        results[idxs[a]] = AblationResult(abls[a], clean, ablated, ablated - clean, gap, final_gap, removed_weight)
+def _next_chunk(queue: list[_Block], packed: int, split: int) -> list[_Piece]:
+    """The next chunk: a piece of a started or over-long block alone, else whole blocks packed up to ``packed``."""
+    head = queue[0]
+    if head.next > head.start or head.remaining > packed:
+        return [_Piece(head, head.next, head.next + min(split, head.remaining) - 1)]
+    chunk, size = [], 0
+    for b in queue:
+        if b.next == b.start and size + b.remaining <= packed:
+            chunk.append(_Piece(b, b.start, b.end))
+            size += b.remaining
+    return chunk
+
+
+def _run_layer(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: list[int], mode: str,
+               results: list, budget: QueryBudget) -> None:
+    queue = _plan_blocks(ctx, layer, ablations, idxs, results)
+    if not queue:
+        return
+    cache_layer = ctx.state.cache.layers[min(layer + 1, len(ctx.layers) - 1)]
+    cache_width = (cache_layer.keys[0, :, 0].numel() + cache_layer.values[0, :, 0].numel())
+    geometry = chunk_geometry(ctx.model, layer, cache_width)
+    devices = layer_devices(ctx.model, layer)
+    while queue:
+        packed, split = budget.tokens(geometry, ctx.state.seq_len, devices)
+        chunk = _next_chunk(queue, packed, split)
+        try:
+            out = _run_chunk(ctx, layer, chunk, ablations, mode)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_memory(devices)
+            if sum(p.last - p.first + 1 for p in chunk) == 1:
+                raise OutOfMemoryEvenForOneToken(
+                    f"out of memory running a single query token after layer {layer} (sequence of "
+                    f"{ctx.state.seq_len} tokens): the model and the clean state leave no room. Use shorter "
+                    "sequences (max_length), a smaller dtype, or spread the model with device_map.") from exc
+            budget.halvings += 1
+            continue
+        _commit(ctx, chunk, out, ablations, results, queue)
+
+
+def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[Ablation], results: list,
+            queue: list[_Block]) -> None:
+    host, new_keys = out
+    losses = ctx.state.host_losses()
+    k = 0
+    for piece in chunk:
+        block = piece.block
+        if not piece.final:
+            block.carried = {layer: (torch.cat([block.carried[layer][0], kv[0]], dim=-2),
+                                     torch.cat([block.carried[layer][1], kv[1]], dim=-2))
+                             if layer in block.carried else kv for layer, kv in new_keys.items()}
+            block.next = piece.last + 1
+            continue
+        ab = ablations[block.index]
+        clean = float(losses[ab.position])
+        ablated, gap, final_gap = (float(v) for v in host[k])
+        k += 1
+        results[block.index] = AblationResult(ab, clean, ablated, ablated - clean, gap, final_gap,
+                                              block.removed_weight)
+        block.carried = {}
+        queue.remove(block)
+
+
+def _chunk_deltas(ctx: Context, layer: int, pos: torch.Tensor, row_piece: torch.Tensor, removed: torch.Tensor,
+                  mode: str) -> torch.Tensor:
+    """[Q, d_model] float32 change of layer ``layer``'s output at each query row (rows of one ablation share its
+    removal mask ``removed[row_piece]``)."""
+    ls = ctx.state.moe[layer]
+    n_experts = ctx.desc.n_experts
+    weights, indices = ls.weights[pos], ls.indices[pos]
+    new_w, new_i = apply_mode(ctx.adapter, router(ctx.model, layer, ctx.adapter), ls.logits[pos], weights, indices,
+                              removed[row_piece], mode)
+    diff = dense_weights(new_w, new_i, n_experts) - dense_weights(weights, indices, n_experts)
+    rows, experts = diff.nonzero(as_tuple=True)
+    delta = torch.zeros(len(pos), ls.x.shape[-1], dtype=torch.float32, device=pos.device)
+    if len(rows):
+        # Each (position, expert) output is computed once, however many ablations of the chunk need it.
+        keys, inverse = torch.unique(pos[rows] * n_experts + experts, return_inverse=True)
+        pos_u, exp_u = keys // n_experts, keys % n_experts
+        ones = torch.ones(len(keys), 1, dtype=ls.weights.dtype, device=pos.device)
+        outputs = moe_block(ctx.model, layer).experts(ls.x[pos_u], exp_u[:, None], ones).float()
+        delta.index_add_(0, rows, diff[rows, experts, None] * outputs[inverse])
+    return delta
+
+
+def _run_chunk(ctx: Context, layer: int, chunk: list[_Piece], ablations: Sequence[Ablation],
+               mode: str) -> tuple[torch.Tensor | None, dict]:
+    """Run one chunk. Returns ``(host [n_final, 3] of (ablated loss, gap_norm, final_gap_norm) for the pieces that
+    finish their ablation, in chunk order; the chunk's keys/values per later layer when it is a non-final piece)``.
+    """
+    state = ctx.state
+    device = ctx.devices[layer]
+    lengths = [p.last - p.first + 1 for p in chunk]
+    pos_list = [t for p in chunk for t in range(p.first, p.last + 1)]
+    piece_of_row = [k for k, n in enumerate(lengths) for _ in range(n)]
+    ends = np.cumsum(lengths) - 1
+    finals = [k for k, p in enumerate(chunk) if p.final]
+    # One host-to-device copy of the plan: positions, block starts, block ids, removal masks.
+    pos = torch.tensor(pos_list, device=device)
+    row_piece = torch.tensor(piece_of_row, device=device)
+    starts = torch.tensor([p.block.start for p in chunk], device=device)[row_piece]
+    removed = torch.zeros(len(chunk), ctx.desc.n_experts, dtype=torch.bool)
+    for k, p in enumerate(chunk):
+        removed[k, list(ablations[p.block.index].experts)] = True
+    removed = removed.to(device)
+
+    clean_out = state.layer_out[layer]
+    delta = _chunk_deltas(ctx, layer, pos, row_piece, removed, mode)
+    inputs = (clean_out[pos].float() + delta).to(clean_out.dtype)
+    del delta
+    end_rows = torch.tensor(ends[finals].tolist(), device=device, dtype=torch.long)
+    gaps = (inputs[end_rows].float() - clean_out[pos[end_rows]].float()).norm(dim=-1)
+
+    head = chunk[0]
+    split = not (head.first == head.block.start and head.final)
+    carried_pos = torch.arange(head.block.start, head.first, device=device) if split else None
+    final, new_keys = propagate(ctx, layer, inputs, pos, starts, row_piece, carried=head.block.carried if split
+                                else None, carried_pos=carried_pos, record=split and not head.final)
+    if not finals:
+        return None, new_keys
+    last = ctx.desc.n_layers - 1
+    final_end = final[end_rows.to(final.device)]
+    end_pos = pos[end_rows]
+    clean_last = state.layer_out[last]
+    final_gaps = (final_end.float() - clean_last[end_pos.to(clean_last.device)].float()).norm(dim=-1)
+    losses = head_losses(ctx, final_end, state.input_ids[(end_pos + 1).to(state.input_ids.device)])
+    out = torch.stack([losses, gaps.to(losses.device), final_gaps.to(losses.device)], dim=1)
+    return out.cpu().numpy(), new_keys

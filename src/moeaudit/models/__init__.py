@@ -9,20 +9,24 @@ from moeaudit.models._describe import (
     moe_layers,
     router,
 )
-from moeaudit.models._families import FAMILIES, FamilyAdapter, RoutingGroups
-from moeaudit.models._loading import load_model, resolve_dtype
+from moeaudit.models._families import FAMILIES, FamilyAdapter, RoutingGroups, attention_dims
+from moeaudit.models._loading import DEVICE_MAPS, execution_device, load_model, resolve_device_map, resolve_dtype
 
 __all__ = [
+    "DEVICE_MAPS",
     "FAMILIES",
     "FamilyAdapter",
     "MoEDescription",
     "RoutingGroups",
     "adapter_for",
+    "attention_dims",
     "decoder_layers",
     "describe",
+    "execution_device",
     "load_model",
     "moe_block",
     "moe_layers",
+    "resolve_device_map",
     "resolve_dtype",
     "router",
 ]

@@ -22,6 +22,24 @@ and the fused experts module's expert-indexed parameters (``gate_up_proj``, ``do
 biases). Group-limited routers (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3) regroup a sliced checkpoint's
 experts contiguously, so ``routing_groups`` states the groups and how many experts per group the rule needs.
 
+Attention windows (a query at ``t`` sees keys ``t - window < j <= t``; ``None`` is full causal attention), read from
+the config exactly as each family's mask builder does in transformers 5.x:
+
+- OLMoE, DeepSeek-V2/V3: full attention on every layer (``create_causal_mask``; OLMoE forwards a
+  ``sliding_window`` attribute to the attention kernel, which only flash kernels would honour, and its config has none).
+- Mixtral, Qwen3-MoE: one window for every layer when ``config.sliding_window`` is set (Qwen3-MoE's config sets it to
+  ``None`` unless ``use_sliding_window``).
+- Qwen2-MoE, GPT-OSS: per layer from ``config.layer_types`` (Qwen2-MoE derives it from ``use_sliding_window`` and
+  ``max_window_layers``: odd-numbered layers below ``max_window_layers`` slide), window ``config.sliding_window``.
+
+Rotary embeddings: every family computes them once per forward in ``model.model.rotary_emb`` for all positions, as
+``(cos, sin)`` of shape [1, T, rotary_dim] (DeepSeek-V2: complex ``freqs_cis`` [1, T, rotary_dim / 2]). Types whose
+frequencies depend on the sequence (``dynamic``, ``longrope``) make that module stateful, so engines reuse the
+clean pass's output instead of calling it again.
+
+Incremental passes need an attention implementation that honours an arbitrary additive 4-D mask: ``sdpa``, except
+GPT-OSS (attention sinks: ``eager``).
+
 To add a family: write a ``select`` (or reuse one) and register a :class:`FamilyAdapter` in ``FAMILIES``.
 """
 
@@ -29,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +116,51 @@ def select_topk_softmax(router: nn.Module, logits: torch.Tensor, removed: torch.
     return torch.softmax(top, dim=-1), indices
 
 
+# windows(config, n_layers) -> per decoder layer, its sliding window (None: full attention)
+WindowsFn = Callable[[Any, int], "list[int | None]"]
+
+
+def windows_none(config: Any, n_layers: int) -> list[int | None]:
+    """Full causal attention on every layer (OLMoE, DeepSeek-V2/V3)."""
+    return [None] * n_layers
+
+
+def windows_every_layer(config: Any, n_layers: int) -> list[int | None]:
+    """``config.sliding_window`` on every layer when set (Mixtral; Qwen3-MoE with ``use_sliding_window``)."""
+    return [_window(config, None)] * n_layers if getattr(config, "sliding_window", None) is not None \
+        else [None] * n_layers
+
+
+def windows_by_layer_type(config: Any, n_layers: int) -> list[int | None]:
+    """``config.sliding_window`` on the layers ``config.layer_types`` marks ``sliding_attention`` (Qwen2-MoE,
+    GPT-OSS)."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
+    return [_window(config, i) if t == "sliding_attention" else None for i, t in enumerate(types[:n_layers])]
+
+
+def _window(config: Any, layer: int | None) -> int:
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window < 1:
+        where = "every layer" if layer is None else f"layer {layer} (config.layer_types)"
+        raise ValueError(f"{config.model_type}: {where} uses sliding-window attention but config.sliding_window is "
+                         f"{window!r}; the model's own mask would hide every key. Set a positive sliding_window or "
+                         "full attention.")
+    return window
+
+
+def attention_dims(config: Any) -> tuple[int, int, int]:
+    """``(n_heads, key_dim, value_dim)`` of the attention scores and values each query computes.
+
+    Multi-head latent attention (DeepSeek) expands its latent cache to ``qk_nope_head_dim + qk_rope_head_dim`` per
+    head for keys and ``v_head_dim`` for values; other families use ``head_dim`` (default ``hidden_size / heads``).
+    """
+    heads = int(config.num_attention_heads)
+    if getattr(config, "kv_lora_rank", None):
+        return heads, int(config.qk_nope_head_dim + config.qk_rope_head_dim), int(config.v_head_dim)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return heads, head_dim, head_dim
+
+
 @dataclass(frozen=True)
 class RoutingGroups:
     """The expert groups of a group-limited router (experts ``g * E/n_group ... (g+1) * E/n_group - 1`` form group g).
@@ -135,11 +199,13 @@ class FamilyAdapter:
         shared_attr: Attribute holding the shared expert(s), or ``None``.
         shared_gate_attr: Attribute of a sigmoid gate on the shared expert, or ``None``.
         returns_tuple: The MoE block returns ``(hidden, router_scores)`` instead of a tensor.
-        sliding_window_layers: The family may alternate sliding-window and full attention layers.
         n_experts_key: Config attribute holding the number of routed experts per MoE layer.
         router_expert_tensors: Tensors (parameters or buffers) of the router indexed by expert on dim 0.
         expert_tensors: Parameters of the fused ``experts`` module indexed by expert on dim 0.
         routing_groups: The router's expert groups when its rule is group-limited, else ``None``.
+        windows: Per decoder layer, its sliding attention window from the config (see module docstring).
+        mask_attention: Attention implementation that honours an additive 4-D mask (incremental passes).
+        rotary_attr: Attribute of the base model (``model.model``) computing the rotary embeddings.
     """
 
     family: str
@@ -149,11 +215,13 @@ class FamilyAdapter:
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
     returns_tuple: bool = False
-    sliding_window_layers: bool = False
     n_experts_key: str = "num_experts"
     router_expert_tensors: tuple[str, ...] = ("weight",)
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
     routing_groups: Callable[[nn.Module], RoutingGroups | None] | None = None
+    windows: WindowsFn = windows_none
+    mask_attention: str = "sdpa"
+    rotary_attr: str = "rotary_emb"
 
 
 FAMILIES: dict[str, FamilyAdapter] = {
@@ -162,17 +230,17 @@ FAMILIES: dict[str, FamilyAdapter] = {
         FamilyAdapter("olmoe", ("olmoe",), "gate", select_softmax_topk),
         FamilyAdapter("qwen2_moe", ("qwen2_moe",), "gate", select_softmax_topk,
                       shared_attr="shared_expert", shared_gate_attr="shared_expert_gate",
-                      sliding_window_layers=True),
+                      windows=windows_by_layer_type),
         FamilyAdapter("deepseek_v2", ("deepseek_v2",), "gate", select_deepseek_v2, shared_attr="shared_experts",
                       n_experts_key="n_routed_experts", routing_groups=groups_deepseek_v2),
         FamilyAdapter("deepseek_v3", ("deepseek_v3",), "gate", select_deepseek_v3, shared_attr="shared_experts",
                       n_experts_key="n_routed_experts",
                       router_expert_tensors=("weight", "e_score_correction_bias"), routing_groups=groups_deepseek_v3),
-        FamilyAdapter("mixtral", ("mixtral",), "gate", select_softmax_topk, sliding_window_layers=True,
+        FamilyAdapter("mixtral", ("mixtral",), "gate", select_softmax_topk, windows=windows_every_layer,
                       n_experts_key="num_local_experts"),
-        FamilyAdapter("qwen3_moe", ("qwen3_moe",), "gate", select_softmax_topk, sliding_window_layers=True),
+        FamilyAdapter("qwen3_moe", ("qwen3_moe",), "gate", select_softmax_topk, windows=windows_every_layer),
         FamilyAdapter("gpt_oss", ("gpt_oss",), "router", select_topk_softmax, returns_tuple=True,
-                      sliding_window_layers=True, n_experts_key="num_local_experts",
+                      windows=windows_by_layer_type, mask_attention="eager", n_experts_key="num_local_experts",
                       router_expert_tensors=("weight", "bias"),
                       expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
     )
