@@ -35,6 +35,20 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
+def test_bench_help_lists_every_option():
+    import dataclasses
+
+    from moeaudit.bench import BenchConfig
+
+    result = runner.invoke(app, ["bench", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for f in dataclasses.fields(BenchConfig):
+        assert f"--{f.name.replace('_', '-')}" in result.output, f.name
+    assert "olmoe-1b-7b" in result.output and "deepseek-v2-lite" in result.output
+    bad = runner.invoke(app, ["bench", "--preset", "olmoe-7b"])
+    assert bad.exit_code == 2 and "unknown bench preset 'olmoe-7b'" in bad.output
+
+
 def test_run_writes_a_run_directory_and_report_regenerates_it(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", *RUN, "--out", str(out)])

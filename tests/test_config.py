@@ -51,6 +51,8 @@ def test_unknown_key_names_the_valid_keys():
     ({"min_length": 600}, "exceeds max_length"),
     ({"trust_remote_code": "yes"}, "true or false"),
     ({"experiments": []}, "experiments is empty"),
+    ({"device_map": "everywhere"}, "device_map: 'everywhere' is not valid; valid: auto, balanced"),
+    ({"device_map": "auto", "device": "cuda"}, "device='cuda' and device_map='auto' both place the model"),
 ])
 def test_bad_values_are_named(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -102,3 +104,11 @@ def test_config_is_frozen_and_labelled():
     assert c.label == "OLMoE-1B-7B-0924"
     assert RunConfig().label == "tiny-moe"
     assert RunConfig(name="mine").label == "mine"
+
+
+def test_device_map_key():
+    cfg = RunConfig.from_mapping({"device_map": "auto"})
+    assert cfg.device_map == "auto" and cfg.device == "auto"
+    assert RunConfig.from_mapping({"device_map": "maps/two-gpus.json"}).device_map == "maps/two-gpus.json"
+    assert RunConfig.from_mapping({"device_map": ""}).device_map is None
+    assert "device_map" not in RunConfig().to_toml()  # unset stays out of the file (and old runs still resume)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -195,7 +196,10 @@ def test_hooks_removed_after_exception():
         (Ablation(0, 3, (1,)), "layer 0 is a dense layer with no experts to ablate; MoE layers are 1, 2, 3"),
         (Ablation(1, 19, (1,)), r"position 19 is out of range: a next-token loss exists at positions 0..18"),
         (Ablation(1, -1, (1,)), "position -1 is out of range"),
-        (Ablation(1, 3, (16,)), r"expert id\(s\) \[16\] out of range: layer 1 has experts 0..15"),
+        (Ablation(1, 3, (16,)), r"expert id\(s\) \[16\] out of range: layer 1 has routed experts 0..15\. id\(s\) "
+                                r"\[16\] would be the model's shared expert\(s\).*shared experts cannot be ablated"),
+        (Ablation(1, 3, (40,)), r"\[40\] out of range: layer 1 has routed experts 0..15\. shared experts cannot be "),
+        (Ablation(-1, 3, (1,)), r"layer -1 is out of range \(negative indices are not accepted"),
         (Ablation(1, 3, ()), "experts is empty"),
         (Ablation(1, 3, (1,), scope="global"), "scope='global' is not valid; choose one of token, sequence"),
     ],
@@ -239,3 +243,85 @@ def test_fast_engine_is_as_accurate_as_naive_in_bfloat16(family):
     err_fast = np.abs(deltas(m16, "fast") - truth).mean()
     assert np.abs(truth).mean() > 0.05  # the ablations matter, so the comparison means something
     assert err_fast <= 1.5 * err_naive + 1e-3, (err_fast, err_naive)
+
+
+def test_layers_argument_is_checked():
+    """Dense, out-of-range and negative layers are refused with the MoE layers named (not an AttributeError)."""
+    from moeaudit.intervene import clean_state
+
+    model = cached_tiny("deepseek_v2")  # layer 0 is dense
+    ids = random_ids(20)
+    for layers, match in (([0], "layer 0 is a dense layer with no experts to ablate; MoE layers are 1, 2, 3"),
+                          ([99], r"layer 99 is out of range: the model has 4 decoder layers \(0..3\)"),
+                          ([-1], r"layer -1 is out of range \(negative indices are not accepted"),
+                          ([1.0], "layer must be an integer, got 1.0"),
+                          ([], "layers is empty")):
+        with pytest.raises(ValueError, match=match):
+            SequenceAblator(model, ids, layers=layers)
+        if layers:
+            with pytest.raises(ValueError, match=match):
+                clean_state(model, ids, layers=layers)
+    assert sorted(SequenceAblator(model, ids, layers=[3, 1, 3]).state.moe) == [1, 3]
+
+
+def test_ids_must_be_integers():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"expert id must be an integer, got 1.7 \(float\)"):
+        Ablation(1, 3, (1.7,))
+    with pytest.raises(ValueError, match="expert id must be an integer, got 2.0"):
+        Ablation(1, 3, 2.0)
+    with pytest.raises(ValueError, match="expert id must be an integer, got the bool True"):
+        Ablation(1, 3, (True,))
+    with pytest.raises(ValueError, match="layer must be an integer, got 1.5"):
+        Ablation(1.5, 3, (1,))
+    with pytest.raises(ValueError, match="position must be an integer"):
+        Ablation(1, torch.tensor(3.0), (1,))
+    exact = Ablation(1, 3, (4, 5))
+    assert Ablation(np.int64(1), torch.tensor(3), np.array([4, 5])) == exact
+    assert Ablation(1, 3, torch.tensor([4, 5])) == exact and Ablation(1, 3, 4).experts == (4,)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_max_query_tokens_is_checked(bad):
+    model = cached_tiny("olmoe")
+    ids = random_ids(20)
+    with pytest.raises(ValueError, match="max_query_tokens"):
+        SequenceAblator(model, ids, max_query_tokens=bad)
+    with pytest.raises(ValueError, match="max_query_tokens"):
+        ablate(model, ids, [Ablation(1, 3, (1,))], max_query_tokens=bad)
+
+
+def test_shared_experts_are_named():
+    """Models with shared experts say they cannot be ablated; models without keep the plain range error."""
+    ids = random_ids(20)
+    with pytest.raises(ValueError, match=r"\[12\] would be the model's shared expert\(s\).*this model's 1 shared"):
+        ablate(cached_tiny("qwen2_moe"), ids, [Ablation(2, 3, (12,))])
+    with pytest.raises(ValueError, match=r"out of range: layer 1 has routed experts 0..15\.$"):
+        ablate(cached_tiny("olmoe"), ids, [Ablation(1, 3, (16,))])
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_strict_refuses_unrouted_experts(engine):
+    """By default an expert the router did not choose gives ΔL = 0; strict=True refuses it, naming the routed
+    experts at that position. Sequence scope counts any routing at or before the position."""
+    model = cached_tiny("olmoe")
+    ids = random_ids(30, seed=2)
+    ls = SequenceAblator(model, ids).state.moe[1]
+    t = 20
+    routed = sorted(ls.indices[t].tolist())
+    idle = next(e for e in range(16) if e not in routed)
+    (lenient,) = ablate(model, ids, [Ablation(1, t, (idle,))], engine=engine)
+    assert lenient.delta_loss == 0.0
+    with pytest.raises(ValueError, match=rf"strict: expert\(s\) \[{idle}\] of layer 1 are not routed at position "
+                                         rf"{t}, .*Routed at position {t}: {re.escape(str(routed))}\."):
+        ablate(model, ids, [Ablation(1, t, (idle,))], engine=engine, strict=True)
+    both = Ablation(1, t, (routed[0],))
+    assert ablate(model, ids, [both], engine=engine, strict=True) == ablate(model, ids, [both], engine=engine)
+    earlier = set(ls.indices[:t].flatten().tolist()) - set(routed)
+    never = set(range(16)) - set(ls.indices[: t + 1].flatten().tolist())
+    if earlier:  # routed before t only: it changes the prefix, so sequence scope accepts it
+        ablate(model, ids, [Ablation(1, t, (min(earlier),), scope="sequence")], engine=engine, strict=True)
+    if never:
+        with pytest.raises(ValueError, match="not routed at any position 0..20"):
+            ablate(model, ids, [Ablation(1, t, (min(never),), scope="sequence")], engine=engine, strict=True)

@@ -12,7 +12,7 @@ from torch import nn
 from moeaudit.errors import VerificationError
 from moeaudit.intervene import Ablation, SequenceAblator
 from moeaudit.intervene._spec import MODES
-from moeaudit.models import describe
+from moeaudit.models import describe, model_device
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
     """
     ids_list = _as_ids(sequences, tokenizer)
     desc = describe(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     half = _half(model)
     tol = 1e-2 if half else 1e-4
     rng = random.Random(seed)

@@ -148,6 +148,10 @@ class RunConfig(FlatConfig):
         min_context: Positions need at least this many tokens of context.
         dtype: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        device_map: Spread the model over several devices with accelerate (for checkpoints larger than one GPU or
+            than memory): ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, or a ``.json`` file mapping
+            module names to devices. Unset: the whole model on ``device``. Does not change the numbers beyond
+            rounding, so a run may be resumed with another placement.
         seed: Seed of the position sampling and of the bootstrap intervals.
         trust_remote_code: Run modelling code shipped with the checkpoint.
         n_boot: Bootstrap resamples of the confidence intervals.
@@ -171,6 +175,7 @@ class RunConfig(FlatConfig):
     min_context: int = 1
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
     n_boot: int = 2000
@@ -187,6 +192,18 @@ class RunConfig(FlatConfig):
         for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
+        if self.device_map in ("", "none"):
+            object.__setattr__(self, "device_map", None)
+        if self.device_map is not None:
+            from moeaudit.models._loading import DEVICE_MAPS
+
+            if self.device_map not in DEVICE_MAPS and not self.device_map.endswith(".json"):
+                _choice("device_map", self.device_map, DEVICE_MAPS)
+            if self.device != "auto":
+                raise ConfigError(f"device={self.device!r} and device_map={self.device_map!r} both place the model: "
+                                  "device puts all of it on one device, device_map spreads its layers over every "
+                                  "visible device (then CPU, then disk). Set one of them (leave device at 'auto' "
+                                  "with a device_map).")
 
     @property
     def label(self) -> str:

@@ -258,9 +258,13 @@ def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dic
     progress.stage(f"loading {config.model}", None)
     with timer("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=device,
-                                      trust_remote_code=config.trust_remote_code)
+                                      trust_remote_code=config.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
-    session.update(device=device, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    placement = getattr(model, "hf_device_map", None) if config.device_map else None
+    session.update(device=device if placement is None else f"device_map={config.device_map}",
+                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    if placement is not None:
+        session["device_map"] = {k: str(v) for k, v in placement.items()}
     manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers, "moe_layers": list(desc.moe_layers),
                          "n_experts": desc.n_experts, "top_k": desc.top_k,
                          "revision": getattr(model.config, "_commit_hash", None)}

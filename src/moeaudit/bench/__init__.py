@@ -15,8 +15,8 @@ from typing import Any
 
 from moeaudit.bench._config import BENCH_PRESETS, BenchConfig
 
-_LAZY = {"BenchResult": "_run", "PeakMemory": "_run", "build_model": "_run", "format_result": "_run",
-         "run_bench": "_run"}
+_LAZY = {"BenchResult": "_run", "LiveTensorBytes": "_peak", "PeakMemory": "_peak", "build_model": "_run",
+         "format_result": "_run", "run_bench": "_run"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BENCH_PRESETS", "BenchConfig", "BenchResult", "PeakMemory", "build_model", "format_result", "main",
-           "run_bench"]
+__all__ = ["BENCH_PRESETS", "BenchConfig", "BenchResult", "LiveTensorBytes", "PeakMemory", "build_model",
+           "format_result", "main", "run_bench"]

@@ -1,22 +1,24 @@
 """Running the benchmark: both engines and the floor on the same ablations, timed, with the fast engine's peak memory.
 
 The floor is the unavoidable part of a token-scope ablation: pushing its one query token through the remaining
-layers and the LM head, in the same chunks the fast engine uses. Peak memory is measured in one extra, untimed run
-of the fast engine (clean pass included): on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated
-before; on the CPU the peak resident set size (sampled every millisecond from ``/proc/self/statm``) above the
-resident size before.
+layers and the LM head, in the same chunks the fast engine uses.
+
+Memory, in untimed runs: the peak of a whole fast run (clean pass + ablations) as the process sees it
+(:class:`~moeaudit.bench.PeakMemory`), and the peak of the tensors the ablations alone create, counted exactly
+(:class:`~moeaudit.bench.LiveTensorBytes`), next to the engine's own per-chunk bound
+(:func:`moeaudit.intervene.chunk_memory_bytes`) it must stay under.
 """
 
 from __future__ import annotations
 
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from moeaudit.bench._config import BenchConfig
+from moeaudit.bench._peak import LiveTensorBytes, PeakMemory
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class BenchResult:
     clean_state_bytes: int
     peak_memory_bytes: int | None
     peak_memory_method: str
+    ablation_tensor_peak_bytes: int | None
+    chunk_estimate_bytes: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,11 +66,9 @@ def build_model(cfg: BenchConfig):
     from moeaudit.models import FAMILIES, resolve_dtype
 
     family, values = cfg.model_config()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # random weights: no special tokens needed
+        values.setdefault(key, None)
     config = transformers.AutoConfig.for_model(FAMILIES[family].model_types[0], **values)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a --set vocab_size may leave them outside
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= config.vocab_size:
-            setattr(config, key, None)
     torch.manual_seed(cfg.seed)
     with torch.device(cfg.device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.dtype))
@@ -84,70 +86,10 @@ def _best(fn, repeats: int, device: str) -> float:
     return best
 
 
-class PeakMemory:
-    """Peak memory above the level at entry, while the block runs (see module docstring for the method)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak: int | None = None
-        self.method = ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated above the allocation before"
-            return self
-        _trim_heap()
-        self._base = _rss_bytes()
-        self._max = self._base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.method = "peak resident set size above the size before (sampled every 1 ms)"
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._max = max(self._max, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self._max, _rss_bytes()) - self._base
-
-
-def _rss_bytes() -> int:
-    import os
-    import resource
-
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the lifetime maximum (a delta still shows growth)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS so the baseline is what is really in use (glibc only)."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 @torch.no_grad()
 def run_bench(cfg: BenchConfig = BenchConfig()) -> BenchResult:
     """Time both engines on the same ablations; report rates, the speed-up, the ratio to the floor, peak memory."""
-    from moeaudit.intervene import Ablation, QueryBudget, SequenceAblator, chunk_geometry
+    from moeaudit.intervene import Ablation, QueryBudget, SequenceAblator, chunk_geometry, chunk_memory_bytes
     from moeaudit.intervene._fast import run_fast
     from moeaudit.intervene._incremental import Context, head_losses, mask_capable_attention, propagate
     from moeaudit.intervene._memory import layer_devices
@@ -189,8 +131,11 @@ def run_bench(cfg: BenchConfig = BenchConfig()) -> BenchResult:
     cache = probe.state.cache.layers[-1]
     width = cache.keys[0, :, 0].numel() + cache.values[0, :, 0].numel()
     budget = QueryBudget(cap=cfg.max_query_tokens)
-    chunk_tokens = {layer: budget.tokens(chunk_geometry(model, layer, width), cfg.seq_len,
-                                         layer_devices(model, layer))[0] for layer in by_layer}
+    geometries = {layer: chunk_geometry(model, layer, width) for layer in by_layer}
+    chunk_tokens = {layer: budget.tokens(geometries[layer], cfg.seq_len, layer_devices(model, layer))[0]
+                    for layer in by_layer}
+    estimate = max(chunk_memory_bytes(geometries[layer], q, cfg.seq_len + q)
+                   for layer, q in ((layer, min(chunk_tokens[layer], len(by_layer[layer]))) for layer in by_layer))
 
     def floor():
         with mask_capable_attention(model, ctx.adapter):
@@ -206,10 +151,12 @@ def run_bench(cfg: BenchConfig = BenchConfig()) -> BenchResult:
     sample = ablations[: cfg.naive_sample]
     naive_total = _best(lambda: run_naive(model, ids, sample, "zero"), 1, cfg.device)
     naive_per = naive_total / (len(sample) + 1)  # run_naive includes one clean forward
-    peak = PeakMemory(cfg.device)
+    peak, tensors = PeakMemory(cfg.device), LiveTensorBytes()
     if cfg.measure_memory:
         with peak:
             fast_results = fast_all()
+        with tensors:
+            run_fast(model, probe.state, ablations, "zero", max_query_tokens=cfg.max_query_tokens)
     else:
         fast_results = fast_all()
     naive_results = run_naive(model, ids, sample, "zero")
@@ -228,11 +175,14 @@ def run_bench(cfg: BenchConfig = BenchConfig()) -> BenchResult:
         amortized_over_floor=fast_per / floor_per, max_abs_diff=diff,
         query_tokens_per_chunk=min(chunk_tokens.values()), clean_state_bytes=probe.state.nbytes,
         peak_memory_bytes=peak.peak, peak_memory_method=peak.method if cfg.measure_memory else "not measured",
+        ablation_tensor_peak_bytes=tensors.peak if cfg.measure_memory else None, chunk_estimate_bytes=estimate,
     )
 
 
 def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+    if n is None:
+        return "n/a"
+    return f"{n / 2**10:,.0f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
 def format_result(r: BenchResult) -> str:
@@ -250,8 +200,9 @@ def format_result(r: BenchResult) -> str:
         "layers + LM head)",
         f"  fast / floor : {r.marginal_over_floor:.2f}x marginal, {r.amortized_over_floor:.2f}x with the clean pass "
         "amortised",
-        f"  memory       : peak {_mib(r.peak_memory_bytes)} for clean pass + {c.n_ablations} ablations "
-        f"({r.peak_memory_method}); clean state {_mib(r.clean_state_bytes)}; {r.query_tokens_per_chunk} query tokens "
-        "per chunk",
+        f"  memory       : clean pass + ablations peak {_mib(r.peak_memory_bytes)} ({r.peak_memory_method}); "
+        f"clean state {_mib(r.clean_state_bytes)}",
+        f"                 ablations alone: tensor peak {_mib(r.ablation_tensor_peak_bytes)} (bound per chunk "
+        f"{_mib(r.chunk_estimate_bytes)}, {r.query_tokens_per_chunk} query tokens per chunk)",
         f"  fast vs naive: max |loss difference| {r.max_abs_diff:.2e}",
     ])

@@ -33,6 +33,8 @@ def run(
     mode: str = typer.Option(None, help="zero, renormalize or reroute"),
     dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
+    device_map: str = typer.Option(None, help="spread the model over several devices with accelerate: auto, "
+                                              "balanced, balanced_low_0, sequential, or a .json module->device map"),
     seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
     n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
@@ -45,8 +47,8 @@ def run(
              "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
              "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
-             "dtype": dtype, "device": device, "seed": seed, "trust_remote_code": trust_remote_code,
-             "n_boot": n_boot}
+             "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
+             "trust_remote_code": trust_remote_code, "n_boot": n_boot}
     cfg = build_config(RunConfig, config, flags)
     _execute(cfg, out or Path("runs") / cfg.label, report)
 

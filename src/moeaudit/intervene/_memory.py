@@ -88,8 +88,8 @@ def chunk_memory_bytes(g: ChunkGeometry, query_tokens: int, key_tokens: int, car
       cached elements per token per layer);
     - the largest transient of one step, the maximum of
         * attention: scores, float32 softmax and its cast back ``H Q K (2 s + 4)``, the keys/values concatenated
-          with the cache ``K C s`` and expanded to every head ``H K (d_k + d_v) s``, projections ``Q (4 d + 2 H
-          (d_k + d_v)) s``;
+          with the cache ``K C s`` and expanded to every head with one copy ``2 H K (d_k + d_v) s`` (GQA's repeat,
+          MLA's decompression), projections ``Q (4 d + 2 H (d_k + d_v)) s``;
         * MoE dispatch: router scores ``2 Q E 4``, gathered token copies and expert activations
           ``Q k (2 d + 3 w) s``, shared experts ``3 Q w_s s``;
         * the deltas at the ablated layer: dense old/new/difference weights ``3 Q E 4``, expert outputs
@@ -101,7 +101,7 @@ def chunk_memory_bytes(g: ChunkGeometry, query_tokens: int, key_tokens: int, car
     q, k, s, f32 = query_tokens, key_tokens, g.itemsize, 4
     d, h = g.d_model, g.n_heads
     persistent = 2 * q * k * s + q * d * s + g.n_layers_after * g.cache_width * carried_tokens * s
-    attention = (h * q * k * (2 * s + f32) + k * g.cache_width * s + h * k * (g.key_dim + g.value_dim) * s
+    attention = (h * q * k * (2 * s + f32) + k * g.cache_width * s + 2 * h * k * (g.key_dim + g.value_dim) * s
                  + q * (4 * d + 2 * h * (g.key_dim + g.value_dim)) * s)
     moe = 2 * q * g.n_experts * f32 + q * g.top_k * (2 * d + 3 * g.expert_width) * s + 3 * q * g.shared_width * s
     deltas = 3 * q * g.n_experts * f32 + 2 * q * g.top_k * d * f32 + q * d * f32

@@ -18,7 +18,7 @@ from moeaudit.models import (
     adapter_for,
     decoder_layers,
     describe,
-    execution_device,
+    model_device,
     moe_block,
 )
 
@@ -163,11 +163,6 @@ def capture_rotary(model: nn.Module, adapter: FamilyAdapter, store: dict) -> Ite
         handle.remove()
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where token ids go in: the execution device of the input embeddings (also under accelerate's device maps)."""
-    return execution_device(model.get_input_embeddings())
-
-
 @torch.no_grad()
 def clean_state(model: nn.Module, input_ids: torch.Tensor, *, desc: MoEDescription | None = None,
                 layers: list[int] | None = None, keep_cache: bool = True) -> CleanState:
@@ -189,7 +184,7 @@ def clean_state(model: nn.Module, input_ids: torch.Tensor, *, desc: MoEDescripti
     adapter = adapter_for(model)
     desc = desc or describe(model)
     layers = check_layers(layers, desc) or list(desc.moe_layers)
-    ids = input_ids.to(input_device(model))
+    ids = input_ids.to(model_device(model))
     moe: dict = {}
     outs: list = []
     rotary: dict = {}

@@ -152,5 +152,8 @@ def describe(model: nn.Module) -> MoEDescription:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    return next(model.parameters()).device
+    """Where token ids go in: the execution device of the input embeddings (under an accelerate device map the
+    first parameter may sit on ``meta``)."""
+    from moeaudit.models._loading import execution_device
+
+    return execution_device(model.get_input_embeddings())
