@@ -66,6 +66,8 @@ class BenchConfig:
     device: str = _opt("cpu", "cpu, cuda, cuda:N")
     seed: int = _opt(0, "seed of the weights, the sequence and the ablations")
     repeats: int = _opt(3, "timing repeats (the best is kept)")
+    clock: str = _opt("wall", "wall (seconds as they pass) or cpu (the process's CPU seconds: not inflated by other "
+                              "jobs on a shared machine; with one thread, what an idle machine's wall clock shows)")
     measure_memory: bool = _opt(True, "measure the fast engine's peak memory in one extra untimed run")
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class BenchConfig:
         for key in ("seq_len", "n_ablations", "naive_sample", "repeats"):
             if getattr(self, key) < (2 if key == "seq_len" else 1):
                 raise ConfigError(f"{key}={getattr(self, key)} is too small.")
+        if self.clock not in ("wall", "cpu"):
+            raise ConfigError(f"clock={self.clock!r} is not valid; choose wall or cpu.")
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
             raise ConfigError(f"num_hidden_layers={self.num_hidden_layers} must be at least 1.")
         if self.max_query_tokens is not None and self.max_query_tokens < 1:
