@@ -47,7 +47,7 @@ from moeaudit.models import adapter_for, describe, moe_block, router
 DEFAULT_MAX_QUERY_TOKENS = 1024
 
 
-@dataclass
+@dataclass(eq=False)
 class _Block:
     """One ablation's changed span ``start..end`` (``end`` = its position), consumed piece by piece."""
 
@@ -171,12 +171,16 @@ def _run_layer(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: li
                     "sequences (max_length), a smaller dtype, or spread the model with device_map.") from exc
             budget.halvings += 1
             continue
-        _commit(ctx, chunk, out, ablations, results, queue)
+        finished = _commit(ctx, chunk, out, ablations, results)
+        if finished:
+            queue = [b for b in queue if b not in finished]
 
 
-def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[Ablation], results: list,
-            queue: list[_Block]) -> None:
+def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[Ablation],
+            results: list) -> set[_Block]:
+    """Record a successful chunk: results of the ablations it finished (returned), carried keys of the others."""
     host, new_keys = out
+    finished: set[_Block] = set()
     losses = ctx.state.host_losses()
     k = 0
     for piece in chunk:
@@ -194,7 +198,8 @@ def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[A
         results[block.index] = AblationResult(ab, clean, ablated, ablated - clean, gap, final_gap,
                                               block.removed_weight)
         block.carried = {}
-        queue.remove(block)
+        finished.add(block)
+    return finished
 
 
 def _chunk_deltas(ctx: Context, layer: int, pos: torch.Tensor, row_piece: torch.Tensor, removed: torch.Tensor,

@@ -77,7 +77,9 @@ def override_routing(
         if removed.shape[0] != logits.shape[0]:
             raise RuntimeError(f"routing override expected {removed.shape[0]} tokens, the router saw "
                                f"{logits.shape[0]}")
-        new_weights, new_indices = apply_mode(adapter, module, logits, weights, indices, removed, mode)
+        # Under a device map the router may live on another device than the one the mask was built on.
+        new_weights, new_indices = apply_mode(adapter, module, logits, weights, indices,
+                                              removed.to(logits.device), mode)
         return (logits, new_weights, new_indices, *output[3:])
 
     handle = router.register_forward_hook(hook)
