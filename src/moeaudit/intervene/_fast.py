@@ -155,8 +155,9 @@ def _run_layer(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: li
     cache_width = (cache_layer.keys[0, :, 0].numel() + cache_layer.values[0, :, 0].numel())
     geometry = chunk_geometry(ctx.model, layer, cache_width)
     devices = layer_devices(ctx.model, layer)
+    sizes = budget.sized(geometry, ctx.state.seq_len, devices)  # free memory read once per layer
     while queue:
-        packed, split = budget.tokens(geometry, ctx.state.seq_len, devices)
+        packed, split = budget.shrunk(sizes)
         chunk = _next_chunk(queue, packed, split)
         try:
             out = _run_chunk(ctx, layer, chunk, ablations, mode)

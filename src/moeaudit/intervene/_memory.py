@@ -176,14 +176,19 @@ class QueryBudget:
 
     def tokens(self, g: ChunkGeometry, seq_len: int, devices: list[torch.device]) -> tuple[int, int]:
         """``(packed, split)``: query tokens of a packed chunk and of a piece of a split block."""
+        return self.shrunk(self.sized(g, seq_len, devices))
+
+    def sized(self, g: ChunkGeometry, seq_len: int, devices: list[torch.device]) -> tuple[int, int]:
+        """``(packed, split)`` before out-of-memory halvings: the cap, or sized from the free memory now."""
         if self.cap is not None:
-            packed = split = self.cap
-        else:
-            budget = int(MEMORY_FRACTION * min(free_memory_bytes(d) for d in devices))
-            packed = auto_query_tokens(g, seq_len, budget)
-            split = auto_query_tokens(g, seq_len, budget, split=True)
+            return self.cap, self.cap
+        budget = int(MEMORY_FRACTION * min(free_memory_bytes(d) for d in devices))
+        return auto_query_tokens(g, seq_len, budget), auto_query_tokens(g, seq_len, budget, split=True)
+
+    def shrunk(self, sizes: tuple[int, int]) -> tuple[int, int]:
+        """``sizes`` halved once per out-of-memory error so far (at least 1)."""
         shrink = 2 ** self.halvings
-        return max(1, packed // shrink), max(1, split // shrink)
+        return max(1, sizes[0] // shrink), max(1, sizes[1] // shrink)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
