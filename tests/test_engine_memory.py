@@ -155,7 +155,7 @@ def test_chunk_memory_estimate_terms():
     k = t + q
     persistent = 2 * q * k * 4 + q * 2048 * 4
     attention = 16 * q * k * 12 + k * 4096 * 4 + 2 * 16 * k * 256 * 4 + q * (4 * 2048 + 2 * 16 * 256) * 4
-    head = q * 50304 * 8
+    head = q * 50304 * 12
     assert chunk_memory_bytes(g, q, k) == persistent + max(attention, head)
     carried = chunk_memory_bytes(g, q, k + t, t) - chunk_memory_bytes(g, q, k + t)
     assert carried == 15 * 4096 * t * 4  # a split block's carried keys/values in the 15 later layers

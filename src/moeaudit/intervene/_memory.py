@@ -94,7 +94,7 @@ def chunk_memory_bytes(g: ChunkGeometry, query_tokens: int, key_tokens: int, car
           ``Q k (2 d + 3 w) s``, shared experts ``3 Q w_s s``;
         * the deltas at the ablated layer: dense old/new/difference weights ``3 Q E 4``, expert outputs
           ``2 Q k d 4`` and the delta ``Q d 4``;
-        * the LM head: logits ``Q V (s + 4)``.
+        * the LM head: logits, their float32 copy and the cross-entropy's float32 log-softmax ``Q V (s + 8)``.
 
     The attention term is what grows with the sequence: ``H x Q x (T + Q)``.
     """
@@ -105,7 +105,7 @@ def chunk_memory_bytes(g: ChunkGeometry, query_tokens: int, key_tokens: int, car
                  + q * (4 * d + 2 * h * (g.key_dim + g.value_dim)) * s)
     moe = 2 * q * g.n_experts * f32 + q * g.top_k * (2 * d + 3 * g.expert_width) * s + 3 * q * g.shared_width * s
     deltas = 3 * q * g.n_experts * f32 + 2 * q * g.top_k * d * f32 + q * d * f32
-    head = q * g.vocab_size * (s + f32)
+    head = q * g.vocab_size * (s + 2 * f32)
     return persistent + max(attention, moe, deltas, head)
 
 
