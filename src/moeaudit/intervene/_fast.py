@@ -153,7 +153,7 @@ def _run_layer(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: li
         return
     cache_layer = ctx.state.cache.layers[min(layer + 1, len(ctx.layers) - 1)]
     cache_width = (cache_layer.keys[0, :, 0].numel() + cache_layer.values[0, :, 0].numel())
-    geometry = chunk_geometry(ctx.model, layer, cache_width)
+    geometry = chunk_geometry(ctx.model, layer, cache_width, desc=ctx.desc)
     devices = layer_devices(ctx.model, layer)
     sizes = budget.sized(geometry, ctx.state.seq_len, devices)  # free memory read once per layer
     while queue:

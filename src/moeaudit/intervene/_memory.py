@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeaudit.models import adapter_for, attention_dims, decoder_layers, describe, execution_device, moe_block
+from moeaudit.models import (
+    FAMILIES,
+    MoEDescription,
+    attention_dims,
+    decoder_layers,
+    describe,
+    execution_device,
+    moe_block,
+)
 
 #: Upper bound of an automatically sized chunk (query tokens). Past ~1k tokens per layer call a CPU gains nothing and a
 #: GPU's matrix units are already saturated at the widths of the paper's models.
@@ -58,10 +66,11 @@ class ChunkGeometry:
     itemsize: int
 
 
-def chunk_geometry(model: nn.Module, layer: int, cache_width: int) -> ChunkGeometry:
+def chunk_geometry(model: nn.Module, layer: int, cache_width: int, *, desc: MoEDescription | None = None,
+                   ) -> ChunkGeometry:
     """The :class:`ChunkGeometry` of queries ablated at MoE ``layer`` (``cache_width``: from the clean cache)."""
-    desc = describe(model)
-    adapter = adapter_for(model)
+    desc = desc or describe(model)
+    adapter = FAMILIES[desc.family]
     heads, key_dim, value_dim = attention_dims(model.config)
     block = moe_block(model, layer)
     # Parameters of one expert ~ 3 x d_model x width (gate, up, down projections) in every family.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ def execution_device(module: torch.nn.Module) -> torch.device:
         device = getattr(h, "execution_device", None)
         if device is not None:
             return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    for tensor in (*module.parameters(), *module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):  # lazily: the first one usually answers
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
