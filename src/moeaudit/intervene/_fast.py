@@ -226,7 +226,7 @@ def _chunk_deltas(ctx: Context, layer: int, pos: torch.Tensor, row_piece: torch.
 
 
 def _run_chunk(ctx: Context, layer: int, chunk: list[_Piece], ablations: Sequence[Ablation],
-               mode: str) -> tuple[torch.Tensor | None, dict]:
+               mode: str) -> tuple[np.ndarray | None, dict]:
     """Run one chunk. Returns ``(host [n_final, 3] of (ablated loss, gap_norm, final_gap_norm) for the pieces that
     finish their ablation, in chunk order; the chunk's keys/values per later layer when it is a non-final piece)``.
     """
@@ -237,7 +237,7 @@ def _run_chunk(ctx: Context, layer: int, chunk: list[_Piece], ablations: Sequenc
     piece_of_row = [k for k, n in enumerate(lengths) for _ in range(n)]
     ends = np.cumsum(lengths) - 1
     finals = [k for k, p in enumerate(chunk) if p.final]
-    # One host-to-device copy of the plan: positions, block starts, block ids, removal masks.
+    # The plan goes to the device once per chunk: positions, block ids and starts, removal masks.
     pos = torch.tensor(pos_list, device=device)
     row_piece = torch.tensor(piece_of_row, device=device)
     starts = torch.tensor([p.block.start for p in chunk], device=device)[row_piece]
