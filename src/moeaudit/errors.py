@@ -7,7 +7,9 @@
     ├── CorpusError               a corpus source that cannot be read or yields nothing usable (also a ValueError)
     ├── ConfigError               a bad run configuration: unknown key, bad value (also a ValueError)
     ├── VerificationError         the verification suite failed; experiments refuse to collect data
-    └── RunDirectoryError         a run directory that holds a different run or is damaged
+    ├── RunDirectoryError         a run directory that holds a different run or is damaged, or shards that do
+    │                             not merge
+    └── ExecutorError             a cell failed on every retry of a distributed executor
 
 Bad arguments to the public functions raise plain ``ValueError`` (or the ValueError subclasses above) with a
 message that names the bad value, the valid options and the fix.
@@ -45,6 +47,10 @@ class VerificationError(MoEAuditError):
 
 class RunDirectoryError(MoEAuditError):
     """A run directory holds a different run, or its files are damaged."""
+
+
+class ExecutorError(MoEAuditError):
+    """A cell could not be computed by the executor (it failed on every retry, or every worker died)."""
 
 
 def did_you_mean(value: str, options: Iterable[str]) -> str:

@@ -24,6 +24,15 @@ import pandas as pd
 
 from moeaudit.config import RunConfig
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError, did_you_mean
+from moeaudit.execution import (
+    CellJob,
+    CellResult,
+    Execution,
+    canonical_cells,
+    check_executor,
+    check_shard,
+    make_executor,
+)
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory
 
 
@@ -145,7 +154,8 @@ class StageTimer:
 
 
 def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | None = None,
-              report: bool = True, on_cell: Callable[[str, int], None] | None = None) -> RunResult:
+              report: bool = True, on_cell: Callable[[str, int], None] | None = None,
+              execution: Execution | None = None) -> RunResult:
     """Run (or resume) the audit described by ``config`` into the directory ``out``.
 
     Args:
@@ -153,8 +163,11 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
         out: The run directory; created when missing. A directory holding the same configuration resumes; one
             holding another configuration is refused.
         progress: Receives stages and progress (see :class:`ProgressSink`).
-        report: Write ``report.md`` / ``report.html`` / ``figures/`` at the end.
+        report: Write ``report.md`` / ``report.html`` / ``figures/`` at the end (not for a shard: merge the
+            shards with :func:`moeaudit.merge_runs`, which writes the report).
         on_cell: Called with ``(kind, layer)`` after each newly computed cell is on disk.
+        execution: Where and which cells are computed: executor (local or Ray), shard, clean-pass cache
+            (:class:`moeaudit.Execution`; default: every cell in this process).
 
     Returns:
         The records, the summary tables and which cells were resumed or computed.
@@ -164,13 +177,15 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
         VerificationError: The verification suite failed; no data was collected.
     """
     progress = progress or SilentProgress()
+    execution = execution or Execution()
     check_metrics(config.metrics)
+    check_executor(execution)
     run_dir = RunDirectory(out)
     timer = StageTimer()
     session: dict[str, Any] = {"started": _now(), "environment": environment()}
     fresh = not run_dir.path.exists()
     try:
-        return _run_locked(config, run_dir, session, timer, progress, report, on_cell)
+        return _run_locked(config, run_dir, session, timer, progress, report, on_cell, execution)
     except (ConfigError, UnsupportedModelError, CorpusError, OSError):
         # Bad input found before any data: leave no half-made directory behind.
         if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
@@ -203,9 +218,13 @@ class Session:
 
 @contextmanager
 def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str, *, entry: dict[str, Any],
-                timer: StageTimer, progress: ProgressSink, tool: str = "moeaudit") -> Iterator[Session]:
+                timer: StageTimer, progress: ProgressSink, tool: str = "moeaudit",
+                extra: dict[str, Any] | None = None,
+                check: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Session]:
     """Hold ``run_dir``'s lock, bind it to ``config`` (create it, or resume the same configuration), and record
     the session in the manifest; a failure or an interruption marks the run ``failed`` / ``interrupted``.
+    ``extra`` keys go into a new run's manifest (e.g. a shard's spec); ``check`` sees the manifest before this
+    session writes anything and refuses by raising (e.g. resuming a shard as another one).
 
     Raises:
         RunDirectoryError: ``run_dir`` holds another configuration, or is in use.
@@ -213,8 +232,10 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
     with run_dir.lock():
         run_dir.remove_stale_temporaries()
         new_manifest = {"format_version": FORMAT_VERSION, "tool": tool, "config": config, "status": "running",
-                        "created": entry["started"], "sessions": []}
+                        "created": entry["started"], "sessions": [], **(extra or {})}
         manifest, resumed = run_dir.claim(config, new_manifest)
+        if check is not None:
+            check(manifest)
         if not (run_dir.path / "config.toml").is_file():
             run_dir.write_text("config.toml", config_toml)
         manifest["status"] = "running"
@@ -234,12 +255,17 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
 
 
 def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: StageTimer,
-                progress: ProgressSink, report: bool, on_cell) -> RunResult:
-    with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer,
-                     progress=progress) as s:
-        result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell)
+                progress: ProgressSink, report: bool, on_cell, execution: Execution) -> RunResult:
+    shard = execution.shard
+    with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer, progress=progress,
+                     extra=None if shard is None else {"shard": shard.to_dict()},
+                     check=lambda manifest: check_shard(manifest, shard, run_dir.path)) as s:
+        result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell, execution)
         s.complete(resumed_cells=result.resumed_cells, computed_cells=result.computed_cells)
-        if report:  # after the manifest is final, so the report shows the finished run
+        if shard is not None:
+            progress.message(f"shard {shard} done; when every shard is, combine them with "
+                             "`moeaudit merge SHARD_DIR... --out DIR` (it writes the report)")
+        elif report:  # after the manifest is final, so the report shows the finished run
             from moeaudit.report import write_report
 
             progress.stage("writing the report", None)
@@ -286,16 +312,15 @@ def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dic
 
 
 def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
-             progress: ProgressSink, on_cell) -> RunResult:
+             progress: ProgressSink, on_cell, execution: Execution) -> RunResult:
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.experiments import ExperimentSettings, summarize
-    from moeaudit.experiments._run import collect_progressive, collect_single
     from moeaudit.experiments._stability import ranking_stability
+    from moeaudit.experiments._states import sequence_ids
 
     model, tokenizer, sequences = _load(config, run_dir, manifest, session, timer, progress)
     single_seqs = sequences[: config.n_docs]
-    progressive_seqs = sequences[: config.n_docs_progressive]
     settings = ExperimentSettings(layers=config.layers, metrics=config.metrics, n=config.n,
                                   n_progressive=config.n_progressive, seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
@@ -308,12 +333,13 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         run_dir.write_parquet("metrics.parquet", metric_table)
     layers = settings.check(model, metric_table)
 
-    single = [e for e in config.ablation_experiments if e != "progressive"]
-    cells = [("single", layer) for layer in layers if single]
-    cells += [("progressive", layer) for layer in layers if "progressive" in config.experiments]
+    single = tuple(e for e in config.ablation_experiments if e != "progressive")
+    cells = canonical_cells(layers, single=bool(single), progressive="progressive" in config.experiments)
+    manifest["cells"] = [c.name for c in cells]
+    mine = cells if execution.shard is None else execution.shard.select(cells)
     done = run_dir.finished_cells()
-    pending = [c for c in cells if c not in done]
-    resumed = [f"L{layer}-{kind}" for kind, layer in cells if (kind, layer) in done]
+    pending = [c for c in mine if c.key not in done]
+    resumed = [c.name for c in mine if c.key in done]
 
     if pending:
         progress.stage("verifying the ablation engine", None)
@@ -323,27 +349,34 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         session["verification_passed"] = verification.passed
         verification.raise_if_failed()
 
-    if "stability" in config.experiments and run_dir.read_parquet("stability.parquet") is None:
+    # Ranking stability is observational and deterministic: one shard (index 0) computes it for the merge.
+    stability_here = execution.shard is None or execution.shard.index == 0
+    if "stability" in config.experiments and stability_here and run_dir.read_parquet("stability.parquet") is None:
         progress.stage("ranking stability (corpus halves)", None)
         with timer("stability"):
             stability = ranking_stability(model, single_seqs, metrics=config.metrics, layers=list(layers),
                                           n_boot=config.n_boot, seed=config.seed)
         run_dir.write_parquet("stability.parquet", stability)
 
-    total = sum(config.n if kind == "single" else config.n_progressive for kind, _ in pending)
-    progress.stage(f"ablating ({len(pending)} cells to go, {len(resumed)} resumed)", total)
-    computed = []
-    for kind, layer in pending:
-        with timer(f"cell L{layer}-{kind}"):
-            if kind == "single":
-                frame = collect_single(model, single_seqs, metric_table, settings, layer, experiments=single,
-                                       progress=progress.advance)
-            else:
-                frame = collect_progressive(model, progressive_seqs, settings, layer, progress=progress.advance)
-        run_dir.write_cell(kind, layer, frame)
-        computed.append(f"L{layer}-{kind}")
+    job = CellJob(settings=settings, single_experiments=single, metric_table=metric_table,
+                  sequences=tuple(sequence_ids(sequences)), n_docs=config.n_docs,
+                  n_docs_progressive=config.n_docs_progressive if "progressive" in config.experiments else 0,
+                  layers=tuple(layers))
+    progress.stage(f"ablating ({len(pending)} cells to go, {len(resumed)} resumed)",
+                   sum(job.positions(c) for c in pending))
+    computed: list[str] = []
+
+    def write(result: CellResult) -> None:  # as each cell arrives, from whichever worker computed it
+        run_dir.write_cell(result.cell.kind, result.cell.layer, result.frame)
+        timer.stages[f"cell {result.cell.name}"] = round(result.seconds, 3)
+        computed.append(result.cell.name)
         if on_cell is not None:
-            on_cell(kind, layer)
+            on_cell(result.cell.kind, result.cell.layer)
+
+    if pending:
+        executor = make_executor(execution, config=config, model=model)
+        session["execution"] = execution.describe()
+        session["execution"].update(executor.run(job, pending, write, progress.advance))
 
     progress.stage("summarising", None)
     with timer("summary"):

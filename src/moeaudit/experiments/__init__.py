@@ -26,6 +26,7 @@ from moeaudit.experiments._run import (
     collect_single,
 )
 from moeaudit.experiments._stability import ranking_stability
+from moeaudit.experiments._states import CleanStates
 from moeaudit.experiments._summary import summarize
 
 
@@ -60,8 +61,10 @@ def _metric_table(model, sequences, metric_table):
 def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentSettings = ExperimentSettings(), *,
                     experiments: Sequence[str] = EXPERIMENTS, metric_table: pd.DataFrame | None = None,
                     verification=None, progress: Progress | None = None,
-                    on_layer: Callable[[str, int, pd.DataFrame], None] | None = None) -> ExperimentResult:
-    """Run the named experiments on ``sequences`` (one clean pass per sequence and layer serves all of them).
+                    on_layer: Callable[[str, int, pd.DataFrame], None] | None = None,
+                    clean_cache_bytes: int | None = None) -> ExperimentResult:
+    """Run the named experiments on ``sequences`` (one clean pass per sequence serves every layer and experiment,
+    while the clean states fit in memory).
 
     Args:
         model: A transformers MoE causal LM.
@@ -72,6 +75,9 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
         verification: A passed :class:`~moeaudit._verify.VerificationReport`; run here when ``None``.
         progress: Called with the number of positions finished.
         on_layer: Called with (``"single"`` or ``"progressive"``, layer, records) as each unit finishes.
+        clean_cache_bytes: Bytes of clean passes kept for reuse across layers (``None``: half the free memory of
+            the model's device; ``0``: none, one clean pass per sequence and layer). See
+            :class:`moeaudit.experiments.CleanStates`.
     """
     from moeaudit.errors import ConfigError, did_you_mean
 
@@ -85,15 +91,16 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
     layers = settings.check(model, metric_table if needs_metrics else None)
     parts = []
     single = [e for e in experiments if e != "progressive"]
+    states = CleanStates(model, sequences, layers=layers, budget_bytes=clean_cache_bytes)
     for layer in layers:
         if single:
             frame = collect_single(model, sequences, metric_table if needs_metrics else None, settings, layer,
-                                   experiments=single, progress=progress)
+                                   experiments=single, progress=progress, states=states)
             parts.append(frame)
             if on_layer:
                 on_layer("single", layer, frame)
         if "progressive" in experiments:
-            frame = collect_progressive(model, sequences, settings, layer, progress=progress)
+            frame = collect_progressive(model, sequences, settings, layer, progress=progress, states=states)
             parts.append(frame)
             if on_layer:
                 on_layer("progressive", layer, frame)
@@ -127,6 +134,7 @@ def redistribution(model, sequences, settings: ExperimentSettings = ExperimentSe
 
 
 __all__ = [
+    "CleanStates",
     "EXPERIMENTS",
     "PAPER_METRICS",
     "POOL",

@@ -1,5 +1,6 @@
 """Collecting ablation data: per layer, the single-expert pool (audit, control, rank validity, redistribution)
-and the cumulative progressive ablations, each sequence's clean pass shared by all its ablations."""
+and the cumulative progressive ablations, each sequence's clean pass shared by all its ablations (and, through
+:class:`~moeaudit.experiments._states.CleanStates`, by every cell of a run)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moeaudit.config import PAPER_METRICS
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.experiments._records import to_frame
 from moeaudit.experiments._sampling import candidate_positions
+from moeaudit.experiments._states import CleanStates, sequence_ids
 from moeaudit.intervene import Ablation, SequenceAblator
 from moeaudit.intervene._spec import MODES, SCOPES, check_choice
 from moeaudit.models import describe, moe_block
@@ -80,19 +82,28 @@ class ExperimentSettings:
         return layers
 
 
-def _sequences_ids(sequences: Sequence) -> list[torch.Tensor]:
-    return [torch.as_tensor(getattr(s, "input_ids", s)).long() for s in sequences]
-
-
 def _rank(values: Sequence[float], experts: Sequence[int]) -> list[int]:
     """Indices of ``experts`` sorted ascending by (value, expert id); NaN ranks below every value."""
     keys = [(-math.inf if (v is None or math.isnan(v)) else v, e) for v, e in zip(values, experts)]
     return sorted(range(len(experts)), key=lambda i: keys[i])
 
 
-def _select_positions(ids_list, layer, n, settings, candidates, desc, model, progress, handle):
-    """Walk the seeded candidate list, clean-pass each needed sequence once, keep positions with >= 2 active
-    experts, and call ``handle(ablator, seq_id, positions)`` per sequence until ``n`` positions are done."""
+def _states_for(model: nn.Module, sequences: Sequence, layer: int, states: CleanStates | None):
+    """The cell's ids and clean-state provider: the run's shared one, or a private one that keeps nothing."""
+    ids_list = sequence_ids(sequences)
+    if states is None:
+        return ids_list, CleanStates(model, ids_list, layers=[layer], budget_bytes=0)
+    states.check_sequences(ids_list)
+    if layer not in states.layers:
+        raise ValueError(f"layer {layer} is not captured by the clean states (layers {states.layers}); build "
+                         "CleanStates with every layer the run audits.")
+    return ids_list, states
+
+
+def _select_positions(states, layer, n, candidates, desc, progress, handle):
+    """Walk the seeded candidate list, get each needed sequence's clean pass from ``states``, keep positions with
+    >= 2 active experts, and call ``handle(ablator, seq_id, positions)`` per sequence until ``n`` positions are
+    done."""
     taken = 0
     cursor = 0
     while taken < n and cursor < len(candidates):
@@ -102,7 +113,7 @@ def _select_positions(ids_list, layer, n, settings, candidates, desc, model, pro
         for seq_id, pos in want.tolist():
             by_seq[seq_id].append(pos)
         for seq_id in sorted(by_seq):
-            ablator = SequenceAblator(model, ids_list[seq_id], layers=[layer])
+            ablator = states.ablator(seq_id)
             weights = ablator.state.moe[layer].weights
             keep = [p for p in sorted(by_seq[seq_id]) if int((weights[p] != 0).sum()) >= 2]
             if keep:
@@ -138,12 +149,15 @@ def _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, result) 
 @torch.no_grad()
 def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataFrame | None,
                    settings: ExperimentSettings, layer: int, *, experiments: Sequence[str] = EXPERIMENTS,
-                   progress: Progress | None = None) -> pd.DataFrame:
+                   progress: Progress | None = None, states: CleanStates | None = None) -> pd.DataFrame:
     """Ablate every active expert singly at ``settings.n`` positions of ``layer``; emit the records of the audit,
     control, rank-validity and redistribution experiments (those named in ``experiments``), and always the
-    single-expert pool (experiment :data:`POOL`: one row per position and active expert)."""
+    single-expert pool (experiment :data:`POOL`: one row per position and active expert).
+
+    ``states`` shares clean passes with the run's other cells (``sequences`` must be a prefix of its sequences);
+    without it each sequence this cell touches gets its own clean pass."""
     desc = describe(model)
-    ids_list = _sequences_ids(sequences)
+    ids_list, states = _states_for(model, sequences, layer, states)
     candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
     metrics = list(settings.metrics) if metric_table is not None else []
     table = metric_table.set_index(["layer", "expert"]) if metric_table is not None else None
@@ -197,7 +211,7 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
                                relative_compensation=remaining * max(cos, 0.0) / gap if gap > 0 else math.nan)
                     rows.append(row)
 
-    _select_positions(ids_list, layer, settings.n, settings, candidates, desc, model, progress, handle)
+    _select_positions(states, layer, settings.n, candidates, desc, progress, handle)
     return to_frame(rows)
 
 
@@ -218,10 +232,11 @@ def _contributions(model, ls, layer, plan) -> dict:
 
 @torch.no_grad()
 def collect_progressive(model: nn.Module, sequences: Sequence, settings: ExperimentSettings, layer: int, *,
-                        progress: Progress | None = None) -> pd.DataFrame:
-    """At ``settings.n_progressive`` positions remove the highest-weight active experts cumulatively, k = 1..K-1."""
+                        progress: Progress | None = None, states: CleanStates | None = None) -> pd.DataFrame:
+    """At ``settings.n_progressive`` positions remove the highest-weight active experts cumulatively, k = 1..K-1
+    (``states``: as in :func:`collect_single`)."""
     desc = describe(model)
-    ids_list = _sequences_ids(sequences)
+    ids_list, states = _states_for(model, sequences, layer, states)
     candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
     rows: list[dict] = []
 
@@ -241,7 +256,7 @@ def collect_progressive(model: nn.Module, sequences: Sequence, settings: Experim
                        ablated_experts=list(experts), k=k)
             rows.append(row)
 
-    _select_positions(ids_list, layer, settings.n_progressive, settings, candidates, desc, model, progress, handle)
+    _select_positions(states, layer, settings.n_progressive, candidates, desc, progress, handle)
     return to_frame(rows)
 
 

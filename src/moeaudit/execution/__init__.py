@@ -1,0 +1,67 @@
+"""Where a run's cells are computed, and which: executors (local, Ray), shards, and merging sharded runs.
+
+A run is a list of cells (one layer's single-expert pool, or one layer's progressive ablation) in a canonical
+order. :class:`Execution` says how they are computed: in this process (``local``) or on Ray actors (``ray``), all of
+them or one :class:`Shard` (cell ``j`` goes to shard ``j mod N``), and how many clean passes to keep for reuse. The
+pipeline hands the pending cells to an executor, which returns each cell's records as it finishes; the pipeline
+writes it atomically into the run directory, so resuming works the same whoever computed the cells.
+:func:`merge_runs` combines the run directories of the shards of one run into one run directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+from moeaudit.errors import ConfigError
+from moeaudit.execution._local import CellExecutor, CellJob, CellResult, LocalExecutor, compute_cell
+from moeaudit.execution._merge import merge_runs
+from moeaudit.execution._spec import (
+    EXECUTORS,
+    Cell,
+    Execution,
+    Shard,
+    canonical_cells,
+    check_shard,
+    parse_bytes,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def check_executor(execution: Execution) -> None:
+    """Refuse an executor whose package is missing, before anything is loaded."""
+    if execution.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--executor ray needs Ray, which is not installed here: pip install 'moeaudit[ray]' "
+                          "(or 'ray>=2.40'), or run with --executor local.")
+
+
+def make_executor(execution: Execution, *, config, model: nn.Module) -> CellExecutor:
+    """The executor ``execution`` names (``model`` serves the local one; Ray actors load their own)."""
+    check_executor(execution)
+    if execution.executor == "ray":
+        from moeaudit.execution._ray import RayExecutor
+
+        return RayExecutor(config, actors=execution.ray_actors, max_retries=execution.max_retries,
+                           clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell)
+    return LocalExecutor(model, clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell)
+
+
+__all__ = [
+    "EXECUTORS",
+    "Cell",
+    "CellExecutor",
+    "CellJob",
+    "CellResult",
+    "Execution",
+    "LocalExecutor",
+    "Shard",
+    "canonical_cells",
+    "check_executor",
+    "check_shard",
+    "compute_cell",
+    "make_executor",
+    "merge_runs",
+    "parse_bytes",
+]
