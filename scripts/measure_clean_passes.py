@@ -104,7 +104,7 @@ def main() -> None:
         print(json.dumps({"what": args.what, "wall_s": round(wall, 1), "cells_s": round(cells, 1),
                           "clean_passes": dict(counts), "clean_passes_total": sum(counts.values()),
                           "stages": {k: v for k, v in stages.items() if not k.startswith("cell ")},
-                          "clean_cache": manifest["sessions"][-1].get("clean_states")}, indent=1))
+                          "clean_cache": manifest["sessions"][-1].get("execution", {}).get("clean_states")}, indent=1))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

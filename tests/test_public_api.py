@@ -8,10 +8,10 @@ import sys
 import moeaudit
 
 EXPECTED = [
-    "Ablation", "AblationResult", "CorpusSequence", "ExperimentSettings", "MapConfig", "MoEDescription",
-    "PruneConfig", "RunConfig", "SequenceAblator", "__version__", "ablate", "describe", "importance_map",
-    "load_corpus", "load_model", "load_run", "moe_layers", "observe", "preset", "prune_eval", "pruned", "run_audit",
-    "run_experiments", "slice_experts", "summarize", "valid_positions", "verify", "write_report",
+    "Ablation", "AblationResult", "CorpusSequence", "Execution", "ExperimentSettings", "MapConfig", "MoEDescription",
+    "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "describe", "importance_map",
+    "load_corpus", "load_model", "load_run", "merge_runs", "moe_layers", "observe", "preset", "prune_eval", "pruned",
+    "run_audit", "run_experiments", "slice_experts", "summarize", "valid_positions", "verify", "write_report",
 ]
 
 

@@ -39,9 +39,18 @@ def run(
     n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+    shard: str = typer.Option(None, help="compute only shard I of N (I from 0, e.g. 0/4 or "
+                                         "$SLURM_ARRAY_TASK_ID/4) into its own directory; combine the shards with "
+                                         "`moeaudit merge`"),
+    executor: str = typer.Option("local", help="local (this process) or ray (Ray actors on the cluster at "
+                                               "RAY_ADDRESS, else a local one; pip install 'moeaudit[ray]')"),
+    ray_actors: int = typer.Option(None, help="Ray actors (default: one per GPU, else one per node)"),
+    clean_cache: str = typer.Option("auto", help="memory for clean passes shared by every cell: auto (half the "
+                                                 "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
     from moeaudit.config import RunConfig
+    from moeaudit.execution import Execution, parse_bytes
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
@@ -50,7 +59,14 @@ def run(
              "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
              "trust_remote_code": trust_remote_code, "n_boot": n_boot}
     cfg = build_config(RunConfig, config, flags)
-    _execute(cfg, out or Path("runs") / cfg.label, report)
+    try:
+        execution = Execution(executor=executor, shard=shard, ray_actors=ray_actors,
+                              clean_cache_bytes=parse_bytes(clean_cache))
+    except expected_errors() as exc:
+        raise fail(exc) from None
+    default = cfg.label if execution.shard is None else \
+        f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
+    _execute(cfg, out or Path("runs") / default, report, execution)
 
 
 @app.command()
@@ -77,15 +93,16 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
     make_console().print(f"report: {paths['html']} and {paths['markdown']}, figures in {paths['figures']}")
 
 
-def _execute(cfg, out: Path, report: bool) -> None:
+def _execute(cfg, out: Path, report: bool, execution=None) -> None:
     from moeaudit.pipeline import run_audit
 
     console = make_console()
     start = time.perf_counter()
-    console.print(f"[bold]moeaudit run[/bold] {cfg.label} -> {out}")
+    shard = f" (shard {execution.shard})" if execution is not None and execution.shard is not None else ""
+    console.print(f"[bold]moeaudit run[/bold] {cfg.label}{shard} -> {out}")
     try:
         with RichProgress(console) as progress:
-            result = run_audit(cfg, out, progress=progress, report=report)
+            result = run_audit(cfg, out, progress=progress, report=report, execution=execution)
     except expected_errors() as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:

@@ -154,7 +154,7 @@ class RayExecutor:
         idle = deque(range(len(handles)))
         running: dict = {}  # ObjectRef -> (actor index, cell or None for a recovery probe)
         failures: dict[str, int] = {}
-        while queue or running:
+        while queue or any(cell is not None for _, cell in running.values()):  # recovery probes alone: done
             while queue and idle:
                 a = idle.popleft()
                 cell = queue.popleft()
