@@ -95,13 +95,14 @@ def main() -> None:
             from moeaudit.execution import Execution
 
             kwargs["execution"] = Execution(clean_cache_bytes=args.clean_cache)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run_audit(config, out, progress=sink, **kwargs)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         manifest = json.loads((out / "manifest.json").read_text())
         stages = manifest["sessions"][-1]["stages"]
         cells = sum(v for k, v in stages.items() if k.startswith("cell "))
-        print(json.dumps({"what": args.what, "wall_s": round(wall, 1), "cells_s": round(cells, 1),
+        print(json.dumps({"what": args.what, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                          "cells_s": round(cells, 1),
                           "clean_passes": dict(counts), "clean_passes_total": sum(counts.values()),
                           "stages": {k: v for k, v in stages.items() if not k.startswith("cell ")},
                           "clean_cache": manifest["sessions"][-1].get("execution", {}).get("clean_states")}, indent=1))

@@ -19,6 +19,7 @@ from moeaudit.rundir import RunDirectory
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'moeaudit[ray]'; the test extra and CI "
                                         "install it)")
+pytestmark = pytest.mark.slow
 
 CONFIG = RunConfig(model="builtin:tiny-moe", name="tiny", corpus="builtin", n_docs=6, n_docs_progressive=8,
                    max_length=96, layers=(1, 5), n=12, n_progressive=8, n_boot=100, device="cpu", dtype="float32",
@@ -88,7 +89,7 @@ def test_a_crashed_cell_is_retried_and_a_failing_one_stops_the_run_by_name(clust
     with pytest.raises(ExecutorError, match=r"cell L1-progressive failed 2 times on Ray actors \(max_retries=1\); "
                                             r"nothing of it was written\. Last error: .*injected failure"):
         run_audit(CONFIG, tmp_path / "fail", report=False, execution=Execution(
-            executor="ray", ray_actors=2, max_retries=1, before_cell=AlwaysFail("L1-progressive")))
+            executor="ray", ray_actors=1, max_retries=1, before_cell=AlwaysFail("L1-progressive")))
     run_dir = RunDirectory(tmp_path / "fail")
     assert ("progressive", 1) not in run_dir.finished_cells() and not list(run_dir.path.rglob(".tmp-*"))
     manifest = json.loads((tmp_path / "fail" / "manifest.json").read_text())

@@ -55,6 +55,7 @@ def _clean_passes(records: pd.DataFrame) -> tuple[int, int]:
     return int(cells), records["seq_id"].nunique()
 
 
+@pytest.mark.slow
 def test_shared_clean_passes_run_one_per_sequence(runs):
     root, reference = runs
     alone = _manifest(root / "alone")["sessions"][-1]["execution"]["clean_states"]
@@ -66,6 +67,7 @@ def test_shared_clean_passes_run_one_per_sequence(runs):
         assert stats["clean_passes"] == once < per_cell and stats["reused"] == per_cell - once
 
 
+@pytest.mark.slow
 def test_shards_split_the_cells_round_robin_and_merge_to_the_unsharded_run(runs):
     root, reference = runs
     s0, s1 = RunDirectory(root / "s0"), RunDirectory(root / "s1")
@@ -94,6 +96,7 @@ def test_shards_split_the_cells_round_robin_and_merge_to_the_unsharded_run(runs)
     assert not list(root.glob(".tmp-merge-*")) and not list(merged.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_merge_refuses_what_does_not_make_one_run(runs, tmp_path):
     root, _ = runs
     s0, s1 = root / "s0", root / "s1"
@@ -139,6 +142,7 @@ def test_merge_refuses_what_does_not_make_one_run(runs, tmp_path):
         merge_runs([s0, s1], tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_a_shard_resumes_only_as_the_same_shard(runs, tmp_path):
     root, _ = runs
     copy = tmp_path / "s0"

@@ -337,6 +337,9 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     cells = canonical_cells(layers, single=bool(single), progressive="progressive" in config.experiments)
     manifest["cells"] = [c.name for c in cells]
     mine = cells if execution.shard is None else execution.shard.select(cells)
+    if not mine:
+        progress.message(f"shard {execution.shard} holds no cell: the run has {len(cells)} cells, fewer than "
+                         f"{execution.shard.count} shards")
     done = run_dir.finished_cells()
     pending = [c for c in mine if c.key not in done]
     resumed = [c.name for c in mine if c.key in done]
@@ -375,6 +378,9 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
 
     if pending:
         executor = make_executor(execution, config=config, model=model)
+        if execution.executor != "local":  # the workers load their own model: free the driver's device for them
+            model = None
+            _release_device_memory()
         session["execution"] = execution.describe()
         session["execution"].update(executor.run(job, pending, write, progress.advance))
 
@@ -384,6 +390,16 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         tables = summarize(records, n_boot=config.n_boot)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed)
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
