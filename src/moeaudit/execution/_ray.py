@@ -130,7 +130,11 @@ class RayExecutor:
             handles = [worker.remote(self.config.to_dict(), job_ref, gpu=gpu, threads=cpus,
                                      clean_cache_bytes=self.clean_cache_bytes, before_cell=self.before_cell)
                        for _ in range(n)]
-            infos = ray.get([h.ready.remote() for h in handles])
+            try:
+                infos = ray.get([h.ready.remote() for h in handles])
+            except ray.exceptions.RayError as exc:
+                raise ExecutorError(f"a Ray actor could not start (loading {self.config.model!r} on "
+                                    f"{'a GPU' if gpu else 'CPU'}): {_short(exc)}") from exc
             bad = [i for i in infos if not i["verification_passed"]]
             if bad:
                 raise VerificationError(f"verification failed on the Ray actor on {bad[0]['host']} "
