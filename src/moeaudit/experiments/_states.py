@@ -143,7 +143,8 @@ class CleanStates:
 
     def check_sequences(self, ids_list: Sequence[torch.Tensor]) -> None:
         """Refuse sequences that are not a prefix of the run's (a cell's ``seq_id`` must mean the same sequence)."""
-        if len(ids_list) > len(self.ids) or any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(ids_list, self.ids)):
+        same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(ids_list, self.ids))
+        if len(ids_list) > len(self.ids) or not same:
             raise ValueError("the sequences passed to the cell are not a prefix of the sequences the clean states "
                              "were built for; build CleanStates over the run's whole sequence list.")
 
