@@ -22,13 +22,17 @@ from pathlib import Path
 
 
 class _Stages:
-    """A progress sink that remembers the current stage (to attribute clean passes to it)."""
+    """A progress sink that remembers the current stage (to attribute clean passes and CPU time to it)."""
 
     def __init__(self) -> None:
         self.current = "start"
+        self.cpu: dict[str, float] = {}
+        self._since = time.process_time()
 
     def stage(self, name, total):
-        self.current = name.split(" (")[0]
+        now = time.process_time()
+        self.cpu[self.current] = round(self.cpu.get(self.current, 0.0) + now - self._since, 1)
+        self.current, self._since = name.split(" (")[0], now
 
     def advance(self, n):
         pass
@@ -98,11 +102,13 @@ def main() -> None:
         start, cpu = time.perf_counter(), time.process_time()
         run_audit(config, out, progress=sink, **kwargs)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        sink.stage("end", None)
         manifest = json.loads((out / "manifest.json").read_text())
         stages = manifest["sessions"][-1]["stages"]
         cells = sum(v for k, v in stages.items() if k.startswith("cell "))
         print(json.dumps({"what": args.what, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                           "cells_s": round(cells, 1),
+                          "cpu_by_stage_s": sink.cpu,
                           "clean_passes": dict(counts), "clean_passes_total": sum(counts.values()),
                           "stages": {k: v for k, v in stages.items() if not k.startswith("cell ")},
                           "clean_cache": manifest["sessions"][-1].get("execution", {}).get("clean_states")}, indent=1))

@@ -157,6 +157,19 @@ def test_a_shard_resumes_only_as_the_same_shard(runs, tmp_path):
     assert again.computed_cells == [] and again.resumed_cells == ["L1-single", "L1-progressive"]
 
 
+def test_ray_without_ray_installed_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    import importlib.util
+
+    from moeaudit.execution import check_executor
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs Ray, which is not installed here: pip install 'moeaudit\[ray\]'"):
+        run_audit(CONFIG, tmp_path / "run", execution=Execution(executor="ray"))
+    assert not (tmp_path / "run").exists()
+    check_executor(Execution())  # the local executor needs nothing
+
+
 def test_shard_and_size_specs():
     assert Shard.parse("3/4") == Shard(3, 4) and str(Shard(3, 4)) == "3/4"
     cells = [Cell("single", layer) for layer in range(7)]
