@@ -38,7 +38,10 @@ class CellWorker:
         from moeaudit.models import load_model
         from moeaudit.pipeline import resolve_device
 
-        torch.set_num_threads(max(1, threads))
+        # Ray's rule for worker threads: OMP_NUM_THREADS where the environment sets it, else the actor's CPUs. On
+        # CPU the last bits of a loss depend on the thread count (reduction order), so it is recorded.
+        self.threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or threads))
+        torch.set_num_threads(self.threads)
         cfg = RunConfig.from_mapping(config)
         # Ray shows an actor its own GPU only (as cuda:0), whatever index the configuration named.
         self.device = "cuda" if gpu else resolve_device("cpu" if cfg.device.startswith("cuda") else cfg.device)
@@ -54,7 +57,7 @@ class CellWorker:
         """Where this actor runs and whether the engine verified there."""
         import platform
 
-        return {"host": platform.node(), "pid": os.getpid(), "device": self.device,
+        return {"host": platform.node(), "pid": os.getpid(), "device": self.device, "threads": self.threads,
                 "verification_passed": self.verification.passed,
                 "verification_failures": [f"{c.name}: {c.detail}" for c in self.verification.checks if not c.passed]}
 
