@@ -43,7 +43,7 @@ def run(
                                          "$SLURM_ARRAY_TASK_ID/4) into its own directory; combine the shards with "
                                          "`moeaudit merge`"),
     executor: str = typer.Option("local", help="local (this process) or ray (Ray actors on the cluster at "
-                                               "RAY_ADDRESS, else a local one; pip install 'moeaudit[ray]')"),
+                                               "RAY_ADDRESS, else a local one; pip install 'moeaudit\\[ray]')"),
     ray_actors: int = typer.Option(None, help="Ray actors (default: one per GPU, else one per node)"),
     clean_cache: str = typer.Option("auto", help="memory for clean passes shared by every cell: auto (half the "
                                                  "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
