@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from moeaudit.experiments import POOL, ExperimentSettings
+from moeaudit.experiments import POOL, CleanStates, ExperimentSettings
 from moeaudit.experiments._run import Progress, collect_single
 from moeaudit.stats import clustered_mean
 
@@ -27,9 +27,10 @@ IMPORTANCE_COLUMNS: tuple[str, ...] = (
 
 
 def collect_pool(model: nn.Module, sequences: Sequence, settings: ExperimentSettings, layer: int, *,
-                 progress: Progress | None = None) -> pd.DataFrame:
-    """The single-expert pool records of one layer: every active expert ablated alone at ``settings.n`` positions."""
-    return collect_single(model, sequences, None, settings, layer, experiments=(), progress=progress)
+                 progress: Progress | None = None, states: CleanStates | None = None) -> pd.DataFrame:
+    """The single-expert pool records of one layer: every active expert ablated alone at ``settings.n`` positions
+    (``states``: clean passes shared with the other layers, see :class:`moeaudit.experiments.CleanStates`)."""
+    return collect_single(model, sequences, None, settings, layer, experiments=(), progress=progress, states=states)
 
 
 def importance_table(pool: pd.DataFrame, layers: Sequence[int], n_experts: int, *, ci: float = 0.95) -> pd.DataFrame:

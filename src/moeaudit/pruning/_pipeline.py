@@ -116,7 +116,7 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
 
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
     from moeaudit._verify import verify
-    from moeaudit.experiments import ExperimentSettings
+    from moeaudit.experiments import CleanStates, ExperimentSettings
 
     settings = ExperimentSettings(layers=config.layers, n=config.n, seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
@@ -132,9 +132,11 @@ def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, pro
         report.raise_if_failed()
         progress.stage(f"importance map ({len(pending)} layers to go, {len(layers) - len(pending)} resumed)",
                        config.n * len(pending))
+        states = CleanStates(loaded.model, loaded.calibration, layers=pending)  # one clean pass per document
         for layer in pending:
             with s.timer(f"pool L{layer}"):
-                frame = collect_pool(loaded.model, loaded.calibration, settings, layer, progress=progress.advance)
+                frame = collect_pool(loaded.model, loaded.calibration, settings, layer, progress=progress.advance,
+                                     states=states)
             run_dir.write_cell("single", layer, frame)
     records = run_dir.read_records()
     table = importance_table(records, layers, loaded.geometry.n_experts)
