@@ -92,10 +92,10 @@ class Shard:
 
 @dataclass(frozen=True)
 class Execution:
-    """How a run's cells are computed. None of it changes a number (the records are equal whichever executor,
-    shard split or cache size computed them; tested), so it is not part of :class:`moeaudit.RunConfig`, and a run
-    may be resumed with other settings, except the shard, which decides what the directory holds (checked on
-    resume).
+    """How a run's cells are computed, not what is computed: the same positions, ablations and seeds whichever
+    executor, shard split or cache size computes them (records equal, tested; on CPU bit-for-bit at equal thread
+    counts), so it is not part of :class:`moeaudit.RunConfig`, and a run may be resumed with other settings, except
+    the shard, which decides what the directory holds (checked on resume).
 
     Attributes:
         executor: ``local`` (this process) or ``ray`` (Ray actors; see :mod:`moeaudit.execution`).
