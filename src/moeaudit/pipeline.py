@@ -24,15 +24,7 @@ import pandas as pd
 
 from moeaudit.config import RunConfig
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError, did_you_mean
-from moeaudit.execution import (
-    CellJob,
-    CellResult,
-    Execution,
-    canonical_cells,
-    check_executor,
-    check_shard,
-    make_executor,
-)
+from moeaudit.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory
 
 
@@ -315,6 +307,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
              progress: ProgressSink, on_cell, execution: Execution) -> RunResult:
     from moeaudit._observe import observe
     from moeaudit._verify import verify
+    from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
     from moeaudit.experiments import ExperimentSettings, summarize
     from moeaudit.experiments._stability import ranking_stability
     from moeaudit.experiments._states import sequence_ids
@@ -380,7 +373,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         executor = make_executor(execution, config=config, model=model)
         if execution.executor != "local":  # the workers load their own model: free the driver's device for them
             model = None
-            _release_device_memory()
+            release_device_memory()
         session["execution"] = execution.describe()
         session["execution"].update(executor.run(job, pending, write, progress.advance))
 
@@ -390,16 +383,6 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         tables = summarize(records, n_boot=config.n_boot)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed)
-
-
-def _release_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:

@@ -37,6 +37,17 @@ def check_executor(execution: Execution) -> None:
                           "(or 'ray>=2.40'), or run with --executor local.")
 
 
+def release_device_memory() -> None:
+    """Give cached GPU memory back after the driver dropped its model (the workers load their own)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def make_executor(execution: Execution, *, config, model: nn.Module) -> CellExecutor:
     """The executor ``execution`` names (``model`` serves the local one; Ray actors load their own)."""
     check_executor(execution)
@@ -64,4 +75,5 @@ __all__ = [
     "make_executor",
     "merge_runs",
     "parse_bytes",
+    "release_device_memory",
 ]
