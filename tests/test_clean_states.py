@@ -11,7 +11,6 @@ from conftest import cached_tiny, random_ids
 import moeaudit.intervene as intervene
 from moeaudit.experiments import CleanStates, ExperimentSettings, run_experiments
 from moeaudit.experiments._run import collect_progressive, collect_single
-from moeaudit.experiments._states import tensor_bytes
 from moeaudit.models import describe
 
 LAYERS = (1, 3)
@@ -68,7 +67,7 @@ def test_one_clean_pass_per_sequence_serves_every_cell_with_equal_records(count_
 def test_the_budget_keeps_the_first_states_that_fit_and_never_evicts(count_clean_passes):
     model = cached_tiny("olmoe")
     seqs = _corpus()
-    sizes = [tensor_bytes(CleanStates(model, seqs, layers=LAYERS, budget_bytes=0).ablator(i).state)
+    sizes = [CleanStates(model, seqs, layers=LAYERS, budget_bytes=0).ablator(i).state.nbytes
              for i in range(len(seqs))]
     count_clean_passes.clear()
     states = CleanStates(model, seqs, layers=LAYERS, budget_bytes=sizes[0] + sizes[1])
@@ -83,8 +82,8 @@ def test_the_budget_keeps_the_first_states_that_fit_and_never_evicts(count_clean
 
 
 def test_state_bytes_match_the_model_geometry():
-    """tensor_bytes against the sizes the geometry implies: every layer's output and keys/values, the audited
-    layers' routing, the losses and the ids."""
+    """CleanState.nbytes against the sizes the geometry implies: every layer's output and keys/values, the audited
+    layers' routing, the clean pass's rotary cos/sin, the losses and the ids."""
     model = cached_tiny("olmoe")
     cfg = model.config
     desc = describe(model)
@@ -96,8 +95,9 @@ def test_state_bytes_match_the_model_geometry():
                 + desc.n_layers * 2 * cfg.num_key_value_heads * T * head_dim * f32  # keys and values
                 + len(LAYERS) * T * (2 * cfg.hidden_size + desc.n_experts + desc.top_k) * f32  # x, moe_out, logits, w
                 + len(LAYERS) * T * desc.top_k * i64  # expert indices
+                + 2 * T * head_dim * f32  # rotary cos and sin of the clean pass
                 + (T - 1) * f32 + T * i64)  # losses, ids
-    assert tensor_bytes(state) == expected
+    assert state.nbytes == expected
 
 
 def test_run_experiments_shares_clean_passes(count_clean_passes):

@@ -70,35 +70,6 @@ def default_budget(device: torch.device) -> int:
     return int(available_memory(device) * DEFAULT_BUDGET_FRACTION)
 
 
-def tensor_bytes(obj: object) -> int:
-    """Bytes of the tensor storages reachable from ``obj`` (dataclasses, containers, cache objects), each storage
-    counted once; modules are not followed."""
-    seen_objects: set[int] = set()
-    seen_storages: set[tuple[str, int]] = set()
-    total = 0
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            key = (str(item.device), storage.data_ptr())
-            if key not in seen_storages:
-                seen_storages.add(key)
-                total += storage.nbytes()
-            continue
-        if id(item) in seen_objects or isinstance(item, (nn.Module, str, bytes, int, float, bool, type, torch.dtype,
-                                                         torch.device)) or item is None:
-            continue
-        seen_objects.add(id(item))
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__"):
-            stack.extend(vars(item).values())
-    return total
-
-
 class CleanStates:
     """The clean passes of a run's sequences, keyed by sequence index (see the module docstring).
 
@@ -157,7 +128,7 @@ class CleanStates:
         ablator = SequenceAblator(self.model, self.ids[seq_id], layers=self.layers)
         self.clean_passes += 1
         if self.budget_bytes > 0:
-            size = tensor_bytes(ablator.state)
+            size = ablator.state.nbytes
             if self.used_bytes + size <= self.budget_bytes:
                 self._kept[seq_id] = ablator
                 self.used_bytes += size
