@@ -20,13 +20,12 @@ created, leaving the rest to the engine's batches.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from moeaudit.intervene import SequenceAblator
+from moeaudit.intervene import SequenceAblator, free_memory_bytes
 from moeaudit.models import describe
 from moeaudit.models._describe import model_device
 
@@ -39,35 +38,10 @@ def sequence_ids(sequences: Sequence) -> list[torch.Tensor]:
     return [torch.as_tensor(getattr(s, "input_ids", s)).long() for s in sequences]
 
 
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: CUDA's free memory, else the host's available RAM."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 2 * 1024**3  # no way to ask: a conservative 2 GiB
-
-
 def default_budget(device: torch.device) -> int:
-    """The default cache budget: :data:`DEFAULT_BUDGET_FRACTION` of :func:`available_memory`."""
-    return int(available_memory(device) * DEFAULT_BUDGET_FRACTION)
+    """The default cache budget: :data:`DEFAULT_BUDGET_FRACTION` of the device's free memory
+    (:func:`moeaudit.intervene.free_memory_bytes`, the same reading that sizes the engine's batches)."""
+    return int(free_memory_bytes(device) * DEFAULT_BUDGET_FRACTION)
 
 
 class CleanStates:

@@ -14,6 +14,7 @@ from moeaudit.intervene._memory import (
     auto_query_tokens,
     chunk_geometry,
     chunk_memory_bytes,
+    free_memory_bytes,
 )
 from moeaudit.intervene._naive import run_naive
 from moeaudit.intervene._routing import apply_mode, dense_weights, override_routing
@@ -165,5 +166,6 @@ __all__ = [
     "chunk_memory_bytes",
     "clean_state",
     "dense_weights",
+    "free_memory_bytes",
     "override_routing",
 ]

@@ -143,9 +143,11 @@ def auto_query_tokens(g: ChunkGeometry, seq_len: int, budget_bytes: int, *, spli
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: CUDA's ``mem_get_info``; for the CPU, Linux's ``MemAvailable`` (psutil elsewhere)."""
+    """Free memory of ``device``: CUDA's ``mem_get_info``; MPS: the recommended maximum minus what the driver holds; for the CPU, Linux's ``MemAvailable`` (psutil elsewhere)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     if device.type == "cpu":
         try:
             with open("/proc/meminfo", encoding="ascii") as fh:
