@@ -53,6 +53,10 @@ def test_unknown_key_names_the_valid_keys():
     ({"experiments": []}, "experiments is empty"),
     ({"device_map": "everywhere"}, "device_map: 'everywhere' is not valid; valid: auto, balanced"),
     ({"device_map": "auto", "device": "cuda"}, "device='cuda' and device_map='auto' both place the model"),
+    ({"sesoi_d": 0}, "sesoi_d=0.0 is not a smallest effect of interest"),
+    ({"sesoi_d": "small"}, "sesoi_d must be a number"),
+    ({"sesoi_d": True}, "sesoi_d must be a number"),
+    ({"sesoi_d": float("nan")}, "is not a smallest effect of interest"),
 ])
 def test_bad_values_are_named(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -64,6 +68,13 @@ def test_coercions_from_flags():
     c = RunConfig.from_mapping({"layers": "0, 4,7", "metrics": "activation_norm", "dtype": "bf16", "n": "12"})
     assert c.layers == (0, 4, 7) and c.metrics == ("activation_norm",) and c.dtype == "bfloat16" and c.n == 12
     assert RunConfig.from_mapping({"layers": "all"}).layers is None
+    assert RunConfig.from_mapping({"sesoi_d": "0.3"}).sesoi_d == 0.3 and RunConfig.from_mapping({"sesoi_d": 1}).sesoi_d == 1.0
+
+
+def test_sesoi_default_is_the_statistics_default():
+    from moeaudit.stats import SESOI_D
+
+    assert RunConfig().sesoi_d == SESOI_D
 
 
 def test_toml_round_trip_and_precedence(tmp_path):

@@ -19,7 +19,8 @@ from moeaudit.pipeline import run_audit
 from moeaudit.rundir import RunDirectory
 
 CONFIG = RunConfig(model="builtin:tiny-moe", name="tiny", corpus="builtin", n_docs=6, n_docs_progressive=8,
-                   max_length=96, layers=(1, 5), n=12, n_progressive=8, n_boot=100, device="cpu", dtype="float32")
+                   max_length=96, layers=(1, 5), n=12, n_progressive=8, n_boot=100, device="cpu", dtype="float32",
+                   seed=7, sesoi_d=0.3)
 CELLS = {("single", 1), ("single", 5), ("progressive", 1), ("progressive", 5)}
 
 
@@ -67,7 +68,7 @@ def test_summary_files_equal_the_records_summary(clean):
     out, result = clean
     records = RunDirectory(out).read_records()
     pd.testing.assert_frame_equal(records, result.records)
-    tables = summarize(records, n_boot=CONFIG.n_boot)
+    tables = summarize(records, n_boot=CONFIG.n_boot, seed=CONFIG.seed, sesoi_d=CONFIG.sesoi_d)
     stored = json.loads((out / "summary.json").read_text())
     for name, table in tables.items():
         pd.testing.assert_frame_equal(pd.DataFrame(stored[name]).reset_index(drop=True),
@@ -75,15 +76,29 @@ def test_summary_files_equal_the_records_summary(clean):
     long = pd.read_csv(out / "summary.csv")
     assert (long["table"] == "audit").sum() == 8 and (long["table"] == "control").sum() == 2
     audit = tables["audit"]
-    assert set(audit["layer"]) == {1, 5} and (audit["n"] == 12).all()
+    assert set(audit["layer"]) == {1, 5} and (audit["n"] == 12).all() and (audit["sesoi_d"] == 0.3).all()
+    # the columns downstream scripts rely on
+    contract = {"p_cluster", "tost_p", "bf0plus", "hl_estimate", "p_sign"}
+    for name in ("audit", "control"):
+        assert contract <= set(pd.read_csv(out / "tables" / f"{name}.csv").columns), name
+        assert contract <= set(stored[name][0]), name
+    assert stored["families"][0]["family"] == "audit" and stored["families"][0]["mde_d"] > 0
 
 
 def test_rerun_is_a_noop_and_partial_resume_recomputes_only_missing_cells(clean, tmp_path):
     out, result = clean
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    again = run_audit(CONFIG, copy, report=False)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["config"]["sesoi_d"]  # as written by a version without the key
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    again = run_audit(CONFIG.replace(sesoi_d=0.2), copy, report=False)  # a missing key counts as its default
     assert again.computed_cells == [] and len(again.resumed_cells) == 4
+    with pytest.raises(RunDirectoryError, match="sesoi_d: stored 0.2, requested 0.3"):
+        run_audit(CONFIG, copy, report=False)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["sesoi_d"] = CONFIG.sesoi_d
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     (copy / "records" / "L005-single.parquet").unlink()
     (copy / "records" / ".tmp-x.parquet").write_bytes(b"half a file")  # a write killed mid-way
     partial = run_audit(CONFIG, copy, report=False)
@@ -170,9 +185,9 @@ def test_report_contents_follow_the_numbers(clean):
     md = (out / "report.md").read_text()
     audit = result.tables["audit"]
     n_sig = int(audit["significant"].sum())
-    assert re.search(rf"\b{n_sig} of 8 metric × layer cells survives? Bonferroni correction", md)
+    assert re.search(rf"\b{n_sig} of 8 metric × layer cells shows? an effect under the decision rule", md)
     top = audit.loc[audit["cohens_d"].abs().idxmax()]
-    assert f"|d| ≤ {abs(top['cohens_d']):.3f} in every cell" in md
+    assert "the largest |d| is" in md and f"(d = {top['cohens_d']:+.3f}" in md
     for _, row in audit.iterrows():  # every audit cell appears with its d
         assert f"| L{row['layer']} |" in md and f"{row['cohens_d']:+.3f}" in md
     assert "k=1" in md and "ρ(weight, gap)" in md and "Kendall τ" in md
@@ -193,7 +208,7 @@ def test_two_runs_side_by_side(clean, tmp_path):
     assert "tiny: tables" in headings and "tiny-renorm: tables" in headings
     paths = write_report([out, other], tmp_path / "both")
     md = paths["markdown"].read_text()
-    assert len(re.findall("survives? Bonferroni correction", md)) == 2
+    assert len(re.findall("metric × layer cells shows? an effect", md)) == 2
     headline = md[md.index("**Headline numbers per model**"):md.index("## Runs")]
     for run in runs:
         audit = run.tables["audit"]

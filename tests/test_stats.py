@@ -11,8 +11,8 @@ from scipy import stats as sps
 
 from moeaudit.stats import (
     JZS_PRIOR_SCALE,
+    bca_interval,
     correct,
-    fisher_z,
     kendall_tau_ci,
     paired_test,
     sign_test,
@@ -126,15 +126,29 @@ def test_bayes_factor_matches_independent_integration(n, shift):
 def test_all_zero_differences_give_nan_not_crash():
     res = paired_test(np.ones(6), np.ones(6))
     assert res.mean_diff == 0.0 and res.sd_diff == 0.0 and res.pct_high_larger == 0.0
-    for field in ("cohens_d", "t_stat", "p_t", "w_stat", "p_wilcoxon", "bf01", "ci_low", "ci_high"):
+    for field in ("cohens_d", "t_stat", "p_t", "w_stat", "p_wilcoxon", "bf01", "bf0plus", "ci_low", "ci_high",
+                  "p_cluster", "p_signrank_cluster", "p_sign", "tost_p"):
         assert np.isnan(getattr(res, field)), field
+    assert res.note == "every D is 0"
 
 
 def test_constant_nonzero_differences():
     res = paired_test(np.full(6, 2.0), np.ones(6))
-    assert np.isnan(res.cohens_d) and np.isnan(res.t_stat) and np.isnan(res.p_t)
+    assert np.isnan(res.cohens_d) and np.isnan(res.t_stat) and np.isnan(res.p_t) and np.isnan(res.tost_p)
     assert res.p_wilcoxon == pytest.approx(2 / 2**6, rel=1e-12)  # every sign positive: exact two-sided p
-    assert res.pct_high_larger == 100.0
+    assert res.p_cluster == pytest.approx(2 / 2**6, rel=1e-12)  # all 2^6 sign vectors enumerated
+    assert res.pct_high_larger == 100.0 and "constant" in res.note
+
+
+def test_near_constant_differences_give_nan_d_with_a_note():
+    # D = 1 + rounding-level noise: mean / sd would be ~1e14 (the symptom); relative spread < 1e-12 -> NaN
+    high = 1.0 + np.array([0.0, 1e-15, -1e-15, 2e-15, 0.0, -2e-15, 1e-15])
+    res = paired_test(high, np.zeros(7))
+    assert np.isnan(res.cohens_d) and np.isnan(res.t_stat) and np.isnan(res.bf0plus) and np.isnan(res.ci_low)
+    assert "constant up to 1e-12" in res.note
+    assert res.p_signrank_cluster == pytest.approx(2 / 2**7, rel=1e-12)  # the rank tests still see all-positive D
+    ok = paired_test(1.0 + np.linspace(-1e-6, 1e-6, 7), np.zeros(7))  # spread 2e-6 relative: a real (huge) d
+    assert ok.cohens_d > 1e5 and ok.note == ""
 
 
 def test_huge_t_gives_zero_bf01():
@@ -177,7 +191,7 @@ def test_ci_contains_estimate_and_is_deterministic():
     a = paired_test(high, low, seed=11)
     b = paired_test(high, low, seed=11)
     c = paired_test(high, low, seed=12)
-    assert a.ci_method == "bootstrap"
+    assert a.ci_method == "bca_bootstrap"
     assert a.ci_low < a.cohens_d < a.ci_high
     assert (a.ci_low, a.ci_high) == (b.ci_low, b.ci_high)
     assert (a.ci_low, a.ci_high) != (c.ci_low, c.ci_high)
@@ -195,7 +209,7 @@ def test_cluster_bootstrap_widens_for_correlated_positions():
     low = np.zeros_like(high)
     plain = paired_test(high, low, seed=0)
     clustered = paired_test(high, low, clusters=clusters, seed=0)
-    assert clustered.ci_method == "cluster_bootstrap"
+    assert clustered.ci_method == "bca_cluster_bootstrap" and clustered.n_clusters == n_clusters
     assert clustered.cohens_d == plain.cohens_d  # the point estimate does not depend on the clusters
     assert clustered.ci_low < clustered.cohens_d < clustered.ci_high
     # effective sample size ~ 20 rather than 200: interval about sqrt(10) times wider
@@ -211,16 +225,19 @@ def test_cluster_bootstrap_with_singleton_clusters_equals_plain_bootstrap():
 
 
 def test_bootstrap_coverage_on_normal_data():
+    from moeaudit.stats._intervals import bootstrap_d_z, d_z, jackknife_d_z
+
     true_d, n, reps = 0.5, 60, 150
     rng = np.random.default_rng(2024)
     hits = 0
+    groups = np.arange(n)
     for rep in range(reps):
         diff = rng.normal(true_d, 1.0, n)
-        res = paired_test(diff, np.zeros(n), n_boot=400, seed=rep)
-        hits += res.ci_low <= true_d <= res.ci_high
+        low, high = bca_interval(d_z(diff), bootstrap_d_z(diff, groups, 400, rep), jackknife_d_z(diff, groups), 0.95)
+        hits += low <= true_d <= high
     coverage = hits / reps
-    # nominal 0.95; percentile intervals for d_z under-cover slightly at this n. Binomial SE ~ 0.018.
-    assert 0.86 <= coverage <= 0.99
+    # nominal 0.95 (BCa). Binomial SE ~ 0.018.
+    assert 0.88 <= coverage <= 0.995
 
 
 # --- corrections --------------------------------------------------------------------------------------------
@@ -335,15 +352,6 @@ def test_spearman_matches_scipy_and_handles_constant(recwarn):
     assert len(recwarn) == 0
     with pytest.raises(ValueError, match="x and y must have the same length"):
         spearman([1, 2, 3], [1, 2, 3, 4])
-
-
-def test_fisher_z():
-    assert fisher_z(0.5) == pytest.approx(0.5 * np.log(3.0), rel=1e-12)
-    z = fisher_z([-1.0, 0.0, 1.0])
-    assert np.all(np.isfinite(z)) and z[0] == -z[2] and z[2] > 18
-    assert np.isnan(fisher_z(np.nan))
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        fisher_z(1.2)
 
 
 def test_sign_test():

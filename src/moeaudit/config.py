@@ -152,9 +152,12 @@ class RunConfig(FlatConfig):
             than memory): ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, or a ``.json`` file mapping
             module names to devices. Unset: the whole model on ``device``. Does not change the numbers beyond
             rounding, so a run may be resumed with another placement.
-        seed: Seed of the position sampling and of the bootstrap intervals.
+        seed: Seed of the position sampling, the tie-breaks between equal metric values, the bootstrap intervals
+            and the sign-flip tests.
         trust_remote_code: Run modelling code shipped with the checkpoint.
         n_boot: Bootstrap resamples of the confidence intervals.
+        sesoi_d: Smallest effect size of interest, in units of d_z: the equivalence tests (TOST) claim "no effect"
+            only for |d| below it.
     """
 
     model: str = "builtin:tiny-moe"
@@ -179,6 +182,7 @@ class RunConfig(FlatConfig):
     seed: int = 0
     trust_remote_code: bool = False
     n_boot: int = 2000
+    sesoi_d: float = 0.2
 
     def _check(self) -> None:
         check_common(self)
@@ -204,6 +208,9 @@ class RunConfig(FlatConfig):
                                   "device puts all of it on one device, device_map spreads its layers over every "
                                   "visible device (then CPU, then disk). Set one of them (leave device at 'auto' "
                                   "with a device_map).")
+        if not 0.0 < self.sesoi_d < 10.0:
+            raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
+                              "e.g. 0.2 (Cohen's small).")
 
     @property
     def label(self) -> str:

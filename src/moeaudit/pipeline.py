@@ -212,11 +212,13 @@ class Session:
 def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str, *, entry: dict[str, Any],
                 timer: StageTimer, progress: ProgressSink, tool: str = "moeaudit",
                 extra: dict[str, Any] | None = None,
-                check: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Session]:
+                check: Callable[[dict[str, Any]], None] | None = None,
+                defaults: dict[str, Any] | None = None) -> Iterator[Session]:
     """Hold ``run_dir``'s lock, bind it to ``config`` (create it, or resume the same configuration), and record
     the session in the manifest; a failure or an interruption marks the run ``failed`` / ``interrupted``.
     ``extra`` keys go into a new run's manifest (e.g. a shard's spec); ``check`` sees the manifest before this
-    session writes anything and refuses by raising (e.g. resuming a shard as another one).
+    session writes anything and refuses by raising (e.g. resuming a shard as another one). A key the stored
+    configuration lacks (written by an older version) counts as its value in ``defaults``.
 
     Raises:
         RunDirectoryError: ``run_dir`` holds another configuration, or is in use.
@@ -225,7 +227,7 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
         run_dir.remove_stale_temporaries()
         new_manifest = {"format_version": FORMAT_VERSION, "tool": tool, "config": config, "status": "running",
                         "created": entry["started"], "sessions": [], **(extra or {})}
-        manifest, resumed = run_dir.claim(config, new_manifest)
+        manifest, resumed = run_dir.claim(config, new_manifest, defaults=defaults)
         if check is not None:
             check(manifest)
         if not (run_dir.path / "config.toml").is_file():
@@ -251,7 +253,8 @@ def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: 
     shard = execution.shard
     with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer, progress=progress,
                      extra=None if shard is None else {"shard": shard.to_dict()},
-                     check=lambda manifest: check_shard(manifest, shard, run_dir.path)) as s:
+                     check=lambda manifest: check_shard(manifest, shard, run_dir.path),
+                     defaults=RunConfig().to_dict()) as s:
         result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell, execution)
         s.complete(resumed_cells=result.resumed_cells, computed_cells=result.computed_cells)
         if shard is not None:
@@ -380,7 +383,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     progress.stage("summarising", None)
     with timer("summary"):
         records = run_dir.read_records()
-        tables = summarize(records, n_boot=config.n_boot)
+        tables = summarize(records, n_boot=config.n_boot, seed=config.seed, sesoi_d=config.sesoi_d)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed)
 

@@ -208,9 +208,11 @@ class RunDirectory:
         return removed
 
     # -- binding a directory to a configuration ---------------------------------------------------------------
-    def claim(self, config: dict[str, Any], new_manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def claim(self, config: dict[str, Any], new_manifest: dict[str, Any], *,
+              defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
         """Bind the directory to ``config``: create it with ``new_manifest``, or check that the run it holds has
-        the same configuration. Returns ``(manifest, resumed)``.
+        the same configuration. Returns ``(manifest, resumed)``. A key the stored configuration lacks (written
+        by a version without it) counts as its value in ``defaults``.
 
         Raises:
             RunDirectoryError: The directory holds a run with another configuration, or files that are not a
@@ -218,7 +220,7 @@ class RunDirectory:
         """
         if self.exists():
             manifest = self.manifest()
-            differences = config_differences(manifest.get("config", {}), config)
+            differences = config_differences({**(defaults or {}), **manifest.get("config", {})}, config)
             if differences:
                 lines = "\n".join(f"  {k}: stored {a!r}, requested {b!r}" for k, a, b in differences)
                 raise RunDirectoryError(

@@ -37,6 +37,7 @@ def run(
                                               "balanced, balanced_low_0, sequential, or a .json module->device map"),
     seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
     n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
+    sesoi_d: float = typer.Option(None, help="smallest effect of interest (d_z) of the equivalence tests"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
     shard: str = typer.Option(None, help="compute only shard I of N (I from 0, e.g. 0/4 or "
@@ -57,7 +58,7 @@ def run(
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
              "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
              "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
-             "trust_remote_code": trust_remote_code, "n_boot": n_boot}
+             "trust_remote_code": trust_remote_code, "n_boot": n_boot, "sesoi_d": sesoi_d}
     cfg = build_config(RunConfig, config, flags)
     try:
         execution = Execution(executor=executor, shard=shard, ray_actors=ray_actors,
@@ -110,12 +111,13 @@ def _execute(cfg, out: Path, report: bool, execution=None) -> None:
                                     "resume.")
         raise typer.Exit(130) from None
     tables = result.tables
-    cols = ["layer", "metric", "n", "cohens_d", "p_t", "p_wilcoxon", "significant"]
+    cols = ["layer", "metric", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "decision"]
     if len(tables["audit"]):
         console.print(rich_table("audit (Definition 2.1)", tables["audit"], cols))
     if len(tables["control"]):
         console.print(rich_table("routing-weight control", tables["control"],
-                             ["layer", "n", "cohens_d", "p_t", "p_wilcoxon", "spearman_rho", "significant"]))
+                             ["layer", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "spearman_rho",
+                              "decision"]))
     console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
                   f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {out}")
     if result.report:

@@ -134,7 +134,7 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
         RunDirectoryError: A directory is not a shard, the shards differ, or they do not cover every cell exactly
             once (the message names the cells missing or held twice), or ``out`` is not new.
     """
-    from moeaudit.experiments import summarize
+    from moeaudit.experiments import summarize, summary_settings
     from moeaudit.pipeline import RunResult, environment, write_summary
 
     if not shards:
@@ -170,7 +170,7 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
             if source is not None:
                 atomic_write_bytes(tmp / name, source.read_bytes())
         records = staging.read_records()
-        tables = summarize(records, n_boot=int(config.get("n_boot", 2000)))
+        tables = summarize(records, **summary_settings(config))
         write_summary(staging, tables)
         sessions = [{**session, "shard": f"{s.index}/{s.count}"} for s in parsed
                     for session in s.manifest.get("sessions", [])]

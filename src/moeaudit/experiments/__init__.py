@@ -3,7 +3,9 @@ progressive ablation, redistribution, ranking stability; records and their summa
 
 Shared sampling rules: positions are sampled uniformly without replacement from the corpus's valid positions with a
 seed; the same positions serve every metric of a layer; positions with fewer than two active experts are skipped;
-ties in a metric are broken by expert id; the verification suite runs first and a failure stops the experiment.
+ties in a metric are broken at random (seeded by the run's seed, the layer and the position); experts whose metric is
+NaN are left out of its ranking (a position with fewer than two ranked experts is skipped for that metric); the
+verification suite runs first and a failure stops the experiment.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from torch import nn
 
+from moeaudit.experiments._decide import DECISIONS
 from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
     EXPERIMENTS,
@@ -27,7 +30,7 @@ from moeaudit.experiments._run import (
 )
 from moeaudit.experiments._stability import ranking_stability
 from moeaudit.experiments._states import CleanStates
-from moeaudit.experiments._summary import summarize
+from moeaudit.experiments._summary import summarize, summary_settings
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
             if on_layer:
                 on_layer("progressive", layer, frame)
     records = pd.concat(parts, ignore_index=True) if parts else to_frame([])
-    return ExperimentResult(records, summarize(records), verification, metric_table)
+    return ExperimentResult(records, summarize(records, seed=settings.seed), verification, metric_table)
 
 
 def audit(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
@@ -135,6 +138,7 @@ def redistribution(model, sequences, settings: ExperimentSettings = ExperimentSe
 
 __all__ = [
     "CleanStates",
+    "DECISIONS",
     "EXPERIMENTS",
     "PAPER_METRICS",
     "POOL",
@@ -150,4 +154,5 @@ __all__ = [
     "routing_control",
     "run_experiments",
     "summarize",
+    "summary_settings",
 ]

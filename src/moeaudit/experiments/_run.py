@@ -43,7 +43,8 @@ class ExperimentSettings:
         metrics: Observational metrics (columns of the ``observe`` table) to audit.
         n: Positions per (layer, metric) cell.
         n_progressive: Positions per layer of the progressive ablation.
-        seed: Seed of the position sampling.
+        seed: Seed of the position sampling and of the random tie-breaks between experts with equal metric
+            values (per layer and position).
         scope: ``token`` (Definition 2.1) or ``sequence``.
         mode: ``zero``, ``renormalize`` or ``reroute``.
         min_context: Positions need at least this many tokens of context.
@@ -82,10 +83,18 @@ class ExperimentSettings:
         return layers
 
 
-def _rank(values: Sequence[float], experts: Sequence[int]) -> list[int]:
-    """Indices of ``experts`` sorted ascending by (value, expert id); NaN ranks below every value."""
-    keys = [(-math.inf if (v is None or math.isnan(v)) else v, e) for v, e in zip(values, experts)]
-    return sorted(range(len(experts)), key=lambda i: keys[i])
+def _tie_keys(seed: int, layer: int, seq_id: int, position: int, n_active: int) -> list[float]:
+    """Uniform random keys that break ties among a position's active experts: seeded by the run's seed, the layer
+    and the position (so a resumed cell, or any subset of experiments, breaks every tie the same way), and
+    independent of expert ids (ties broken by id would make low ids systematically "low")."""
+    return np.random.default_rng([seed, layer, seq_id, position]).random(n_active).tolist()
+
+
+def _rank(values: Sequence[float], tie_keys: Sequence[float]) -> list[int]:
+    """Indices of the experts whose value is a number, sorted ascending by (value, tie key); experts whose
+    value is NaN (or None) are left out of the ranking."""
+    ranked = [i for i, v in enumerate(values) if v is not None and not math.isnan(v)]
+    return sorted(ranked, key=lambda i: (values[i], tie_keys[i]))
 
 
 def _states_for(model: nn.Module, sequences: Sequence, layer: int, states: CleanStates | None):
@@ -175,6 +184,7 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
         for pos in positions:
             active, weights = _active(ls, pos)
             res = by_pos[pos]
+            ties = _tie_keys(settings.seed, layer, seq_id, pos, len(active))
             for i, e in enumerate(active):
                 row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
                 row.update(experiment=POOL, metric=ROUTING_WEIGHT, role="single", metric_values=list(weights),
@@ -184,7 +194,9 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
             for m in metrics:
                 ranked_by[m] = [float(table.at[(layer, e), m]) for e in active]
             for m, values in ranked_by.items():
-                order = _rank(values, active)
+                order = _rank(values, ties)
+                if len(order) < 2:  # fewer than two experts with a value: nothing to compare at this position
+                    continue
                 low, high = order[0], order[-1]
                 exp_name = "control" if m == ROUTING_WEIGHT else "audit"
                 if exp_name in experiments:
@@ -194,7 +206,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
                                    ablated_experts=[active[i]], ablated_metric_value=values[i], k=1)
                         rows.append(row)
                 if "rank_validity" in experiments:
-                    for i, e in enumerate(active):
+                    for i in order:
+                        e = active[i]
                         row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
                         row.update(experiment="rank_validity", metric=m, role="single", metric_values=list(values),
                                    ablated_experts=[e], ablated_metric_value=values[i], k=1)
@@ -245,7 +258,8 @@ def collect_progressive(model: nn.Module, sequences: Sequence, settings: Experim
         plan = []
         for pos in positions:
             active, weights = _active(ls, pos)
-            by_weight = [active[i] for i in reversed(_rank(weights, active))]  # highest weight first
+            ties = _tie_keys(settings.seed, layer, seq_id, pos, len(active))
+            by_weight = [active[i] for i in reversed(_rank(weights, ties))]  # highest weight first
             plan.extend((pos, k, tuple(by_weight[:k])) for k in range(1, len(active)))
         results = ablator.run([Ablation(layer, pos, experts, scope=settings.scope) for pos, _, experts in plan],
                               settings.mode)

@@ -2,41 +2,91 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict
+import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from moeaudit import stats
-
-ALPHA = 0.05
+from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
 
 
 def _relative_depth(frame: pd.DataFrame) -> pd.Series:
     return frame["layer"] / (frame["n_layers"] - 1).clip(lower=1)
 
 
-def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], n_boot: int) -> pd.DataFrame:
+def _cell_seed(seed: int | None, *key) -> np.random.SeedSequence | None:
+    """A seed per cell from the run's seed and the cell's key (stable across processes, unlike ``hash``), so
+    cells do not share bootstrap or sign-flip draws and a cell's numbers do not depend on which others exist."""
+    if seed is None:
+        return None
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32("|".join(map(str, key)).encode())])
+
+
+def _n_perm(m_cells: int, alpha: float = ALPHA) -> int:
+    """Sign vectors per cell: enough that the smallest attainable p, 1 / (n_perm + 1), is 20 times below the
+    corrected level alpha / m (at least :data:`moeaudit.stats.N_PERM`)."""
+    return max(stats.N_PERM, math.ceil(20 * m_cells / alpha) - 1)
+
+
+_PAIRED_FIELDS = [f.name for f in dataclasses.fields(stats.PairedTest)]
+
+
+def _untestable(n: int, n_clusters: int, note: str) -> dict:
+    row = {name: math.nan for name in _PAIRED_FIELDS}
+    row.update(n=n, n_clusters=n_clusters, ci_method="", note=note)
+    return row
+
+
+def _nonfinite_note(pivot: pd.DataFrame) -> str | None:
+    bad = pivot[~np.isfinite(pivot[["high", "low"]]).all(axis=1)]
+    if bad.empty:
+        return None
+    where = ", ".join(f"seq {s} pos {p}" for s, p in bad.index[:5]) + (", ..." if len(bad) > 5 else "")
+    return (f"ΔL is missing or not finite at {len(bad)} position(s) ({where}): the cell is not tested; check "
+            "the model's precision (float32) or these tokens")
+
+
+def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_boot: int, seed: int | None,
+                  sesoi_d: float) -> pd.DataFrame:
     sub = records[records["experiment"] == experiment]
+    groups = list(sub.groupby(keys, sort=True))
+    m_by_model = pd.Series([k[0] if isinstance(k, tuple) else k for k, _ in groups]).value_counts().to_dict()
     rows = []
-    for key, group in sub.groupby(keys, sort=True):
-        pivot = group.pivot_table(index=["seq_id", "position"], columns="role", values="delta", aggfunc="first")
-        weights = group.pivot_table(index=["seq_id", "position"], columns="role", values="ablated_metric_value",
-                                    aggfunc="first")
-        pivot = pivot.dropna(subset=[c for c in ("high", "low") if c in pivot.columns])
-        if not {"high", "low"} <= set(pivot.columns) or len(pivot) < 3:
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        pivot = group.pivot_table(index=["seq_id", "position"], columns="role", values="delta", aggfunc="first",
+                                  dropna=False)
+        if not {"high", "low"} <= set(pivot.columns):
             continue
-        test = stats.paired_test(pivot["high"].to_numpy(), pivot["low"].to_numpy(),
-                                 clusters=pivot.index.get_level_values("seq_id").to_numpy(), n_boot=n_boot)
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        pivot = pivot.dropna(subset=["high", "low"], how="all")
+        if len(pivot) < 3:
+            continue
+        docs = pivot.index.get_level_values("seq_id").to_numpy()
+        row = dict(zip(keys, key))
         row["n_layers"] = int(group["n_layers"].iloc[0])
-        row.update(asdict(test))
+        note = _nonfinite_note(pivot)
+        if note is not None:
+            row.update(_untestable(len(pivot), len(np.unique(docs)), note))
+            row["design_effect"] = math.nan
+        else:
+            high, low = pivot["high"].to_numpy(dtype=float), pivot["low"].to_numpy(dtype=float)
+            test = stats.paired_test(high, low, clusters=docs, n_boot=n_boot, n_perm=_n_perm(m_by_model[key[0]]),
+                                     sesoi_d=sesoi_d, seed=_cell_seed(seed, experiment, *key))
+            row.update(dataclasses.asdict(test))
+            row["design_effect"] = stats.design_effect(high - low, docs)
         if experiment == "control":
-            diff = pivot["high"] - pivot["low"]
-            ratio = (weights["high"] / weights["low"]).reindex(pivot.index)
-            row["spearman_rho"], row["spearman_p"] = stats.spearman(ratio.to_numpy(), diff.to_numpy())
+            weights = group.pivot_table(index=["seq_id", "position"], columns="role", values="ablated_metric_value",
+                                        aggfunc="first").reindex(pivot.index)
+            diff = (pivot["high"] - pivot["low"]).to_numpy(dtype=float)
+            ratio = (weights["high"] / weights["low"]).to_numpy(dtype=float)
+            ok = np.isfinite(diff) & np.isfinite(ratio)
+            row["spearman_rho"], row["spearman_p"] = stats.spearman(ratio[ok], diff[ok]) if ok.sum() >= 3 \
+                else (math.nan, math.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -44,45 +94,50 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], n_boo
     frame.insert(frame.columns.get_loc("layer") + 1, "relative_depth", _relative_depth(frame))
     frame["sig_t_uncorrected"] = frame["p_t"] < ALPHA
     frame["sig_w_uncorrected"] = frame["p_wilcoxon"] < ALPHA
-    parts = []
-    for _, per_model in frame.groupby("model", sort=False):
-        per_model = per_model.copy()
-        m = len(per_model)
-        per_model["alpha_corrected"] = ALPHA / m
-        per_model["significant"] = stats.significant_both(per_model["p_t"].to_numpy(),
-                                                          per_model["p_wilcoxon"].to_numpy(), alpha=ALPHA)
-        parts.append(per_model)
+    frame["sesoi_d"] = sesoi_d
+    parts = [decide_family(per_model) for _, per_model in frame.groupby("model", sort=False)]
     return pd.concat(parts, ignore_index=True)
 
 
-def _rank_validity(records: pd.DataFrame) -> pd.DataFrame:
+def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
     sub = records[records["experiment"] == "rank_validity"]
-    rows = []
+    finite = np.isfinite(sub["delta"].to_numpy(dtype=float))
+    token_key = ["model", "layer", "metric", "seq_id", "position"]
+    dropped = sub.loc[~finite, token_key].drop_duplicates()
+    if len(dropped):  # a token with a non-finite ΔL has no rank correlation
+        bad = pd.MultiIndex.from_frame(dropped)
+        sub = sub[~pd.MultiIndex.from_frame(sub[token_key]).isin(bad)]
     token_rho = _token_spearman(sub)
-    for (model, layer, metric), group in sub.groupby(["model", "layer", "metric"], sort=True):
-        rhos_arr = token_rho.get((model, layer, metric), np.empty(0))
-        z = stats.fisher_z(rhos_arr) if len(rhos_arr) else rhos_arr
-        t_res = sps.ttest_1samp(z, 0.0) if len(z) >= 3 else None
-        rows.append({
-            "model": model, "layer": layer, "metric": metric, "n_layers": int(group["n_layers"].iloc[0]),
-            "n_positions": int(len(rhos_arr)),
-            "mean_rho": float(rhos_arr.mean()) if len(rhos_arr) else math.nan,
-            "median_rho": float(np.median(rhos_arr)) if len(rhos_arr) else math.nan,
-            "pct_positive": float(100 * (rhos_arr > 0).mean()) if len(rhos_arr) else math.nan,
-            "p_sign": stats.sign_test(rhos_arr) if len(rhos_arr) else math.nan,
-            "mean_z": float(z.mean()) if len(z) else math.nan,
-            "t_z": float(t_res.statistic) if t_res is not None else math.nan,
-            "p_t_z": float(t_res.pvalue) if t_res is not None else math.nan,
-        })
+    cells = list(records[records["experiment"] == "rank_validity"].groupby(["model", "layer", "metric"], sort=True))
+    m_by_model = pd.Series([k[0] for k, _ in cells]).value_counts().to_dict()
+    rows = []
+    for (model, layer, metric), group in cells:
+        rhos, docs = token_rho.get((model, layer, metric), (np.empty(0), np.empty(0, dtype=int)))
+        n_dropped = int(((dropped["model"] == model) & (dropped["layer"] == layer)
+                         & (dropped["metric"] == metric)).sum()) if len(dropped) else 0
+        row = {"model": model, "layer": layer, "metric": metric, "n_layers": int(group["n_layers"].iloc[0]),
+               "n_positions": int(len(rhos)), "n_clusters": int(len(np.unique(docs))),
+               "mean_rho": math.nan, "median_rho": math.nan, "pct_positive": math.nan, "p_sign": math.nan,
+               "p_cluster": math.nan, "n_perm": 0,
+               "note": f"{n_dropped} token(s) with a non-finite ΔL left out" if n_dropped else ""}
+        if len(rhos):
+            cell_seed = _cell_seed(seed, "rank_validity", model, layer, metric)
+            flips = stats.clustered_tests(rhos, docs, n_perm=_n_perm(m_by_model[model]), seed=cell_seed)
+            row.update(mean_rho=float(rhos.mean()), median_rho=float(np.median(rhos)),
+                       pct_positive=float(100 * (rhos > 0).mean()), p_sign=flips.p_sign, p_cluster=flips.p_mean,
+                       n_perm=flips.n_perm)
+        rows.append(row)
     frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame.insert(2, "relative_depth", _relative_depth(frame))
-    return frame
+    if frame.empty:
+        return frame
+    frame.insert(2, "relative_depth", _relative_depth(frame))
+    return pd.concat([decide_rank_validity(g) for _, g in frame.groupby("model", sort=False)], ignore_index=True)
 
 
-def _token_spearman(sub: pd.DataFrame) -> dict[tuple, np.ndarray]:
+def _token_spearman(sub: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """Spearman rho between metric value and delta within every token (>= 3 experts, neither constant), grouped
-    by (model, layer, metric) in token order: Pearson correlation of average ranks, vectorised over tokens."""
+    by (model, layer, metric) in token order, with each token's document: Pearson correlation of average ranks,
+    vectorised over tokens."""
     keys = ["model", "layer", "metric", "seq_id", "position"]
     frame = sub[keys].copy()
     grouped = sub.groupby(keys, sort=False)
@@ -97,9 +152,9 @@ def _token_spearman(sub: pd.DataFrame) -> dict[tuple, np.ndarray]:
     tiny = 1e-12  # a constant vector has zero squared deviation from its ranks' mean
     ok = (sums["sxx"] > tiny) & (sums["syy"] > tiny)
     rho = (sums.loc[ok, "sxy"] / np.sqrt(sums.loc[ok, "sxx"] * sums.loc[ok, "syy"])).clip(-1.0, 1.0)
-    out: dict[tuple, np.ndarray] = {}
+    out: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     for key, values in rho.groupby(level=[0, 1, 2], sort=False):
-        out[key] = values.to_numpy(dtype=float)
+        out[key] = values.to_numpy(dtype=float), values.index.get_level_values("seq_id").to_numpy()
     return out
 
 
@@ -132,10 +187,10 @@ def _redistribution(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     experts["coverage"] = experts["n"] / experts["n_positions"]
     layers = []
     for (model, layer), group in sub.groupby(["model", "layer"], sort=True):
-        rho_wg, p_wg = stats.spearman(group["ablated_weight"].to_numpy(), group["gap_norm"].to_numpy())
-        ok = group["relative_compensation"].notna()
-        rho_gc, p_gc = stats.spearman(group.loc[ok, "gap_norm"].to_numpy(),
-                                      group.loc[ok, "relative_compensation"].to_numpy())
+        ok = np.isfinite(group[["ablated_weight", "gap_norm"]]).all(axis=1)  # a non-finite ablation has no rank
+        rho_wg, p_wg = _spearman_or_nan(group.loc[ok, "ablated_weight"], group.loc[ok, "gap_norm"])
+        ok = np.isfinite(group[["gap_norm", "relative_compensation"]]).all(axis=1)
+        rho_gc, p_gc = _spearman_or_nan(group.loc[ok, "gap_norm"], group.loc[ok, "relative_compensation"])
         layers.append({
             "model": model, "layer": layer, "n_layers": int(group["n_layers"].iloc[0]), "n": len(group),
             "mean_gap_norm": float(group["gap_norm"].mean()), "mean_final_gap_norm": float(group["final_gap_norm"].mean()),
@@ -147,19 +202,69 @@ def _redistribution(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return experts, pd.DataFrame(layers)
 
 
-def summarize(records: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, pd.DataFrame]:
+def _spearman_or_nan(x: pd.Series, y: pd.Series) -> tuple[float, float]:
+    return stats.spearman(x.to_numpy(dtype=float), y.to_numpy(dtype=float)) if len(x) >= 3 else (math.nan, math.nan)
+
+
+def _families(tables: dict[str, pd.DataFrame], sesoi_d: float) -> pd.DataFrame:
+    """One row per test family (a model's audit cells, its control layers): its size, corrected level and the
+    minimum detectable d_z of the decision rule at 80% power, for independent positions and for the family's
+    median design effect of clustering."""
+    rows = []
+    for name in ("audit", "control"):
+        table = tables.get(name)
+        if table is None or table.empty:
+            continue
+        for model, cells in table.groupby("model", sort=False):
+            m, n = len(cells), float(cells["n"].median())
+            deff = float(np.nanmedian(cells["design_effect"])) if cells["design_effect"].notna().any() else 1.0
+            mde = stats.minimum_detectable_d(n, m, alpha=ALPHA)
+            rows.append({"model": model, "family": name, "m_cells": m, "n": n, "correction": CORRECTION,
+                         "alpha": ALPHA, "alpha_corrected": ALPHA / m, "sesoi_d": sesoi_d, "power": 0.8,
+                         "rule": "mean_and_rank", "mde_d": mde, "design_effect": deff,
+                         "mde_d_clustered": stats.minimum_detectable_d(n, m, alpha=ALPHA,
+                                                                      design_effect=max(deff, 1.0))})
+    return pd.DataFrame(rows)
+
+
+def summary_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`summarize` a stored run configuration (``manifest["config"]``) implies,
+    with the defaults of :class:`~moeaudit.config.RunConfig` for keys an older version did not write, so a report
+    or a merge of shards recomputes exactly the run's own summary."""
+    from moeaudit.config import RunConfig
+
+    defaults = RunConfig()
+    return {"n_boot": int(config.get("n_boot", defaults.n_boot)), "seed": int(config.get("seed", defaults.seed)),
+            "sesoi_d": float(config.get("sesoi_d", defaults.sesoi_d))}
+
+
+def summarize(records: pd.DataFrame, *, n_boot: int = 2000, seed: int | None = 0,
+              sesoi_d: float = stats.SESOI_D) -> dict[str, pd.DataFrame]:
     """Every cell table, from the record table alone.
 
+    Args:
+        records: The record table (:data:`~moeaudit.experiments.RECORD_COLUMNS`).
+        n_boot: Bootstrap resamples of the intervals.
+        seed: The run's seed; every cell's bootstrap and sign-flip draws derive from it and the cell's key.
+        sesoi_d: Smallest effect of interest of the equivalence tests, in units of d_z.
+
     Returns:
-        ``audit`` (per model x layer x metric: paired test, corrected significance with the t/Wilcoxon agreement
-        rule, Bonferroni over the model's audit cells), ``control`` (per model x layer, with the Spearman
-        correlation of the weight ratio high/low and D, Bonferroni over layers), ``rank_validity``,
-        ``progressive`` (per model x layer x k: n, mean, median, P95), ``redistribution_experts`` and
-        ``redistribution_layers``.
+        ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
+        documents as clusters, the design effect, and the decision: ``significant`` when the document-clustered
+        mean and signed-rank tests both survive Bonferroni correction over the model's audit cells and agree in
+        direction; ``decision``, ``reason``, ``equivalent``), ``control`` (the same per model x layer, with the
+        Spearman correlation of the weight ratio high/low and D), ``rank_validity`` (per-token Spearman rho: mean,
+        median, share > 0, document-clustered sign-flip p-values of the mean (``p_cluster``) and of the sign,
+        Bonferroni over the model's rank-validity cells), ``progressive`` (per model x layer x k: n, mean,
+        median, P95), ``redistribution_experts``, ``redistribution_layers`` and ``families`` (per test family:
+        m, corrected alpha, minimum detectable d). A cell whose ΔL is not finite somewhere is not tested and
+        says why in ``note``; the other cells are unaffected.
     """
-    audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot)
-    control = _paired_cells(records, "control", ["model", "layer"], n_boot)
+    audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
+    control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
     experts, layers = _redistribution(records)
-    return {"audit": audit, "control": control, "rank_validity": _rank_validity(records),
-            "progressive": _progressive(records), "redistribution_experts": experts,
-            "redistribution_layers": layers}
+    tables = {"audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
+              "progressive": _progressive(records), "redistribution_experts": experts,
+              "redistribution_layers": layers}
+    tables["families"] = _families(tables, sesoi_d)
+    return tables

@@ -46,7 +46,7 @@ def load_run(path: str | Path, *, label: str | None = None) -> RunData:
     Raises:
         RunDirectoryError: ``path`` is not a run directory, or holds no finished cell.
     """
-    from moeaudit.experiments import summarize
+    from moeaudit.experiments import summarize, summary_settings
 
     run_dir = RunDirectory(path)
     manifest = run_dir.manifest()
@@ -60,7 +60,7 @@ def load_run(path: str | Path, *, label: str | None = None) -> RunData:
     if label != stored_label:
         records = records.assign(model=label)
     return RunData(path=run_dir.path, manifest=manifest, config=config, label=label, records=records,
-                   tables=summarize(records, n_boot=int(config.get("n_boot", 2000))),
+                   tables=summarize(records, **summary_settings(config)),
                    metrics=run_dir.read_parquet("metrics.parquet"),
                    stability=run_dir.read_parquet("stability.parquet"),
                    verification=run_dir.read_json("verification.json"))
@@ -110,18 +110,23 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
     if fig is not None:
         blocks += [Heading("Figure 1: effect size against depth"), _figure(
             "control_vs_depth", "Effect size d of the routing-weight control against relative depth, per model; the "
-            "shaded band spans every observational-metric cell at that layer. Filled markers: significant after "
-            "Bonferroni correction.", fig)]
+            "shaded band spans every observational-metric cell at that layer. Filled markers: significant under the "
+            "decision rule (clustered tests of the mean and the signed rank, Bonferroni, same direction).", fig)]
     for run in runs:
         blocks += _model_section(run, F)
     blocks += [Heading("How to read this report"), Paragraph(
         "For each sampled position t and layer, the active experts are ranked by a metric; the highest- and the "
         "lowest-ranked are removed in turn (their weighted output set to zero at that token only) and the change "
-        "of the next-token cross-entropy is measured: D = ΔL_high − ΔL_low. A valid metric gives E[D] > 0. Each "
-        "cell is tested with a paired t-test and a Wilcoxon signed-rank test; it counts as significant only when "
-        "both pass the Bonferroni-corrected level. Effect size d = mean(D) / sd(D) (Cohen's d_z); |d| < 0.2 is "
-        "small by any convention. The routing-weight control ranks experts by their per-token router weight "
-        "instead of a corpus statistic.")]
+        "of the next-token cross-entropy is measured: D = ΔL_high − ΔL_low. A valid metric gives D > 0. Two "
+        "estimands are reported because heavy-tailed D makes them differ: the mean of D (effect size d = "
+        "mean(D) / sd(D), Cohen's d_z, with a BCa bootstrap interval) and the typical token (the share of D > 0 "
+        "and the Hodges–Lehmann estimate of the typical D in nats). Positions of one document are not independent, "
+        "so every test treats the document as the unit: sign-flip tests flip the signs of whole documents. A cell "
+        "counts as significant only when the test of the mean and the signed-rank test of the typical token both "
+        "pass the Bonferroni-corrected level and point the same way; a cell where neither passes is called "
+        "equivalent to no effect only when an equivalence test (TOST) shows |d| below the smallest effect of "
+        "interest, and inconclusive otherwise. |d| < 0.2 is small by any convention. The routing-weight control "
+        "ranks experts by their per-token router weight instead of a corpus statistic.")]
     return title, blocks
 
 

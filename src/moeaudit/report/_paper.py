@@ -29,6 +29,10 @@ PUBLISHED: dict[str, Published] = {
 }
 
 
+#: The summary column holding the paper's decision rule (unclustered, direction-blind), so like is compared with like.
+_PAPER_RULE = "significant_paper_rule"
+
+
 def _published_for(model: str) -> Published | None:
     if model in PUBLISHED:
         return PUBLISHED[model]
@@ -42,16 +46,17 @@ def comparison(model: str, tables: dict[str, pd.DataFrame], dtype: str | None) -
     if paper is None:
         return None
     audit, control = tables.get("audit"), tables.get("control")
-    parts = [f"**Against the paper ({paper.name}).**"]
+    parts = [f"**Against the paper ({paper.name}).** By the paper's own rule (t-test and Wilcoxon on positions, "
+             "both Bonferroni-significant):"]
     if audit is not None and len(audit):
-        n_sig = int(audit["significant"].sum())
+        n_sig = int(audit[_PAPER_RULE].sum())
         max_d = float(audit["cohens_d"].abs().max())
         same = n_sig == 0 and max_d < paper.max_abs_d
         parts.append(f"The paper found no Bonferroni-significant audit cell and |d| < {paper.max_abs_d} in every cell; "
                      f"this run has {n_sig} significant cell{'s' if n_sig != 1 else ''} and max |d| = {max_d:.3f} "
                      f"({'consistent' if same else 'different'}).")
     if control is not None and len(control):
-        sig = control[control["significant"].astype(bool)]
+        sig = control[control[_PAPER_RULE].astype(bool)]
         found = {int(r["layer"]): float(r["cohens_d"]) for _, r in sig.iterrows()}
         expected = ", ".join(f"L{k} (d = {v:+.3f})" for k, v in paper.control_significant.items()) or "none"
         got = ", ".join(f"L{k} (d = {v:+.3f})" for k, v in found.items()) or "none"

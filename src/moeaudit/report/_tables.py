@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from moeaudit.report._document import Table
@@ -24,6 +25,16 @@ def fmt_p(value: float, mark: bool = True) -> str:
     return text + ("*" if mark and value < ALPHA else "")
 
 
+def fmt_p_flip(row, column: str) -> str:
+    """A sign-flip p-value; at the smallest value its random draws can give, 1 / (n_perm + 1), shown as an upper
+    bound ("≤")."""
+    value, n_perm = row[column], row.get("n_perm", 0)
+    text = fmt_p(value)
+    if n_perm and not math.isnan(value) and value <= 1.0 / (n_perm + 1) * (1 + 1e-9):
+        text = "≤" + text
+    return text
+
+
 def fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -36,27 +47,89 @@ def fmt_ci(low: float, high: float) -> str:
     return f"[{low:+.3f}, {high:+.3f}]"
 
 
-def _sig(row) -> str:
-    return "yes" if bool(row["significant"]) else ""
+def fmt_nats(value: float) -> str:
+    """Two significant digits with a sign: the typical D is often 1e-4 nats, the mean 1e-1."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "+∞" if value > 0 else "−∞"
+    return "0" if value == 0 else f"{value:+.2g}"
+
+
+def fmt_d_ci(d: float, low: float, high: float) -> str:
+    return "n/a" if d is None or math.isnan(d) else f"{d:+.3f} {fmt_ci(low, high)}"
+
+
+def fmt_hl(r) -> str:
+    if math.isnan(r["hl_estimate"]):
+        return "n/a"
+    return f"{fmt_nats(r['hl_estimate'])} [{fmt_nats(r['hl_low'])}, {fmt_nats(r['hl_high'])}]"
+
+
+def fmt_bf(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value) or value >= 1e4 or (0 < value < 1e-2):
+        return "∞" if math.isinf(value) else f"{value:.1e}"
+    return f"{value:.2f}"
+
+
+#: How the ``decision`` column reads in the tables (see ``moeaudit.experiments._decide.DECISIONS``).
+DECISION_LABELS: dict[str, str] = {
+    "positive": "+ (higher costs more)",
+    "negative": "− (lower costs more)",
+    "directions_disagree": "mean and typical disagree",
+    "typical_only": "typical token only",
+    "mean_only": "mean only",
+    "equivalent": "equivalent: |d| < SESOI",
+    "inconclusive": "inconclusive",
+}
+
+
+def _decision(row) -> str:
+    label = DECISION_LABELS.get(str(row.get("decision", "")), str(row.get("decision", "")))
+    if row.get("decision") in ("typical_only", "mean_only"):
+        sign = row["w_diff"] if row["decision"] == "typical_only" else row["mean_diff"]
+        label += " (+)" if sign > 0 else " (−)"
+    return label
+
+
+def _decision_note(table: pd.DataFrame, what: str) -> str:
+    alpha = table["alpha_corrected"].iloc[0]
+    sesoi = f"{table['sesoi_d'].iloc[0]:g}" if "sesoi_d" in table else "0.2"
+    return (f"Decision: '+' / '−' when p_mean and p_rank both survive Bonferroni correction over the model's "
+            f"{len(table)} {what} (α = 0.05/{len(table)} = {alpha:.4g}) and point the same way; 'typical token "
+            "only' / 'mean only' when one of them does; 'equivalent' when neither does and TOST shows |d| < "
+            f"{sesoi} at α; else inconclusive.")
+
+
+_ESTIMANDS = ("D = ΔL(highest-ranked expert removed) − ΔL(lowest-ranked) per position. Two estimands: the mean "
+              "(d = mean(D)/sd(D), BCa bootstrap interval over documents; p_mean: sign-flip test of E[D] = 0 "
+              "flipping whole documents) and the typical token (% D>0; HL: Hodges–Lehmann estimate of the typical "
+              "D in nats with the interval of the document-clustered signed-rank test; p_rank: that test). Unit "
+              "of inference: the document. * p < .05 uncorrected. ")
 
 
 def audit_table(audit: pd.DataFrame, model: str) -> Table | None:
-    """Metric x layer cells: d with its bootstrap CI, p_t, p_w, and Bonferroni significance."""
+    """Metric x layer cells: both estimands, the clustered tests, equivalence, the one-sided Bayes factor and the
+    decision."""
     if audit is None or audit.empty:
         return None
     rows = []
     for _, r in audit.sort_values(["layer", "metric"], kind="stable").iterrows():
-        rows.append([f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n"])), fmt_d(r["cohens_d"]),
-                     fmt_ci(r["ci_low"], r["ci_high"]), fmt_p(r["p_t"]), fmt_p(r["p_wilcoxon"]),
-                     fmt(r["pct_high_larger"], 1), fmt(r["bf01"], 2), _sig(r)])
-    alpha = audit["alpha_corrected"].iloc[0]
+        rows.append([f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n"])),
+                     fmt_d_ci(r["cohens_d"], r["ci_low"], r["ci_high"]), fmt_p_flip(r, "p_cluster"),
+                     fmt_p_flip(r, "p_signrank_cluster"), fmt(r["pct_high_larger"], 1), fmt_hl(r),
+                     fmt_p(r["tost_p"], mark=False), fmt_bf(r["bf0plus"]), _decision(r)])
     return Table(
         f"{model}: audit of the observational metrics (Definition 2.1)",
-        ["layer", "metric", "n", "d", "95% CI of d", "p_t", "p_w", "% D>0", "BF01", "Bonferroni"], rows,
-        notes=(f"D = ΔL(highest-ranked expert removed) − ΔL(lowest-ranked) per position; d = mean(D)/sd(D). "
-               f"* p < .05 uncorrected. Bonferroni: α = 0.05/{len(audit)} = {alpha:.4g}, and the t-test and "
-               "Wilcoxon must agree. BF01 > 1 favours no difference. CI: bootstrap over positions clustered by "
-               "document."),
+        ["layer", "metric", "n", "d [95% CI]", "p_mean", "p_rank", "% D>0", "HL, nats [95% CI]", "p_TOST", "BF0+",
+         "decision"], rows,
+        notes=(_ESTIMANDS + _decision_note(audit, "audit cells") + " p_TOST: equivalence test of |d| < SESOI "
+               "(document-clustered SE). BF0+: one-sided JZS Bayes factor of no effect against a positive effect "
+               "of the prior's size (half-Cauchy, r = 0.707; positions treated as independent); > 3 is evidence "
+               "against effects that large, not evidence of no effect. The paper's unclustered p_t and p_w, the "
+               "sign test p_sign and the Bayes factors at r = 0.2 and 0.5 are in tables/audit.csv."),
         align_left=2)
 
 
@@ -65,15 +138,16 @@ def control_table(control: pd.DataFrame, model: str) -> Table | None:
         return None
     rows = []
     for _, r in control.sort_values("layer").iterrows():
-        rows.append([f"L{r['layer']}", fmt(r["relative_depth"], 2), str(int(r["n"])), fmt_d(r["cohens_d"]),
-                     fmt_ci(r["ci_low"], r["ci_high"]), fmt_p(r["p_t"]), fmt_p(r["p_wilcoxon"]),
-                     fmt(r["spearman_rho"]), fmt_p(r["spearman_p"]), _sig(r)])
-    alpha = control["alpha_corrected"].iloc[0]
+        rows.append([f"L{r['layer']}", fmt(r["relative_depth"], 2), str(int(r["n"])),
+                     fmt_d_ci(r["cohens_d"], r["ci_low"], r["ci_high"]), fmt_p_flip(r, "p_cluster"),
+                     fmt_p_flip(r, "p_signrank_cluster"), fmt(r["pct_high_larger"], 1), fmt_hl(r),
+                     fmt_p(r["tost_p"], mark=False), fmt(r["spearman_rho"]), _decision(r)])
     return Table(
         f"{model}: routing-weight control (per-token router weight as the ranking)",
-        ["layer", "depth", "n", "d", "95% CI of d", "p_t", "p_w", "ρ(w_high/w_low, D)", "p_ρ", "Bonferroni"],
-        rows, notes=(f"Bonferroni over the model's control cells: α = 0.05/{len(control)} = {alpha:.4g}. "
-                     "ρ: Spearman correlation of the weight ratio of the two ablated experts with D."))
+        ["layer", "depth", "n", "d [95% CI]", "p_mean", "p_rank", "% D>0", "HL, nats [95% CI]", "p_TOST",
+         "ρ(w_high/w_low, D)", "decision"],
+        rows, notes=(_ESTIMANDS + _decision_note(control, "control layers") + " ρ: Spearman correlation of the "
+                     "weight ratio of the two ablated experts with D (positions independent)."))
 
 
 def rank_validity_table(rank: pd.DataFrame, model: str) -> Table | None:
@@ -82,11 +156,17 @@ def rank_validity_table(rank: pd.DataFrame, model: str) -> Table | None:
     rows = []
     for _, r in rank.sort_values(["layer", "metric"], kind="stable").iterrows():
         rows.append([f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n_positions"])), fmt(r["mean_rho"]),
-                     fmt(r["median_rho"]), fmt(r["pct_positive"], 1), fmt_p(r["p_sign"]), fmt(r["t_z"], 2),
-                     fmt_p(r["p_t_z"])])
+                     fmt(r["median_rho"]), fmt(r["pct_positive"], 1), fmt_p_flip(r, "p_cluster"),
+                     fmt_p_flip(r, "p_sign"),
+                     "yes" if bool(r["significant"]) else ""])
+    alpha = rank["alpha_corrected"].iloc[0]
     return Table(f"{model}: rank validity (every active expert ablated; Spearman of metric and ΔL within a token)",
-                 ["layer", "metric", "positions", "mean ρ", "median ρ", "% ρ>0", "p (sign)", "t (Fisher z)", "p_t"],
-                 rows, notes="ρ > 0: within a token, experts the metric ranks higher cost more when removed.",
+                 ["layer", "metric", "positions", "mean ρ", "median ρ", "% ρ>0", "p_mean", "p (sign)",
+                  "Bonferroni"], rows,
+                 notes=("ρ > 0: within a token, experts the metric ranks higher cost more when removed. p_mean: "
+                        "test of mean ρ = 0, p (sign): of P(ρ > 0) = P(ρ < 0), both by flipping the signs of whole "
+                        "documents (unit of inference: the document). Bonferroni: p_mean ≤ 0.05/"
+                        f"{len(rank)} = {alpha:.4g}."),
                  align_left=2)
 
 
@@ -164,13 +244,18 @@ def headline_table(runs) -> Table:
     rows = []
     for run in runs:
         audit, control = run.tables.get("audit"), run.tables.get("control")
+        families = run.tables.get("families")
         row = [run.label]
         if audit is not None and len(audit):
-            both = int(((audit["p_t"] < ALPHA) & (audit["p_wilcoxon"] < ALPHA)).sum())
+            both = int(((audit["p_cluster"] < ALPHA) & (audit["p_signrank_cluster"] < ALPHA)
+                        & (np.sign(audit["mean_diff"]) == np.sign(audit["w_diff"]))).sum())
+            mde = families[families["family"] == "audit"]["mde_d"] if families is not None and len(families) \
+                else pd.Series(dtype=float)
             row += [str(len(audit)), str(int(audit["significant"].sum())), str(both),
-                    fmt(float(audit["cohens_d"].abs().max()))]
+                    str(int((audit["decision"] == "equivalent").sum())), fmt(float(audit["cohens_d"].abs().max())),
+                    fmt(float(mde.iloc[0])) if len(mde) else "n/a"]
         else:
-            row += ["", "", "", ""]
+            row += ["", "", "", "", "", ""]
         if control is not None and len(control):
             sig = control[control["significant"].astype(bool)]
             row += [", ".join(f"L{x}" for x in sig["layer"]) or "none",
@@ -178,6 +263,10 @@ def headline_table(runs) -> Table:
         else:
             row += ["", ""]
         rows.append(row)
-    return Table("Headline numbers per model", ["model", "audit cells", "Bonferroni-significant",
-                                                "p < .05 on both (uncorrected)", "max |d|",
-                                                "control: significant layers", "control: max |d|"], rows)
+    return Table("Headline numbers per model", ["model", "audit cells", "significant (rule)",
+                                                "p < .05 on both, same direction (uncorrected)",
+                                                "equivalent (|d| < SESOI)", "max |d|", "detectable d (80%)",
+                                                "control: significant layers", "control: max |d|"], rows,
+                 notes="Significant: the document-clustered tests of the mean and of the signed rank both survive "
+                       "Bonferroni correction and agree in direction. Detectable d: the effect the rule finds with "
+                       "80% power at the run's n and number of cells (independent positions).")

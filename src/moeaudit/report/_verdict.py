@@ -3,16 +3,28 @@ result: every number and every conclusion is read off the tables)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
-from moeaudit.report._tables import metric_label
+from moeaudit.experiments import DECISIONS
+from moeaudit.report._tables import fmt_nats, metric_label
+
+
+def _p(r, column: str) -> str:
+    """``p_x = 0.0014``, or ``p_x ≤ 0.0001`` at the smallest value the sign-flip draws can give."""
+    name = {"p_cluster": "p_mean", "p_signrank_cluster": "p_rank"}.get(column, column)
+    value, n_perm = r[column], r.get("n_perm", 0)
+    if n_perm and value <= 1.0 / (n_perm + 1) * (1 + 1e-9):
+        return f"{name} ≤ {value:.2g}"
+    return f"{name} = {value:.2g}"
+
+
+def _where(r) -> str:
+    return f"{metric_label(r['metric'])} at L{r['layer']}" if "metric" in r.index else f"L{r['layer']}"
 
 
 def _cell(r) -> str:
-    return f"{metric_label(r['metric'])} at L{r['layer']} (d = {r['cohens_d']:+.3f}, p_t = {r['p_t']:.2g})"
+    return f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')})"
 
 
 def _join(items: list[str]) -> str:
@@ -21,73 +33,143 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def audit_verdict(audit: pd.DataFrame) -> str | None:
+def _typical(r) -> str:
+    return (f"{r['pct_high_larger']:.1f}% of D > 0, HL = {fmt_nats(r['hl_estimate'])} nats "
+            f"[{fmt_nats(r['hl_low'])}, {fmt_nats(r['hl_high'])}]")
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _outcomes(table: pd.DataFrame, unit: str) -> str:
+    """The sentences every paired family shares: effects by direction, then cells where the mean and the typical
+    token part ways, then equivalence, then the rest; each names the test behind it."""
+    text = ""
+    by = {k: table[table["decision"] == k] for k in DECISIONS}
+    for key, lead in (("positive", "The higher-ranked expert costs more, for the mean and the typical token, at "),
+                      ("negative", "The lower-ranked expert costs more (the ranking points the wrong way) at ")):
+        if len(by[key]):
+            text += lead + _join([f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, "
+                                  f"{r['pct_high_larger']:.1f}% of D > 0)" for _, r in by[key].iterrows()])
+            text += ". "
+    if len(by["directions_disagree"]):
+        text += ("The mean and the typical token point opposite ways at " + _join(
+            [f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, but {_typical(r)}, "
+             f"{_p(r, 'p_signrank_cluster')})" for _, r in by["directions_disagree"].iterrows()])
+            + ": both tests survive correction, so neither an effect of known sign nor its absence is shown. ")
+    if len(by["typical_only"]):
+        text += ("Only the typical token shifts at " + _join(
+            [f"{_where(r)} ({_typical(r)}, {_p(r, 'p_signrank_cluster')}; {_p(r, 'p_cluster')})"
+             for _, r in by["typical_only"].iterrows()])
+            + ": the signed-rank test survives correction, the test of the mean does not; with heavy-tailed D the "
+              "typical token and the mean are different estimands. ")
+    if len(by["mean_only"]):
+        text += ("Only the mean of D differs from zero at " + _join(
+            [f"{_cell(r)}; {_p(r, 'p_signrank_cluster')}" for _, r in by["mean_only"].iterrows()])
+            + ": the signed-rank test of the typical token does not survive correction. ")
+    sesoi = float(table["sesoi_d"].iloc[0]) if "sesoi_d" in table else 0.2
+    if len(by["equivalent"]):
+        text += (f"Equivalent to no effect (|d| < {sesoi:g}, TOST at the corrected α): "
+                 + _join([_where(r) for _, r in by["equivalent"].iterrows()]) + ". ")
+    n_inc = len(by["inconclusive"])
+    if n_inc:
+        rest = "The other " if n_inc < len(table) else "All "
+        text += (f"{rest}{_plural(n_inc, unit, unit + 's')} {'is' if n_inc == 1 else 'are'} inconclusive: neither "
+                 f"an effect nor |d| < {sesoi:g} is shown. ")
+    untested = table[table["p_cluster"].isna() & table["note"].astype(str).str.len().gt(0)] if "note" in table \
+        else table.iloc[:0]
+    for _, r in untested.iterrows():
+        text += f"{_where(r)} was not tested: {r['note']}. "
+    return text
+
+
+def _power_sentence(families: pd.DataFrame | None, family: str) -> str:
+    if families is None or families.empty:
+        return ""
+    row = families[families["family"] == family]
+    if row.empty:
+        return ""
+    r = row.iloc[0]
+    clustered = (f"{r['mde_d_clustered']:.2f} at the median design effect of clustering, {r['design_effect']:.2f}"
+                 if r["design_effect"] > 1 else
+                 f"the median design effect of clustering, {r['design_effect']:.2f}, does not raise it")
+    return (f"With n = {r['n']:g} positions per cell and {int(r['m_cells'])} cells, the rule detects |d| = "
+            f"{r['mde_d']:.2f} with 80% power (normal D, independent positions; {clustered}): smaller effects "
+            "can be missed. ")
+
+
+def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> str | None:
     if audit is None or audit.empty:
         return None
     n = len(audit)
     sig = audit[audit["significant"].astype(bool)]
-    unc = int(((audit["p_t"] < 0.05) & (audit["p_wilcoxon"] < 0.05)).sum())
+    same_way = np.sign(audit["mean_diff"]) == np.sign(audit["w_diff"])
+    unc = int(((audit["p_cluster"] < 0.05) & (audit["p_signrank_cluster"] < 0.05) & same_way).sum())
     d = audit["cohens_d"].abs()
     top = audit.loc[d.idxmax()] if d.notna().any() else None
     alpha = audit["alpha_corrected"].iloc[0]
-    half = float(np.nanmean((audit["ci_high"] - audit["ci_low"]) / 2))
     metrics = _join([metric_label(m) for m in dict.fromkeys(audit["metric"])])
-    verb = "survives" if len(sig) == 1 else "survive"
-    text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells {verb} Bonferroni correction "
-            f"(α = {alpha:.4g}, t-test and Wilcoxon agreeing)")
-    text += f"; the largest effect is {_cell(top)}, and |d| ≤ {d.max():.3f} in every cell. " if top is not None \
-        else ". "
+    text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells "
+            f"{'shows' if len(sig) == 1 else 'show'} an effect under the decision rule (the document-clustered "
+            f"tests of the mean and of the signed rank both survive Bonferroni correction, α = 0.05/{n} = "
+            f"{alpha:.4g}, and point the same way)")
+    text += f"; the largest |d| is {_cell(top)}. " if top is not None else ". "
     if sig.empty:
-        text += (f"On this model and corpus, none of {metrics} tells which of a token's active experts costs more "
-                 "when removed: a pruning or attribution ranking built on them rests on an assumption these data "
-                 "do not support. ")
-    else:
-        right = sig[sig["cohens_d"] > 0]
-        wrong = sig[sig["cohens_d"] < 0]
-        if len(right):
-            text += ("Where the metric points the right way (the higher-ranked expert costs more): "
-                     f"{_join([_cell(r) for _, r in right.iterrows()])}. ")
-        if len(wrong):
-            text += ("Where it points the wrong way (the lower-ranked expert costs more): "
-                     f"{_join([_cell(r) for _, r in wrong.iterrows()])}. ")
-        text += f"The other {n - len(sig)} cells show no reliable effect. "
-    text += (f"{unc} cell{'s' if unc != 1 else ''} reach{'es' if unc == 1 else ''} p < .05 on both tests "
-             f"uncorrected, against about {0.05 * n:.1f} expected by chance. ")
-    if not math.isnan(half):
-        text += (f"The 95% intervals of d have a mean half-width of {half:.3f}: effects smaller than that cannot be "
-                 "told from zero at this n.")
-    return text
+        text += (f"On this model and corpus, none of {metrics} is shown to tell which of a token's active experts "
+                 "costs more when removed: a pruning or attribution ranking built on them rests on an assumption "
+                 "these data do not support. ")
+    text += _outcomes(audit, "cell")
+    text += (f"{_plural(unc, 'cell reaches', 'cells reach')} p < .05 on both clustered tests uncorrected, in the "
+             f"same direction, against at most about {0.05 * n:.1f} expected by chance. ")
+    text += _power_sentence(families, "audit")
+    bfs = [(r, int((audit[col] > 3).sum())) for r, col in (("0.707", "bf0plus"), ("0.5", "bf0plus_r05"),
+                                                            ("0.2", "bf0plus_r02")) if col in audit]
+    if bfs:
+        text += ("The one-sided Bayes factor BF0+ exceeds 3 in " + _join([f"{k} of {n} cells at prior scale r = {r}"
+                                                                         for r, k in bfs])
+                 + ": evidence against positive effects of the prior's size (half-Cauchy of that scale on d; "
+                   "positions treated as independent), not evidence that the effect is zero.")
+    return text.rstrip()
 
 
-def control_verdict(control: pd.DataFrame, audit: pd.DataFrame | None) -> str | None:
+def control_verdict(control: pd.DataFrame, audit: pd.DataFrame | None,
+                    families: pd.DataFrame | None = None) -> str | None:
     if control is None or control.empty:
         return None
     sig = control[control["significant"].astype(bool)]
-    listed = _join([f"L{r['layer']} (d = {r['cohens_d']:+.3f}, p_t = {r['p_t']:.2g})" for _, r in sig.iterrows()])
+    n = len(control)
     text = (f"**Routing-weight control.** Ranking the active experts by their per-token router weight gives "
-            f"{len(sig)} significant layer{'s' if len(sig) != 1 else ''} of {len(control)}"
-            f"{': ' + listed if listed else ''}. ")
+            f"{len(sig)} of {_plural(n, 'layer', 'layers')} with an effect under the decision rule (α = 0.05/{n} = "
+            f"{control['alpha_corrected'].iloc[0]:.4g}). ")
+    text += _outcomes(control, "layer")
+    text += _power_sentence(families, "control")
     mean_c = float(control["cohens_d"].abs().mean())
     if audit is not None and not audit.empty:
-        mean_a = float(audit["cohens_d"].abs().mean())
-        better = "a stronger signal" if mean_c > mean_a else "not a stronger signal"
-        text += (f"Its mean |d| is {mean_c:.3f} against {mean_a:.3f} for the observational metrics: the router's "
-                 f"own per-token weight is {better} than the corpus-level statistics here. ")
+        text += (f"Its mean |d| over layers is {mean_c:.3f}, against {float(audit['cohens_d'].abs().mean()):.3f} "
+                 "over the observational-metric cells (a description; the two are not compared by a test). ")
     rho = control["spearman_rho"].dropna()
     if len(rho):
         text += (f"The Spearman correlation between the weight ratio of the two removed experts and D ranges from "
                  f"{rho.min():+.3f} to {rho.max():+.3f} over layers.")
-    return text
+    return text.rstrip()
 
 
 def rank_verdict(rank: pd.DataFrame) -> str | None:
     if rank is None or rank.empty or rank["mean_rho"].isna().all():
         return None
     best = rank.loc[rank["mean_rho"].idxmax()]
+    sig = rank[rank["significant"].astype(bool)]
+    listed = _join([f"{metric_label(r['metric'])} at L{r['layer']} (mean ρ = {r['mean_rho']:+.3f})"
+                    for _, r in sig.iterrows()])
+    n = len(rank)
+    unc = int((rank["p_cluster"] < 0.05).sum())
     return (f"**Rank validity.** Within a token, the mean Spearman correlation between a metric's ranking of the "
             f"active experts and their ΔL ranges from {rank['mean_rho'].min():+.3f} to {rank['mean_rho'].max():+.3f} "
-            f"(highest: {metric_label(best['metric'])} at L{best['layer']}); "
-            f"{int((rank['p_t_z'] < 0.05).sum())} of {len(rank)} cells differ from zero at p < .05 uncorrected.")
+            f"(highest: {metric_label(best['metric'])} at L{best['layer']}). {len(sig)} of {n} cells differ from "
+            f"zero after Bonferroni correction (α = 0.05/{n} = {rank['alpha_corrected'].iloc[0]:.4g}; sign-flip test "
+            f"of the mean ρ with documents as units){': ' + listed if listed else ''}; "
+            f"{unc} at p < .05 uncorrected, against about {0.05 * n:.1f} expected by chance.")
 
 
 def progressive_verdict(progressive: pd.DataFrame) -> str | None:
@@ -143,7 +225,9 @@ def verification_verdict(verification: dict | None) -> str:
 
 def verdict(tables: dict[str, pd.DataFrame], stability: pd.DataFrame | None, verification: dict | None) -> list[str]:
     """Paragraphs, most important first."""
-    parts = [audit_verdict(tables.get("audit")), control_verdict(tables.get("control"), tables.get("audit")),
+    families = tables.get("families")
+    parts = [audit_verdict(tables.get("audit"), families),
+             control_verdict(tables.get("control"), tables.get("audit"), families),
              rank_verdict(tables.get("rank_validity")), progressive_verdict(tables.get("progressive")),
              redistribution_verdict(tables.get("redistribution_layers")), stability_verdict(stability),
              verification_verdict(verification)]

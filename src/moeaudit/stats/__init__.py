@@ -1,7 +1,9 @@
-"""Paired tests, effect sizes, bootstrap intervals, multiple-comparison corrections, rank correlations and Bayes
-factors for the audit (pure: arrays in, values out).
+"""Paired tests, effect sizes, bootstrap intervals, document-clustered sign-flip tests, clustered means and
+differences, equivalence tests, power, multiple-comparison corrections and the decision rule, rank correlations and
+Bayes factors for the audit (pure: arrays in, values out).
 """
 
+from moeaudit.stats._bayes import JZS_PRIOR_SCALE, PRIOR_SCALES, bf0plus, jzs_bf10, jzs_bf_one_sided
 from moeaudit.stats._clustered import (
     ClusteredDifference,
     ClusteredMean,
@@ -10,27 +12,56 @@ from moeaudit.stats._clustered import (
     clustered_mean,
     prediction_test,
 )
-from moeaudit.stats._correlation import KendallTauCI, fisher_z, kendall_tau_ci, sign_test, spearman
-from moeaudit.stats._multiple import CORRECTION_METHODS, CorrectionResult, correct, significant_both
-from moeaudit.stats._paired import JZS_PRIOR_SCALE, PairedTest, paired_test
+from moeaudit.stats._correlation import KendallTauCI, kendall_tau_ci, sign_test, spearman
+from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d
+from moeaudit.stats._intervals import HodgesLehmann, bca_interval, hodges_lehmann
+from moeaudit.stats._multiple import (
+    CORRECTION_METHODS,
+    CorrectionResult,
+    Criterion,
+    Decision,
+    correct,
+    decide,
+    significant_both,
+)
+from moeaudit.stats._paired import PairedTest, paired_test
+from moeaudit.stats._signflip import N_PERM, ClusteredTests, clustered_tests, sign_flip_test
 
 __all__ = [
     "CORRECTION_METHODS",
+    "JZS_PRIOR_SCALE",
+    "N_PERM",
+    "PRIOR_SCALES",
+    "SESOI_D",
     "ClusteredDifference",
     "ClusteredMean",
-    "JZS_PRIOR_SCALE",
+    "ClusteredTests",
     "CorrectionResult",
+    "Criterion",
+    "Decision",
+    "HodgesLehmann",
     "KendallTauCI",
     "PairedTest",
     "PredictionTest",
+    "Tost",
+    "bca_interval",
+    "bf0plus",
     "clustered_difference",
     "clustered_mean",
+    "clustered_tests",
     "correct",
-    "fisher_z",
+    "decide",
+    "design_effect",
+    "hodges_lehmann",
+    "jzs_bf10",
+    "jzs_bf_one_sided",
     "kendall_tau_ci",
+    "minimum_detectable_d",
     "paired_test",
     "prediction_test",
+    "sign_flip_test",
     "sign_test",
     "significant_both",
     "spearman",
+    "tost_d",
 ]

@@ -31,3 +31,22 @@ def _check_ci(ci: float, n_boot: int) -> None:
         raise ValueError(f"ci must be in (0, 1), got {ci!r}; e.g. 0.95 for a 95% interval.")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}.")
+
+
+def _groups(clusters, n: int, *, min_clusters: int) -> tuple[np.ndarray, int]:
+    """Cluster labels as integer codes 0..G-1 (one per position) and G; ``None`` gives every position its own."""
+    if clusters is None:
+        return np.arange(n), n
+    labels = np.asarray(clusters)
+    if labels.ndim != 1 or labels.size != n:
+        raise ValueError(f"clusters must give one label per position: expected length {n}, got shape {labels.shape}.")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise ValueError("clusters contains NaN or inf labels; give every position a cluster id.")
+    _, groups = np.unique(labels, return_inverse=True)
+    groups = groups.ravel()
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    if n_groups < min_clusters:
+        have = "a single cluster" if n_groups == 1 else f"{n_groups} clusters"
+        raise ValueError(f"clusters has {have}; this statistic needs at least {min_clusters} (or pass "
+                         "clusters=None).")
+    return groups, n_groups

@@ -1,4 +1,4 @@
-"""Rank correlations: Spearman, Fisher z, the sign test, Kendall tau-b with a bootstrap interval."""
+"""Rank correlations: Spearman, the sign test, Kendall tau-b with a bootstrap interval."""
 
 from __future__ import annotations
 
@@ -39,30 +39,6 @@ def spearman(x, y) -> tuple[float, float]:
         return float("nan"), float("nan")
     res = _sps.spearmanr(x, y)
     return float(res.statistic), float(res.pvalue)
-
-
-def fisher_z(r):
-    r"""Fisher's variance-stabilising transform of a correlation, :math:`z = \operatorname{artanh}(r)`.
-
-    |r| = 1 is clipped to the largest float below 1 (z ~ +-18.7) so that means of z stay finite;
-    NaN passes through. Returns a float for scalar input, an array otherwise.
-
-    Raises
-    ------
-    ValueError
-        If any |r| > 1.
-
-    References
-    ----------
-    Fisher, R. A. (1921). On the "probable error" of a coefficient of correlation deduced from a small
-    sample. Metron, 1, 3-32.
-    """
-    arr = np.asarray(r, dtype=float)
-    if np.any(np.abs(arr) > 1):
-        raise ValueError(f"correlations must lie in [-1, 1]; got {arr[np.abs(arr) > 1].ravel()[:5].tolist()}.")
-    edge = np.nextafter(1.0, 0.0)
-    z = np.arctanh(np.clip(arr, -edge, edge))
-    return float(z) if z.ndim == 0 else z
 
 
 def sign_test(values) -> float:

@@ -1,0 +1,96 @@
+"""The decision of every cell of a family (one model's audit cells, its control layers, its rank-validity cells):
+which tests it must pass, what the outcome is called, and why.
+
+One place decides: :func:`cell_criteria` lists the tests of the rule and :func:`decide_family` applies them, so an
+extra criterion (e.g. an expert-level permutation test for claims about metrics) is one more entry in the list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from moeaudit import stats
+
+ALPHA = 0.05
+CORRECTION = "bonferroni"
+
+#: Outcomes of a paired cell (column ``decision``), strongest claim first.
+DECISIONS: tuple[str, ...] = (
+    "positive",  # the rule holds, the higher-ranked expert costs more (E[D] > 0 and the typical D > 0)
+    "negative",  # the rule holds in the other direction
+    "directions_disagree",  # mean and signed-rank tests both survive correction but point opposite ways
+    "typical_only",  # the signed-rank test survives, the mean test does not: a typical-token effect
+    "mean_only",  # the mean test survives, the signed-rank test does not: a few tokens carry the mean
+    "equivalent",  # no test survives, and TOST shows |d_z| < sesoi_d at the corrected level
+    "inconclusive",  # none of the above: neither an effect nor its absence is shown
+)
+
+MEAN_TEST = "mean (document sign-flip)"
+RANK_TEST = "signed rank (document sign-flip)"
+
+
+def cell_criteria(frame: pd.DataFrame) -> list[stats.Criterion]:
+    """The tests every paired cell must pass, each corrected over the family: the document-clustered test of the
+    mean of D and the document-clustered signed-rank test, directions given by mean(D) and W+ - W-."""
+    return [
+        stats.Criterion(MEAN_TEST, frame["p_cluster"].to_numpy(dtype=float),
+                        np.sign(frame["mean_diff"].to_numpy(dtype=float))),
+        stats.Criterion(RANK_TEST, frame["p_signrank_cluster"].to_numpy(dtype=float),
+                        np.sign(frame["w_diff"].to_numpy(dtype=float))),
+    ]
+
+
+def _outcome(significant: bool, direction: int, mean_rej: bool, rank_rej: bool, equivalent: bool) -> str:
+    if significant:
+        return "positive" if direction > 0 else "negative"
+    if mean_rej and rank_rej:
+        return "directions_disagree"
+    if rank_rej:
+        return "typical_only"
+    if mean_rej:
+        return "mean_only"
+    return "equivalent" if equivalent else "inconclusive"
+
+
+def decide_family(frame: pd.DataFrame, *, alpha: float = ALPHA, method: str = CORRECTION) -> pd.DataFrame:
+    """``frame`` (one family's paired cells) with ``alpha_corrected``, ``significant``, ``direction``,
+    ``equivalent`` (TOST rejects at the corrected level), ``decision`` (one of :data:`DECISIONS`), ``reason`` and
+    ``significant_paper_rule`` (the paper's rule: unclustered t-test and Wilcoxon both survive, any direction)."""
+    frame = frame.copy()
+    criteria = cell_criteria(frame)
+    decision = stats.decide(criteria, method=method, alpha=alpha)
+    rejects = {c.name: stats.correct(c.p, method, alpha).reject for c in criteria}
+    equivalent = stats.correct(frame["tost_p"].to_numpy(dtype=float), method, alpha).reject
+    outcomes, reasons = [], []
+    for i in range(len(frame)):
+        outcome = _outcome(bool(decision.significant[i]), int(decision.direction[i]), bool(rejects[MEAN_TEST][i]),
+                           bool(rejects[RANK_TEST][i]), bool(equivalent[i]))
+        reason = str(decision.reason[i])
+        if outcome == "equivalent":
+            reason += f"; TOST p = {frame['tost_p'].iloc[i]:.2g} shows |d| below the smallest effect of interest"
+        outcomes.append(outcome)
+        reasons.append(reason)
+    frame["alpha_corrected"] = decision.alpha_corrected
+    frame["significant"] = decision.significant
+    # the paper's rule, kept to compare with its published results: t and Wilcoxon on positions, no direction
+    frame["significant_paper_rule"] = stats.significant_both(frame["p_t"].to_numpy(dtype=float),
+                                                             frame["p_wilcoxon"].to_numpy(dtype=float),
+                                                             method=method, alpha=alpha)
+    frame["direction"] = decision.direction
+    frame["equivalent"] = equivalent
+    frame["decision"] = outcomes
+    frame["reason"] = reasons
+    return frame
+
+
+def decide_rank_validity(frame: pd.DataFrame, *, alpha: float = ALPHA, method: str = CORRECTION) -> pd.DataFrame:
+    """Rank-validity cells of one model: significant when the document-clustered test of the mean per-token rho
+    survives correction over the model's rank-validity cells."""
+    frame = frame.copy()
+    decision = stats.decide([stats.Criterion("mean rho (document sign-flip)", frame["p_cluster"].to_numpy(dtype=float),
+                                             np.sign(frame["mean_rho"].to_numpy(dtype=float)))],
+                            method=method, alpha=alpha)
+    frame["alpha_corrected"] = decision.alpha_corrected
+    frame["significant"] = decision.significant
+    return frame
