@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats as _sps
 
 from moeaudit.stats._checks import _check_ci, _finite_1d, _same_length
+from moeaudit.stats._signflip import _sign_flip_pvalues
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ClusteredDifference:
     se, t, df, p_t : float
         CR1 standard error, t = estimate / se, G - 1 degrees of freedom, two-sided p.
     p_signflip : float
-        Two-sided document-level sign-flip permutation p (exact enumeration when 2^G <= n_perm).
+        Two-sided document-level sign-flip permutation p (exact enumeration when 2^G <= n_perm + 1).
     ci_low, ci_high : float
         Percentile interval over documents resampled with replacement (of the same ratio estimator).
     n, n_clusters : int
@@ -131,22 +132,10 @@ def clustered_mean(values, clusters, *, ci: float = 0.95) -> ClusteredMean:
 
 
 def _signflip_p(totals: np.ndarray, n_perm: int, rng: np.random.Generator) -> float:
-    """Two-sided sign-flip p of |sum of cluster totals| (exact when 2^G <= n_perm, else Monte Carlo with +1)."""
-    observed = abs(float(totals.sum()))
-    if observed == 0.0:
-        return 1.0
-    threshold = observed * (1 - 1e-12)
-    n_clusters = totals.size
-    if 2 ** n_clusters <= n_perm:
-        bits = (np.arange(2 ** n_clusters)[:, None] >> np.arange(n_clusters)) & 1
-        signs = 1.0 - 2.0 * bits  # every sign vector once
-        return float(np.mean(np.abs(signs @ totals) >= threshold))
-    hits = 0
-    for start in range(0, n_perm, 4096):
-        rows = min(4096, n_perm - start)
-        signs = rng.choice((1.0, -1.0), size=(rows, n_clusters))
-        hits += int(np.sum(np.abs(signs @ totals) >= threshold))
-    return (1 + hits) / (1 + n_perm)
+    """Two-sided sign-flip p of |sum of cluster totals| (exact when 2^G <= n_perm + 1, else Monte Carlo with +1):
+    the audit's document-level sign-flip procedure (:func:`moeaudit.stats.sign_flip_test`)."""
+    p, _, _ = _sign_flip_pvalues(totals[None, :], n_perm, rng)
+    return float(p[0])
 
 
 def clustered_difference(a, b, clusters, *, n_perm: int = 10000, n_boot: int = 2000, ci: float = 0.95,
@@ -161,7 +150,7 @@ def clustered_difference(a, b, clusters, *, n_perm: int = 10000, n_boot: int = 2
     * Sign-flip permutation test (cluster-level; e.g. Good 2005): under the null that each document's total
       difference :math:`S_g = \sum_{i\in g} d_i` is symmetric about 0, flipping the sign of whole documents leaves
       the distribution of :math:`|\sum_g \pm S_g|` unchanged; p is the share of flips at least as extreme
-      (exact enumeration of all :math:`2^G` flips when that is at most ``n_perm``, else ``n_perm`` random flips
+      (exact enumeration of all :math:`2^G` flips when that is at most ``n_perm + 1``, else ``n_perm`` random flips
       with the +1 correction).
     * Percentile bootstrap interval of :math:`\hat\delta` over ``n_boot`` resamples of whole documents.
 
