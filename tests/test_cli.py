@@ -31,7 +31,7 @@ RUN = ["--layers", "7", "--n", "12", "--n-progressive", "6", "--n-docs", "6", "-
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "run", "merge", "report", "verify", "inspect", "bench"):
+    for command in ("demo", "run", "merge", "report", "verify", "inspect", "bench", "validate"):
         assert command in result.output
 
 

@@ -111,7 +111,7 @@ def test_summary_is_rebuilt_from_parquet_records(olmoe_run, tmp_path):
     _, _, settings, result = olmoe_run
     path = tmp_path / "records.parquet"
     result.records.to_parquet(path)
-    again = summarize(pd.read_parquet(path), seed=settings.seed)  # the run's seed seeds the summary
+    again = summarize(pd.read_parquet(path), metrics=result.metrics, seed=settings.seed)  # the run's seed
     for name, table in result.tables.items():
         pd.testing.assert_frame_equal(again[name].reset_index(drop=True), table.reset_index(drop=True),
                                       check_dtype=False)
@@ -348,12 +348,17 @@ def test_failed_verification_collects_nothing(monkeypatch):
 
 def test_ranking_stability():
     model = cached_tiny("olmoe")
-    table = ranking_stability(model, _corpus(10, seed=5), metrics=("utilization_rate", "router_norm"), layers=[1])
-    assert list(table.columns) == ["layer", "metric", "n_experts", "tau", "p", "ci_low", "ci_high"]
+    table = ranking_stability(model, _corpus(10, seed=5), metrics=("utilization_rate", "router_norm"), layers=[1],
+                              n_splits=50)
+    assert list(table.columns[:9]) == ["layer", "metric", "n_experts", "n_splits", "tau", "tau_low", "tau_high",
+                                       "rho_split_half", "reliability"]
+    assert "p" not in table.columns  # no test of tau = 0
     router_row = table[table["metric"] == "router_norm"].iloc[0]
     assert router_row["tau"] == pytest.approx(1.0)  # weight-only: identical on both halves
+    assert router_row["jaccard_1_4"] == pytest.approx(1.0) and router_row["m_1_4"] == 4
     util = table[table["metric"] == "utilization_rate"].iloc[0]
-    assert -1 <= util["ci_low"] <= util["tau"] <= util["ci_high"] <= 1
+    assert -1 <= util["tau_low"] <= util["tau"] <= util["tau_high"] <= 1
+    assert util["n_splits"] == 50 and 0 <= util["jaccard_1_2_low"] <= util["jaccard_1_2_high"] <= 1
 
 
 def test_token_spearman_equals_scipy_per_token_with_ties_and_constant_tokens():
@@ -382,3 +387,47 @@ def test_token_spearman_equals_scipy_per_token_with_ties_and_constant_tokens():
         assert len(expected) > 5
         np.testing.assert_allclose(got[(model, layer, metric)][0], expected, rtol=0, atol=1e-12)
         np.testing.assert_array_equal(got[(model, layer, metric)][1], docs)
+
+
+def test_expert_level_columns_rebuild_the_cell_d_from_the_pool(olmoe_run):
+    from moeaudit.experiments._expert_null import _metric_vector, random_ranking_null
+    from moeaudit.experiments._pool import pools
+
+    _, _, _, result = olmoe_run
+    audit, control = result.tables["audit"], result.tables["control"]
+    layer_pools = pools(result.records)
+    for _, row in audit.iterrows():
+        values = _metric_vector(result.metrics, int(row["layer"]), row["metric"], 16)
+        null = random_ranking_null(layer_pools[(row["model"], int(row["layer"]))], values, n_perm=1)
+        assert null.d_obs == pytest.approx(row["cohens_d"], abs=1e-9)  # the pool holds the audit's own ablations
+    for table in (audit, control):
+        assert table["p_perm"].between(0, 1).all()
+        assert (table["d_perm_low"] < table["d_perm_high"]).all()
+        assert (table["d_ceiling_low"] <= table["d_ceiling_high"]).all()
+    by_layer = audit.groupby("layer")["d_ceiling"].first()
+    np.testing.assert_allclose(control.set_index("layer")["d_ceiling"], by_layer.loc[control["layer"]])
+    bare = summarize(result.records, n_boot=10)["audit"]  # no metric table: the relabelings have nothing to permute
+    assert bare["p_perm"].isna().all() and "metric table" in bare.attrs["notes"][0]
+    assert bare["d_ceiling"].notna().all()
+
+
+def test_redistribution_records_the_output_norm_and_clustered_correlations(olmoe_run):
+    from moeaudit.experiments._summary import REDISTRIBUTION_CORRELATIONS
+
+    _, _, _, result = olmoe_run
+    red = result.records[result.records["experiment"] == "redistribution"]
+    # zero mode: the gap the removal leaves at the layer is exactly w * ||E(x)||
+    np.testing.assert_allclose(red["output_norm"] * red["ablated_weight"], red["gap_norm"], rtol=1e-4, atol=1e-6)
+    layers = result.tables["redistribution_layers"]
+    for _, row in layers.iterrows():
+        group = red[red["layer"] == row["layer"]]
+        numerator = group["remaining_norm"] * group["compensation_cos"].clip(lower=0)
+        expected = {"rho_weight_norm": sps.spearmanr(group["ablated_weight"], group["output_norm"]).statistic,
+                    "rho_gap_numerator": sps.spearmanr(group["gap_norm"], numerator).statistic}
+        for column, value in expected.items():
+            assert row[column] == pytest.approx(value, abs=1e-12)
+        for column in REDISTRIBUTION_CORRELATIONS:
+            assert row[f"{column}_low"] <= row[column] <= row[f"{column}_high"]
+    # records without output_norm (written before it was stored) fall back to gap / weight in zero mode
+    old = summarize(result.records.drop(columns=["output_norm"]), n_boot=50)["redistribution_layers"]
+    np.testing.assert_allclose(old["rho_weight_norm"], layers["rho_weight_norm"], atol=1e-3)

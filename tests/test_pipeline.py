@@ -68,7 +68,8 @@ def test_summary_files_equal_the_records_summary(clean):
     out, result = clean
     records = RunDirectory(out).read_records()
     pd.testing.assert_frame_equal(records, result.records)
-    tables = summarize(records, n_boot=CONFIG.n_boot, seed=CONFIG.seed, sesoi_d=CONFIG.sesoi_d)
+    tables = summarize(records, metrics=RunDirectory(out).read_parquet("metrics.parquet"), n_boot=CONFIG.n_boot,
+                       seed=CONFIG.seed, sesoi_d=CONFIG.sesoi_d)
     stored = json.loads((out / "summary.json").read_text())
     for name, table in tables.items():
         pd.testing.assert_frame_equal(pd.DataFrame(stored[name]).reset_index(drop=True),
@@ -302,3 +303,31 @@ def test_a_saved_checkpoint_of_another_family_runs_end_to_end(family, tmp_path):
     assert np.allclose(audit["relative_depth"], expected_depth)
     md = (tmp_path / "run" / "report.md").read_text()
     assert f"| {family} | {desc.family} |" in md and "Against the paper" not in md
+
+
+def test_validate_writes_validation_json_and_the_report_section(clean, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import moeaudit
+    from moeaudit.cli import app
+
+    out, _ = clean
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = moeaudit.validate(copy, n_families=20, n_power_draws=4)
+    stored = json.loads((copy / "validation.json").read_text())
+    assert set(stored) >= {"null_rate", "fwer", "power", "mde_d", "random_ranking_rate"}
+    assert stored["null_rate"]["t"]["n_draws"] == 20 * 8  # 20 families x 8 audit cells
+    assert stored["fwer"]["family_size"] == 8 and stored["n_records"] == len(RunDirectory(copy).read_records())
+    assert {row["n"] for row in stored["power"]} == {10, 12}
+    assert result["null_rate"] == stored["null_rate"]
+    cli = CliRunner().invoke(app, ["validate", str(copy), "--n-families", "10", "--n-power-draws", "2"])
+    assert cli.exit_code == 0, cli.output
+    assert "family-wise rate" in cli.output and "minimum detectable d" in cli.output
+    report = (copy / "report.md").read_text()
+    assert "validation of the tests" in report and "figures/tiny-validation.png" in report
+    assert (copy / "figures" / "tiny-validation.png").is_file()
+    bad = CliRunner().invoke(app, ["validate", str(tmp_path / "nothing")])
+    assert bad.exit_code == 2 and "not a moeaudit run directory" in bad.output

@@ -11,7 +11,8 @@ EXPECTED = [
     "Ablation", "AblationResult", "CorpusSequence", "Execution", "ExperimentSettings", "MapConfig", "MoEDescription",
     "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "describe", "importance_map",
     "load_corpus", "load_model", "load_run", "merge_runs", "moe_layers", "observe", "preset", "prune_eval", "pruned",
-    "run_audit", "run_experiments", "slice_experts", "summarize", "valid_positions", "verify", "write_report",
+    "run_audit", "run_experiments", "slice_experts", "summarize", "valid_positions", "validate", "verify",
+    "write_report",
 ]
 
 
@@ -27,8 +28,8 @@ def test_every_export_resolves_to_a_function_or_class():
 
 
 def test_observe_and_verify_stay_functions_after_submodule_imports():
-    code = ("import moeaudit._observe, moeaudit._verify, moeaudit; "
-            "assert callable(moeaudit.observe) and callable(moeaudit.verify)")
+    code = ("import moeaudit._observe, moeaudit._verify, moeaudit._validate, moeaudit; "
+            "assert callable(moeaudit.observe) and callable(moeaudit.verify) and callable(moeaudit.validate)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

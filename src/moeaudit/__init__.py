@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "slice_experts": "moeaudit.pruning",
     "summarize": "moeaudit.experiments",
     "valid_positions": "moeaudit.corpus",
+    "validate": "moeaudit._validate",
     "verify": "moeaudit._verify",
     "write_report": "moeaudit.report",
 }

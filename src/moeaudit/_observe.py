@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeaudit import _weights
+from moeaudit._document_stats import DocumentStats, document_moments
 from moeaudit.errors import did_you_mean
 from moeaudit.intervene._state import capture_layer_outputs, capture_moe
 from moeaudit.models import MoEDescription, adapter_for, describe, moe_block
@@ -252,7 +253,7 @@ def _layer_batch(layer: int, slot: dict, layer_out: torch.Tensor, real: torch.Te
 @torch.no_grad()
 def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iterable[int] | None = None,
             batch_size: int = 1, metrics: Iterable[str] | None = None,
-            progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+            progress: Callable[[int], None] | None = None, per_document: bool = False) -> pd.DataFrame:
     r"""Per-expert observational metrics over a corpus, in one streaming pass.
 
     Every sequence runs once through ``model`` with scoped hooks on all requested MoE layers. Statistics are
@@ -287,10 +288,14 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
         batch_size: Sequences per forward (right-padded, pads masked out of every statistic).
         metrics: Names of registered metrics to compute (default all, see :data:`METRICS`).
         progress: Called with the number of sequences processed after each batch.
+        per_document: Return per-document sufficient statistics instead
+            (:class:`~moeaudit._document_stats.DocumentStats`), whose ``table(documents)`` equals this function
+            run on those documents alone (to floating-point summation order), for half-splits without re-running
+            the model.
 
     Returns:
         One row per (layer, expert): ``layer, expert, routed_count`` (int64), then one float64 column per metric
-        in registration order.
+        in registration order (with ``per_document``: a ``DocumentStats``).
 
     Raises:
         ValueError: no sequence, a sequence that is not 1-D / not integer / empty, layers that are not MoE layers,
@@ -308,6 +313,8 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
     experts = {layer: moe_block(model, layer).experts for layer in chosen_layers}
     counts = {layer: torch.zeros(n_experts, dtype=torch.int64, device=device) for layer in chosen_layers}
     state: dict[tuple[int, str], tuple[torch.Tensor, ...] | None] = {}
+    doc_state: dict[tuple[int, str], list] = {}
+    doc_counts: dict[int, list[np.ndarray]] = {layer: [] for layer in chosen_layers}
     n_sequences = 0
     for batch in _batches(sequences, int(batch_size)):
         lengths = torch.tensor([len(s) for s in batch])
@@ -323,18 +330,29 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
             else:
                 model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
         real = None if len(batch) == 1 else mask.reshape(-1).to(device)
+        token_doc = torch.arange(len(batch)).repeat_interleave(lengths).to(device)  # document of each real token
         for layer in chosen_layers:
             lb = _layer_batch(layer, moe[layer], outs[layer], real, desc.family, experts[layer], n_experts)
             counts[layer] += torch.bincount(lb.expert, minlength=n_experts)
+            if per_document:
+                pair_doc = token_doc[lb.token]
+                doc_counts[layer].append(torch.bincount(pair_doc * n_experts + lb.expert, minlength=len(batch) *
+                                                        n_experts).reshape(len(batch), n_experts).cpu().numpy())
             for m in per_token:
                 values = m.per_token(lb)
                 groups = lb.expert if m.over == "routed" else None
-                state[layer, m.name] = _merge(state.get((layer, m.name)), _moments(values, groups, n_experts))
+                if per_document:
+                    doc_state.setdefault((layer, m.name), []).append(document_moments(
+                        values, groups, pair_doc if groups is not None else token_doc, len(batch), n_experts))
+                else:
+                    state[layer, m.name] = _merge(state.get((layer, m.name)), _moments(values, groups, n_experts))
         n_sequences += len(batch)
         if progress is not None:
             progress(n_sequences)
     if n_sequences == 0:
         raise ValueError("observe got no sequences; pass a non-empty iterable of 1-D token-id tensors.")
+    if per_document:
+        return DocumentStats.from_observation(model, chosen_layers, n_experts, doc_counts, doc_state, chosen)
     return _frame(model, chosen_layers, n_experts, counts, state, chosen)
 
 

@@ -348,13 +348,15 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         session["verification_passed"] = verification.passed
         verification.raise_if_failed()
 
-    # Ranking stability is observational and deterministic: one shard (index 0) computes it for the merge.
+    # Ranking stability is observational and deterministic: one shard (index 0) computes it for the merge. A
+    # stability.parquet without tau_low is the old one-split format: recomputed from one observe pass.
     stability_here = execution.shard is None or execution.shard.index == 0
-    if "stability" in config.experiments and stability_here and run_dir.read_parquet("stability.parquet") is None:
-        progress.stage("ranking stability (corpus halves)", None)
+    stored = run_dir.read_parquet("stability.parquet")
+    if "stability" in config.experiments and stability_here and (stored is None or "tau_low" not in stored.columns):
+        progress.stage("ranking stability (random corpus halves)", None)
         with timer("stability"):
             stability = ranking_stability(model, single_seqs, metrics=config.metrics, layers=list(layers),
-                                          n_boot=config.n_boot, seed=config.seed)
+                                          seed=config.seed)
         run_dir.write_parquet("stability.parquet", stability)
 
     job = CellJob(settings=settings, single_experiments=single, metric_table=metric_table,
@@ -383,7 +385,8 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     progress.stage("summarising", None)
     with timer("summary"):
         records = run_dir.read_records()
-        tables = summarize(records, n_boot=config.n_boot, seed=config.seed, sesoi_d=config.sesoi_d)
+        tables = summarize(records, metrics=metric_table, n_boot=config.n_boot, seed=config.seed,
+                           sesoi_d=config.sesoi_d)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed)
 

@@ -170,7 +170,7 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
             if source is not None:
                 atomic_write_bytes(tmp / name, source.read_bytes())
         records = staging.read_records()
-        tables = summarize(records, **summary_settings(config))
+        tables = summarize(records, metrics=staging.read_parquet("metrics.parquet"), **summary_settings(config))
         write_summary(staging, tables)
         sessions = [{**session, "shard": f"{s.index}/{s.count}"} for s in parsed
                     for session in s.manifest.get("sessions", [])]

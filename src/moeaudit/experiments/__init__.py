@@ -108,7 +108,8 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
             if on_layer:
                 on_layer("progressive", layer, frame)
     records = pd.concat(parts, ignore_index=True) if parts else to_frame([])
-    return ExperimentResult(records, summarize(records, seed=settings.seed), verification, metric_table)
+    return ExperimentResult(records, summarize(records, metrics=metric_table, seed=settings.seed), verification,
+                            metric_table)
 
 
 def audit(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:

@@ -30,6 +30,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "remaining_norm",  # ||MoE output - removed contribution|| (redistribution), else NaN
     "compensation_cos",  # cos(removed contribution, remaining MoE output) (redistribution), else NaN
     "relative_compensation",  # remaining_norm * max(cos, 0) / gap_norm (redistribution), else NaN
+    "output_norm",  # ||E(x)||: norm of the ablated expert's unweighted output (redistribution), else NaN
     "scope",
     "mode",
     "seed",
@@ -48,6 +49,6 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     ints = ["n_layers", "layer", "seq_id", "position", "target_token", "k", "seed"]
     frame[ints] = frame[ints].astype("int64")
     floats = ["ablated_weight", "ablated_metric_value", "clean_loss", "ablated_loss", "delta", "gap_norm",
-              "final_gap_norm", "remaining_norm", "compensation_cos", "relative_compensation"]
+              "final_gap_norm", "remaining_norm", "compensation_cos", "relative_compensation", "output_norm"]
     frame[floats] = frame[floats].astype("float64")
     return frame

@@ -151,7 +151,7 @@ def _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, result) 
         "gap_norm": result.gap_norm, "final_gap_norm": result.final_gap_norm, "scope": settings.scope,
         "mode": settings.mode, "seed": settings.seed, "ablated_weight": result.removed_weight,
         "remaining_norm": math.nan, "compensation_cos": math.nan, "relative_compensation": math.nan,
-        "ablated_metric_value": math.nan,
+        "output_norm": math.nan, "ablated_metric_value": math.nan,
     }
 
 
@@ -215,12 +215,12 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
             if "redistribution" in experiments:
                 for e in active:
                     row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])
-                    remaining, cos = contrib[(pos, e)]
+                    remaining, cos, output_norm = contrib[(pos, e)]
                     gap = row["gap_norm"]
                     row.update(experiment="redistribution", metric=ROUTING_WEIGHT, role="single",
                                metric_values=list(weights), ablated_experts=[e],
                                ablated_metric_value=weights[active.index(e)], k=1, remaining_norm=remaining,
-                               compensation_cos=cos,
+                               compensation_cos=cos, output_norm=output_norm,
                                relative_compensation=remaining * max(cos, 0.0) / gap if gap > 0 else math.nan)
                     rows.append(row)
 
@@ -229,7 +229,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
 
 
 def _contributions(model, ls, layer, plan) -> dict:
-    """Per (position, expert): ||MoE output - w_e E_e(x)|| and cos(w_e E_e(x), MoE output - w_e E_e(x))."""
+    """Per (position, expert): ||MoE output - w_e E_e(x)||, cos(w_e E_e(x), MoE output - w_e E_e(x)) and
+    ||E_e(x)||."""
     if not plan:
         return {}
     pos = torch.tensor([p for p, _ in plan])
@@ -240,7 +241,8 @@ def _contributions(model, ls, layer, plan) -> dict:
     removed = outputs * weight[:, None]
     remaining = ls.moe_out[pos].float() - removed
     cos = torch.nn.functional.cosine_similarity(removed, remaining, dim=-1)
-    return {key: (float(r), float(c)) for key, r, c in zip(plan, remaining.norm(dim=-1), cos)}
+    return {key: (float(r), float(c), float(o))
+            for key, r, c, o in zip(plan, remaining.norm(dim=-1), cos, outputs.norm(dim=-1))}
 
 
 @torch.no_grad()

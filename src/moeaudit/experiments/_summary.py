@@ -13,6 +13,8 @@ import pandas as pd
 
 from moeaudit import stats
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
+from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
+from moeaudit.experiments._pool import pools
 
 
 def _relative_depth(frame: pd.DataFrame) -> pd.Series:
@@ -53,6 +55,7 @@ def _nonfinite_note(pivot: pd.DataFrame) -> str | None:
 
 def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_boot: int, seed: int | None,
                   sesoi_d: float) -> pd.DataFrame:
+    """The paired test of every cell (not yet decided: :func:`_decided` adds the decision)."""
     sub = records[records["experiment"] == experiment]
     groups = list(sub.groupby(keys, sort=True))
     m_by_model = pd.Series([k[0] if isinstance(k, tuple) else k for k, _ in groups]).value_counts().to_dict()
@@ -95,8 +98,16 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_
     frame["sig_t_uncorrected"] = frame["p_t"] < ALPHA
     frame["sig_w_uncorrected"] = frame["p_wilcoxon"] < ALPHA
     frame["sesoi_d"] = sesoi_d
-    parts = [decide_family(per_model) for _, per_model in frame.groupby("model", sort=False)]
-    return pd.concat(parts, ignore_index=True)
+    return frame
+
+
+def _decided(frame: pd.DataFrame, *, expert_level: bool) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    parts = [decide_family(per_model, expert_level=expert_level) for _, per_model in frame.groupby("model", sort=False)]
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs = dict(frame.attrs)
+    return out
 
 
 def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
@@ -169,12 +180,27 @@ def _progressive(records: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _redistribution(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+#: Per-layer redistribution correlations: column -> (x, y) over the layer's redistribution rows.
+REDISTRIBUTION_CORRELATIONS: dict[str, tuple[str, str]] = {
+    "rho_weight_gap": ("ablated_weight", "gap_norm"),
+    "rho_weight_norm": ("ablated_weight", "output_norm"),
+    "rho_gap_compensation": ("gap_norm", "relative_compensation"),
+    "rho_gap_numerator": ("gap_norm", "compensation_numerator"),
+}
+
+
+def _redistribution(records: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     sub = records[records["experiment"] == "redistribution"].copy()
     if sub.empty:
         return pd.DataFrame(), pd.DataFrame()
     sub["expert"] = sub["ablated_experts"].map(lambda e: int(e[0]))
     sub["propagation"] = sub["final_gap_norm"] / sub["gap_norm"].where(sub["gap_norm"] > 0)
+    sub["compensation_numerator"] = sub["remaining_norm"] * sub["compensation_cos"].clip(lower=0.0)
+    if "output_norm" not in sub.columns:
+        sub["output_norm"] = np.nan
+    # Records written before output_norm was stored: in zero mode the gap at the layer is exactly w * ||E(x)||.
+    derive = sub["output_norm"].isna() & (sub["mode"] == "zero") & (sub["ablated_weight"] > 0)
+    sub.loc[derive, "output_norm"] = sub.loc[derive, "gap_norm"] / sub.loc[derive, "ablated_weight"]
     n_pos = sub.groupby(["model", "layer"])[["seq_id", "position"]].apply(
         lambda g: len(g.drop_duplicates())).rename("n_positions")
     experts = sub.groupby(["model", "layer", "expert"], sort=True).agg(
@@ -187,23 +213,39 @@ def _redistribution(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     experts["coverage"] = experts["n"] / experts["n_positions"]
     layers = []
     for (model, layer), group in sub.groupby(["model", "layer"], sort=True):
-        ok = np.isfinite(group[["ablated_weight", "gap_norm"]]).all(axis=1)  # a non-finite ablation has no rank
-        rho_wg, p_wg = _spearman_or_nan(group.loc[ok, "ablated_weight"], group.loc[ok, "gap_norm"])
-        ok = np.isfinite(group[["gap_norm", "relative_compensation"]]).all(axis=1)
-        rho_gc, p_gc = _spearman_or_nan(group.loc[ok, "gap_norm"], group.loc[ok, "relative_compensation"])
-        layers.append({
+        row = {
             "model": model, "layer": layer, "n_layers": int(group["n_layers"].iloc[0]), "n": len(group),
+            "n_documents": int(group["seq_id"].nunique()),
             "mean_gap_norm": float(group["gap_norm"].mean()), "mean_final_gap_norm": float(group["final_gap_norm"].mean()),
             "mean_propagation": float(group["propagation"].mean()),
             "mean_compensation_cos": float(group["compensation_cos"].mean()),
-            "rho_weight_gap": rho_wg, "p_weight_gap": p_wg, "rho_gap_compensation": rho_gc,
-            "p_gap_compensation": p_gc,
-        })
+        }
+        row.update(_clustered_rhos(group, n_boot, [seed, int(layer)]))
+        layers.append(row)
     return experts, pd.DataFrame(layers)
 
 
-def _spearman_or_nan(x: pd.Series, y: pd.Series) -> tuple[float, float]:
-    return stats.spearman(x.to_numpy(dtype=float), y.to_numpy(dtype=float)) if len(x) >= 3 else (math.nan, math.nan)
+def _clustered_rhos(group: pd.DataFrame, n_boot: int, seed) -> dict:
+    """Every correlation of :data:`REDISTRIBUTION_CORRELATIONS` over the rows where all its quantities are
+    defined, with document-clustered intervals (one set of resamples for all four), and the two-sided p of the
+    paper's two (rows as independent: kept for reference, the intervals are what to read)."""
+    names = list(dict.fromkeys(c for pair in REDISTRIBUTION_CORRELATIONS.values() for c in pair))
+    ok = np.isfinite(group[names].to_numpy(dtype=float)).all(axis=1)
+    out: dict = {}
+    for column in REDISTRIBUTION_CORRELATIONS:
+        out.update({column: np.nan, f"{column}_low": np.nan, f"{column}_high": np.nan})
+    out.update(p_weight_gap=np.nan, p_gap_compensation=np.nan)
+    if ok.sum() < 3:
+        return out
+    rows = group[ok]
+    columns = {name: rows[name].to_numpy(dtype=float) for name in names}
+    res = stats.spearman_cluster_cis(columns, list(REDISTRIBUTION_CORRELATIONS.values()), rows["seq_id"].to_numpy(),
+                                     n_boot=n_boot, seed=seed)
+    for column, pair in REDISTRIBUTION_CORRELATIONS.items():
+        out[column], out[f"{column}_low"], out[f"{column}_high"] = res[pair].rho, res[pair].ci_low, res[pair].ci_high
+    out["p_weight_gap"] = stats.spearman(columns["ablated_weight"], columns["gap_norm"])[1]
+    out["p_gap_compensation"] = stats.spearman(columns["gap_norm"], columns["relative_compensation"])[1]
+    return out
 
 
 def _families(tables: dict[str, pd.DataFrame], sesoi_d: float) -> pd.DataFrame:
@@ -238,31 +280,47 @@ def summary_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             "sesoi_d": float(config.get("sesoi_d", defaults.sesoi_d))}
 
 
-def summarize(records: pd.DataFrame, *, n_boot: int = 2000, seed: int | None = 0,
-              sesoi_d: float = stats.SESOI_D) -> dict[str, pd.DataFrame]:
-    """Every cell table, from the record table alone.
+def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_boot: int = 2000,
+              seed: int | None = 0, sesoi_d: float = stats.SESOI_D, n_relabel: int = N_RELABEL,
+              n_splits: int = N_SPLITS) -> dict[str, pd.DataFrame]:
+    """Every cell table, from the record table (and, for the expert-level null, the run's metric table).
 
     Args:
         records: The record table (:data:`~moeaudit.experiments.RECORD_COLUMNS`).
+        metrics: The run's ``observe`` table (``metrics.parquet``); without it ``p_perm`` / ``d_perm_low`` /
+            ``d_perm_high`` of the audit table are NaN, the audit decision rests on the token-level tests alone,
+            and ``tables["audit"].attrs["notes"]`` says so.
         n_boot: Bootstrap resamples of the intervals.
-        seed: The run's seed; every cell's bootstrap and sign-flip draws derive from it and the cell's key.
+        seed: The run's seed; every cell's bootstrap, sign-flip, relabeling and halving draws derive from it and
+            the cell's key.
         sesoi_d: Smallest effect of interest of the equivalence tests, in units of d_z.
+        n_relabel: Random relabelings of the metric per audit cell (random per-token choices per control cell);
+            more, up to 20 / alpha_corrected, where fewer than 10 are as extreme.
+        n_splits: Random document halvings of the causal ceiling.
 
     Returns:
         ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
-        documents as clusters, the design effect, and the decision: ``significant`` when the document-clustered
-        mean and signed-rank tests both survive Bonferroni correction over the model's audit cells and agree in
-        direction; ``decision``, ``reason``, ``equivalent``), ``control`` (the same per model x layer, with the
-        Spearman correlation of the weight ratio high/low and D), ``rank_validity`` (per-token Spearman rho: mean,
-        median, share > 0, document-clustered sign-flip p-values of the mean (``p_cluster``) and of the sign,
-        Bonferroni over the model's rank-validity cells), ``progressive`` (per model x layer x k: n, mean,
-        median, P95), ``redistribution_experts``, ``redistribution_layers`` and ``families`` (per test family:
-        m, corrected alpha, minimum detectable d). A cell whose ΔL is not finite somewhere is not tested and
-        says why in ``note``; the other cells are unaffected.
+        documents as clusters, the design effect; the expert-level null ``p_perm`` with the band
+        ``d_perm_low..d_perm_high`` of d under random relabelings of the metric across the layer's experts, and
+        the layer's causal ceiling ``d_ceiling`` / ``d_ceiling_low`` / ``d_ceiling_high``; and the decision:
+        ``significant`` when the document-clustered mean and signed-rank tests and the expert-level permutation
+        test all survive Bonferroni correction over the model's audit cells and agree in direction; ``decision``,
+        ``reason``, ``equivalent``), ``control`` (the same per model x layer, with the Spearman correlation of the
+        weight ratio high/low and D; its ``p_perm`` permutes the weights within each token and is not part of its
+        decision), ``rank_validity`` (per-token Spearman rho: mean, median, share > 0, document-clustered
+        sign-flip p-values of the mean (``p_cluster``) and of the sign, Bonferroni over the model's rank-validity
+        cells), ``progressive`` (per model x layer x k: n, mean, median, P95), ``redistribution_experts``,
+        ``redistribution_layers`` (four Spearman correlations with document-clustered intervals) and ``families``
+        (per test family: m, corrected alpha, minimum detectable d). A cell whose ΔL is not finite somewhere is
+        not tested and says why in ``note``; the other cells are unaffected.
     """
+    layer_pools = pools(records)
+    expert = {"metric_table": metrics, "n_perm": n_relabel, "n_splits": n_splits, "seed": seed}
     audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
+    audit = _decided(add_expert_level(audit, layer_pools, kind="audit", **expert), expert_level=True)
     control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
-    experts, layers = _redistribution(records)
+    control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
+    experts, layers = _redistribution(records, n_boot, seed)
     tables = {"audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
               "progressive": _progressive(records), "redistribution_experts": experts,
               "redistribution_layers": layers}

@@ -46,7 +46,10 @@ def control_vs_depth(audit: pd.DataFrame, control: pd.DataFrame) -> Figure | Non
     """The paper's Figure 1: the routing-weight control's effect size against depth, per model.
 
     Each model's control Cohen's d is a line over relative depth (filled markers: significant cells); a band of
-    the model's colour spans the min..max audit d over the observational metrics at each layer.
+    the model's colour spans the min..max audit d over the observational metrics at each layer; a hatched band
+    spans the 95 % range of d under random rankings of the experts (``d_perm_low``..``d_perm_high`` of the audit
+    cells, widest over the layer's metrics); triangles on a dashed line mark the causal ceiling ``d_ceiling``
+    with its 2.5-97.5 % range over document halvings (when the tables have these columns).
 
     Args:
         audit: The ``audit`` table of :func:`~moeaudit.experiments.summarize` (may be empty: no bands).
@@ -73,6 +76,8 @@ def control_vs_depth(audit: pd.DataFrame, control: pd.DataFrame) -> Figure | Non
             poly = ax.fill_between(band["relative_depth"], band["low"], band["high"], color=color, alpha=0.2,
                                    linewidth=0)
             poly.set_gid(f"band:{model}")
+        _random_band(ax, audit, model, color)
+        _ceiling(ax, control, audit, model, color)
         cells = control[control["model"] == model].sort_values("relative_depth")
         if cells.empty:
             continue
@@ -86,6 +91,8 @@ def control_vs_depth(audit: pd.DataFrame, control: pd.DataFrame) -> Figure | Non
         handles.append(Line2D([], [], color=color, marker="o", linewidth=1.8, label=model))
     handles += [
         Patch(facecolor="0.5", alpha=0.3, label="observational metrics (min–max d)"),
+        Patch(facecolor="none", edgecolor="0.4", hatch="////", label="random expert rankings (95% of d)"),
+        Line2D([], [], color="0.2", marker="^", linestyle="--", label="causal ceiling (range over halvings)"),
         Line2D([], [], color="0.2", marker="o", linestyle="none", label="control, significant"),
         Line2D([], [], color="0.2", marker="o", markerfacecolor="white", linestyle="none",
                label="control, not significant"),
@@ -97,6 +104,36 @@ def control_vs_depth(audit: pd.DataFrame, control: pd.DataFrame) -> Figure | Non
     ax.set_title("Routing-weight control vs observational metrics", fontsize=10)
     _style(ax)
     return fig
+
+
+def _random_band(ax: Axes, audit: pd.DataFrame, model: str, color: str) -> None:
+    if _empty(audit) or "d_perm_low" not in audit:
+        return
+    cells = audit[audit["model"] == model].dropna(subset=["d_perm_low", "d_perm_high"])
+    if cells.empty:
+        return
+    band = cells.groupby("layer", sort=True).agg(relative_depth=("relative_depth", "first"),
+                                                 low=("d_perm_low", "min"), high=("d_perm_high", "max"))
+    band = band.sort_values("relative_depth")
+    poly = ax.fill_between(band["relative_depth"], band["low"], band["high"], facecolor="none", edgecolor=color,
+                           hatch="////", linewidth=0.0, alpha=0.45, zorder=2)
+    poly.set_gid(f"random:{model}")
+
+
+def _ceiling(ax: Axes, control: pd.DataFrame, audit: pd.DataFrame, model: str, color: str) -> None:
+    frames = [t[t["model"] == model] for t in (control, audit) if not _empty(t) and "d_ceiling" in t]
+    if not frames:
+        return
+    per_layer = (pd.concat(frames).dropna(subset=["d_ceiling"]).groupby("layer", sort=True)
+                 .agg(relative_depth=("relative_depth", "first"), d=("d_ceiling", "first"),
+                      low=("d_ceiling_low", "first"), high=("d_ceiling_high", "first")).sort_values("relative_depth"))
+    if per_layer.empty:
+        return
+    x, y = per_layer["relative_depth"].to_numpy(), per_layer["d"].to_numpy()
+    err = np.vstack([y - per_layer["low"].to_numpy(), per_layer["high"].to_numpy() - y])
+    bars = ax.errorbar(x, y, yerr=err, color=color, marker="^", markersize=5, linestyle="--", linewidth=1.0,
+                       capsize=2, elinewidth=0.8, zorder=3)
+    bars.lines[0].set_gid(f"ceiling:{model}")
 
 
 # --- Figure 2 -------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def fmt_bf(value: float) -> str:
 DECISION_LABELS: dict[str, str] = {
     "positive": "+ (higher costs more)",
     "negative": "− (lower costs more)",
+    "not_beyond_random": "no better than random rankings",
     "directions_disagree": "mean and typical disagree",
     "typical_only": "typical token only",
     "mean_only": "mean only",
@@ -94,13 +95,17 @@ def _decision(row) -> str:
     return label
 
 
-def _decision_note(table: pd.DataFrame, what: str) -> str:
+def _decision_note(table: pd.DataFrame, what: str, expert_level: bool = False) -> str:
     alpha = table["alpha_corrected"].iloc[0]
     sesoi = f"{table['sesoi_d'].iloc[0]:g}" if "sesoi_d" in table else "0.2"
-    return (f"Decision: '+' / '−' when p_mean and p_rank both survive Bonferroni correction over the model's "
-            f"{len(table)} {what} (α = 0.05/{len(table)} = {alpha:.4g}) and point the same way; 'typical token "
-            "only' / 'mean only' when one of them does; 'equivalent' when neither does and TOST shows |d| < "
-            f"{sesoi} at α; else inconclusive.")
+    with_perm = expert_level and "p_perm" in table and table["p_perm"].notna().any()
+    tests = "p_mean, p_rank and p_perm all survive" if with_perm else "p_mean and p_rank both survive"
+    beyond = ("; 'no better than random rankings' when p_mean and p_rank survive in one direction but p_perm "
+              "does not") if with_perm else ""
+    return (f"Decision: '+' / '−' when {tests} Bonferroni correction over the model's "
+            f"{len(table)} {what} (α = 0.05/{len(table)} = {alpha:.4g}) and point the same way{beyond}; 'typical "
+            "token only' / 'mean only' when one of p_mean, p_rank does; 'equivalent' when neither does and TOST "
+            f"shows |d| < {sesoi} at α; else inconclusive.")
 
 
 _ESTIMANDS = ("D = ΔL(highest-ranked expert removed) − ΔL(lowest-ranked) per position. Two estimands: the mean "
@@ -108,6 +113,16 @@ _ESTIMANDS = ("D = ΔL(highest-ranked expert removed) − ΔL(lowest-ranked) per
               "flipping whole documents) and the typical token (% D>0; HL: Hodges–Lehmann estimate of the typical "
               "D in nats with the interval of the document-clustered signed-rank test; p_rank: that test). Unit "
               "of inference: the document. * p < .05 uncorrected. ")
+
+
+def _get(row, column: str) -> float:
+    """A column that older tables may lack (NaN then)."""
+    return row[column] if column in row.index else math.nan
+
+
+def _notes(table: pd.DataFrame) -> str:
+    notes = table.attrs.get("notes") or []
+    return (" " + " ".join(notes)) if notes else ""
 
 
 def audit_table(audit: pd.DataFrame, model: str) -> Table | None:
@@ -120,16 +135,23 @@ def audit_table(audit: pd.DataFrame, model: str) -> Table | None:
         rows.append([f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n"])),
                      fmt_d_ci(r["cohens_d"], r["ci_low"], r["ci_high"]), fmt_p_flip(r, "p_cluster"),
                      fmt_p_flip(r, "p_signrank_cluster"), fmt(r["pct_high_larger"], 1), fmt_hl(r),
-                     fmt_p(r["tost_p"], mark=False), fmt_bf(r["bf0plus"]), _decision(r)])
+                     fmt_p(r["tost_p"], mark=False), fmt_bf(r["bf0plus"]), fmt_p(_get(r, "p_perm")),
+                     fmt_ci(_get(r, "d_perm_low"), _get(r, "d_perm_high")), _decision(r)])
     return Table(
         f"{model}: audit of the observational metrics (Definition 2.1)",
         ["layer", "metric", "n", "d [95% CI]", "p_mean", "p_rank", "% D>0", "HL, nats [95% CI]", "p_TOST", "BF0+",
-         "decision"], rows,
-        notes=(_ESTIMANDS + _decision_note(audit, "audit cells") + " p_TOST: equivalence test of |d| < SESOI "
+         "p_perm", "d, random rankings", "decision"], rows,
+        notes=(_ESTIMANDS + _decision_note(audit, "audit cells", expert_level=True) + " p_perm: a metric is one "
+               "ranking of a layer's experts, so the claim that it identifies important experts is tested against "
+               "random rankings of the same experts: the share of at least 1000 random relabelings of the metric "
+               "across the layer's experts (recomputed from the single-expert pool) whose |d| reaches the observed "
+               "|d|, +1 correction (unit of inference: the expert labelling); 'd, random rankings' is the 2.5-97.5% "
+               "range of d under those relabelings. p_mean and p_rank ask a narrower question: does this one "
+               "ranking's D differ from zero at these positions. p_TOST: equivalence test of |d| < SESOI "
                "(document-clustered SE). BF0+: one-sided JZS Bayes factor of no effect against a positive effect "
                "of the prior's size (half-Cauchy, r = 0.707; positions treated as independent); > 3 is evidence "
                "against effects that large, not evidence of no effect. The paper's unclustered p_t and p_w, the "
-               "sign test p_sign and the Bayes factors at r = 0.2 and 0.5 are in tables/audit.csv."),
+               "sign test p_sign and the Bayes factors at r = 0.2 and 0.5 are in tables/audit.csv." + _notes(audit)),
         align_left=2)
 
 
@@ -141,13 +163,21 @@ def control_table(control: pd.DataFrame, model: str) -> Table | None:
         rows.append([f"L{r['layer']}", fmt(r["relative_depth"], 2), str(int(r["n"])),
                      fmt_d_ci(r["cohens_d"], r["ci_low"], r["ci_high"]), fmt_p_flip(r, "p_cluster"),
                      fmt_p_flip(r, "p_signrank_cluster"), fmt(r["pct_high_larger"], 1), fmt_hl(r),
-                     fmt_p(r["tost_p"], mark=False), fmt(r["spearman_rho"]), _decision(r)])
+                     fmt_p(r["tost_p"], mark=False), fmt(r["spearman_rho"]),
+                     fmt_d_ci(_get(r, "d_ceiling"), _get(r, "d_ceiling_low"), _get(r, "d_ceiling_high")),
+                     _decision(r)])
     return Table(
         f"{model}: routing-weight control (per-token router weight as the ranking)",
         ["layer", "depth", "n", "d [95% CI]", "p_mean", "p_rank", "% D>0", "HL, nats [95% CI]", "p_TOST",
-         "ρ(w_high/w_low, D)", "decision"],
+         "ρ(w_high/w_low, D)", "causal ceiling d [range]", "decision"],
         rows, notes=(_ESTIMANDS + _decision_note(control, "control layers") + " ρ: Spearman correlation of the "
-                     "weight ratio of the two ablated experts with D (positions independent)."))
+                     "weight ratio of the two ablated experts with D (positions independent). Causal ceiling: d of "
+                     "the static ranking of the layer's experts by their mean ΔL estimated on a random half of the "
+                     "documents and scored on the other half (and the reverse), mean over 200 halvings; range: "
+                     "2.5-97.5% over the halvings (the spread due to the halving, not a confidence interval). It is "
+                     "what a corpus-level statistic could hope to reach at the layer (estimated from half the data, "
+                     "so conservative). The control's p_perm (weights permuted within each token) is in "
+                     "tables/control.csv." + _notes(control)))
 
 
 def rank_validity_table(rank: pd.DataFrame, model: str) -> Table | None:
@@ -195,30 +225,58 @@ def progressive_table(progressive: pd.DataFrame, model: str) -> Table | None:
 def redistribution_table(layers: pd.DataFrame, model: str) -> Table | None:
     if layers is None or layers.empty:
         return None
+
+    def rho(r, column: str) -> str:
+        if f"{column}_low" not in r.index:
+            return fmt(_get(r, column))
+        return f"{fmt(r[column])} {fmt_ci(r[f'{column}_low'], r[f'{column}_high'])}"
+
     rows = []
     for _, r in layers.sort_values("layer").iterrows():
         rows.append([f"L{r['layer']}", str(int(r["n"])), fmt(r["mean_gap_norm"]), fmt(r["mean_final_gap_norm"]),
-                     fmt(r["mean_propagation"], 2), fmt(r["mean_compensation_cos"]), fmt(r["rho_weight_gap"]),
-                     fmt_p(r["p_weight_gap"]), fmt(r["rho_gap_compensation"]), fmt_p(r["p_gap_compensation"])])
+                     fmt(r["mean_propagation"], 2), fmt(r["mean_compensation_cos"]), rho(r, "rho_weight_gap"),
+                     rho(r, "rho_weight_norm"), rho(r, "rho_gap_compensation"), rho(r, "rho_gap_numerator")])
     return Table(f"{model}: redistribution (what removing one expert takes out, and what the others supply)",
-                 ["layer", "ablations", "gap norm", "final gap", "final/gap", "comp. cos", "ρ(weight, gap)", "p",
-                  "ρ(gap, rel. comp.)", "p"], rows,
+                 ["layer", "ablations", "gap norm", "final gap", "final/gap", "comp. cos", "ρ(weight, gap)",
+                  "ρ(weight, ‖E(x)‖)", "ρ(gap, rel. comp.)", "ρ(gap, comp. numerator)"], rows,
                  notes="gap: norm of the removed contribution at the layer output; final gap: the displacement "
                        "that reaches the last layer; comp. cos: cosine of the removed contribution with the "
-                       "remaining MoE output.")
+                       "remaining MoE output. ρ: Spearman over the layer's ablations (one per active expert and "
+                       "position) with a 95% bootstrap interval resampling whole documents (unit: document; the "
+                       "experts of a token and the tokens of a document move together). The paper's two "
+                       "correlations are partly mechanical: gap = weight × ‖E(x)‖ (zero ablation), and relative "
+                       "compensation = numerator / gap with numerator = ‖remaining‖ · max(cos, 0); ρ(weight, ‖E(x)‖) "
+                       "and ρ(gap, numerator) show what is left without the shared factor.")
 
 
 def stability_table(stability: pd.DataFrame | None, model: str) -> Table | None:
     if stability is None or stability.empty:
         return None
+    if "tau_low" not in stability.columns:  # the one-split format of older runs
+        rows = [[f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n_experts"])), fmt(r["tau"]),
+                 fmt_ci(r["ci_low"], r["ci_high"])] for _, r in stability.iterrows()]
+        return Table(f"{model}: ranking stability (Kendall τ between the corpus's even and odd halves)",
+                     ["layer", "metric", "experts", "τ", "95% CI over experts"], rows,
+                     notes="Stored by an older moeaudit (one even/odd split); resume the run to replace it with "
+                           "the distribution over random half-splits.", align_left=2)
+    tags = [c.removeprefix("jaccard_") for c in stability.columns
+            if c.startswith("jaccard_") and not c.endswith(("_low", "_high"))]
     rows = []
     for _, r in stability.sort_values(["layer", "metric"], kind="stable").iterrows():
         rows.append([f"L{r['layer']}", metric_label(r["metric"]), str(int(r["n_experts"])), fmt(r["tau"]),
-                     fmt_ci(r["ci_low"], r["ci_high"]), fmt_p(r["p"], mark=False)])
-    return Table(f"{model}: ranking stability (Kendall τ of each metric between the corpus's even and odd halves)",
-                 ["layer", "metric", "experts", "τ", "95% CI", "p"], rows,
-                 notes="A metric that ranks experts differently on two halves of one corpus cannot predict "
-                       "anything about them. CI: bootstrap over experts.", align_left=2)
+                     fmt_ci(r["tau_low"], r["tau_high"]), fmt(r["reliability"]),
+                     *[f"{fmt(r[f'jaccard_{t}'], 2)} ({int(r[f'm_{t}'])})" for t in tags]])
+    n_splits = int(stability["n_splits"].max())
+    return Table(f"{model}: ranking stability over {n_splits} random document half-splits",
+                 ["layer", "metric", "experts", "median τ", "τ 2.5-97.5%", "reliability",
+                  *[f"Jaccard bottom {t.replace('_', '/')}·E (m)" for t in tags]], rows,
+                 notes="τ: Kendall τ_b between the metric's expert values on two random halves of the documents; "
+                       "the range is over splits (its spread, not a confidence interval). Reliability: "
+                       "Spearman–Brown step-up 2ρ̄/(1+ρ̄) of the mean split-half Spearman ρ̄, the expected rank "
+                       "correlation of the metric on the whole corpus with the metric on another corpus of the same "
+                       "size. Jaccard: overlap of the m lowest-ranked experts of the two halves (the set a pruning "
+                       "rule removes), mean over splits. A metric that ranks experts differently on two halves of "
+                       "one corpus cannot predict anything about them. Unit: document.", align_left=2)
 
 
 def runs_table(runs) -> Table:

@@ -53,6 +53,11 @@ def _outcomes(table: pd.DataFrame, unit: str) -> str:
             text += lead + _join([f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, "
                                   f"{r['pct_high_larger']:.1f}% of D > 0)" for _, r in by[key].iterrows()])
             text += ". "
+    if len(by.get("not_beyond_random", [])):
+        text += ("The token-level tests find an effect, but random rankings of the experts reach the same |d|, at "
+                 + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}" for _, r in by["not_beyond_random"].iterrows()])
+                 + ": this ranking's D differs from zero, but the metric is not shown to rank experts better than "
+                   "chance (some experts cost more whatever ranks them). ")
     if len(by["directions_disagree"]):
         text += ("The mean and the typical token point opposite ways at " + _join(
             [f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, but {_typical(r)}, "
@@ -110,15 +115,22 @@ def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> 
     top = audit.loc[d.idxmax()] if d.notna().any() else None
     alpha = audit["alpha_corrected"].iloc[0]
     metrics = _join([metric_label(m) for m in dict.fromkeys(audit["metric"])])
+    with_perm = "p_perm" in audit and audit["p_perm"].notna().any()
+    tests = ("the document-clustered tests of the mean and of the signed rank and the test against random "
+             "rankings of the layer's experts (p_perm) all survive" if with_perm else
+             "the document-clustered tests of the mean and of the signed rank both survive")
     text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells "
-            f"{'shows' if len(sig) == 1 else 'show'} an effect under the decision rule (the document-clustered "
-            f"tests of the mean and of the signed rank both survive Bonferroni correction, α = 0.05/{n} = "
-            f"{alpha:.4g}, and point the same way)")
+            f"{'shows' if len(sig) == 1 else 'show'} an effect under the decision rule ({tests} Bonferroni "
+            f"correction, α = 0.05/{n} = {alpha:.4g}, and point the same way)")
     text += f"; the largest |d| is {_cell(top)}. " if top is not None else ". "
     if sig.empty:
+        than_random = " better than a random ranking of the same experts would" if with_perm else ""
         text += (f"On this model and corpus, none of {metrics} is shown to tell which of a token's active experts "
-                 "costs more when removed: a pruning or attribution ranking built on them rests on an assumption "
-                 "these data do not support. ")
+                 f"costs more when removed{than_random}: a pruning or attribution ranking built on them rests on an "
+                 "assumption these data do not support. ")
+    if not with_perm and "p_perm" in audit:
+        text += ("(The test against random rankings could not be run: " + " ".join(audit.attrs.get("notes", []))
+                 + " The decision then rests on the token-level tests, which answer a narrower question.) ")
     text += _outcomes(audit, "cell")
     text += (f"{_plural(unc, 'cell reaches', 'cells reach')} p < .05 on both clustered tests uncorrected, in the "
              f"same direction, against at most about {0.05 * n:.1f} expected by chance. ")
@@ -130,6 +142,48 @@ def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> 
                                                                          for r, k in bfs])
                  + ": evidence against positive effects of the prior's size (half-Cauchy of that scale on d; "
                    "positions treated as independent), not evidence that the effect is zero.")
+    return text.rstrip()
+
+
+def expert_level_verdict(audit: pd.DataFrame | None, control: pd.DataFrame | None) -> str | None:
+    """What the expert-level null and the causal ceiling say (the decision's claims about metrics rest on p_perm)."""
+    if audit is None or audit.empty or "p_perm" not in audit or audit["p_perm"].isna().all():
+        return None
+    alpha = float(audit["alpha_corrected"].iloc[0])
+    n = int(audit["p_perm"].notna().sum())
+    loose = int((audit["p_perm"] < 0.05).sum())
+    token_level = audit[audit["decision"].isin(["positive", "negative", "not_beyond_random"])] \
+        if "decision" in audit else audit.iloc[:0]
+    failed = token_level[token_level["decision"] == "not_beyond_random"]
+    width = audit.assign(w=np.maximum(audit["d_perm_high"], -audit["d_perm_low"]))
+    widest = width.loc[width["w"].idxmax()]
+    text = ("**Against random rankings of the experts.** A metric is one ranking of a layer's experts, so the claim "
+            "that it identifies important experts is tested against random rankings of the same experts (p_perm: "
+            "at least 1000 random relabelings of the metric across the layer's experts, recomputed from the "
+            "single-expert pool, no new ablation); the token-level tests only ask whether this one ranking's D "
+            f"differs from zero. Random rankings alone give d in [{widest['d_perm_low']:+.3f}, "
+            f"{widest['d_perm_high']:+.3f}] (95%) at L{widest['layer']}, where experts differ most in importance. "
+            f"{int((audit['p_perm'] <= alpha).sum())} of {n} cells reach p_perm ≤ {alpha:.4g} and "
+            f"{loose} p_perm < .05 uncorrected; of the {_plural(len(token_level), 'cell', 'cells')} whose "
+            f"token-level tests survive correction in one direction, {len(failed)} "
+            f"{'does' if len(failed) == 1 else 'do'} no better than random rankings"
+            + (": " + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}" for _, r in failed.iterrows()]) if len(failed)
+               else "") + ". ")
+    table = control if control is not None and not control.empty and "d_ceiling" in control else audit
+    ceiling = table.dropna(subset=["d_ceiling"]).groupby("layer")[["d_ceiling", "d_ceiling_low",
+                                                                    "d_ceiling_high"]].first()
+    if len(ceiling):
+        best = ceiling["d_ceiling"].idxmax()
+        flat = ceiling[ceiling["d_ceiling_low"] <= 0]
+        text += (f"The causal ceiling, d of the experts ranked by their own mean ΔL on half of the documents and "
+                 f"scored on the other half, ranges from {ceiling['d_ceiling'].min():+.3f} to "
+                 f"{ceiling['d_ceiling'].max():+.3f} (highest at L{best}). ")
+        if len(flat):
+            text += (f"At {_join([f'L{x}' for x in flat.index])} its range over halvings reaches 0: even the experts' "
+                     "own mean ΔL, estimated on half of the documents, does not reliably rank them on the other "
+                     "half, so static per-expert rankings have little to find there at this sample size and a "
+                     "metric's failure at those layers says little about the metric. (The ceiling is estimated from "
+                     "half the data, so a metric may exceed it.)")
     return text.rstrip()
 
 
@@ -196,20 +250,31 @@ def redistribution_verdict(layers: pd.DataFrame) -> str | None:
         return None
     lo, hi = layers["rho_weight_gap"].min(), layers["rho_weight_gap"].max()
     trend = "grows with" if lo > 0 else ("shrinks with" if hi < 0 else "does not consistently follow")
-    return (f"**Redistribution.** The gap an expert's removal leaves {trend} its routing weight (Spearman "
+    text = (f"**Redistribution.** The gap an expert's removal leaves {trend} its routing weight (Spearman "
             f"ρ from {lo:+.3f} to {hi:+.3f} over layers); "
             f"the remaining experts' output has a mean cosine of {layers['mean_compensation_cos'].mean():+.3f} with "
             f"the removed contribution, and ρ(gap, relative compensation) ranges from "
             f"{layers['rho_gap_compensation'].min():+.3f} to {layers['rho_gap_compensation'].max():+.3f}.")
+    if "rho_weight_norm" in layers and layers["rho_weight_norm"].notna().any():
+        text += (f" Both are partly mechanical: the gap is weight × ‖E(x)‖, and ρ(weight, ‖E(x)‖) is only "
+                 f"{layers['rho_weight_norm'].min():+.3f} to {layers['rho_weight_norm'].max():+.3f}; relative "
+                 f"compensation divides by the gap, and ρ(gap, compensation numerator) is "
+                 f"{layers['rho_gap_numerator'].min():+.3f} to {layers['rho_gap_numerator'].max():+.3f} "
+                 "(intervals in the table, clustered by document).")
+    return text
 
 
 def stability_verdict(stability: pd.DataFrame | None) -> str | None:
-    if stability is None or stability.empty or stability["tau"].isna().all():
+    if stability is None or stability.empty or stability["tau"].isna().all() or "tau_low" not in stability:
         return None
-    by_metric = stability.groupby("metric", sort=False)["tau"].mean()
-    parts = [f"{metric_label(m)} τ = {t:.2f}" for m, t in by_metric.items()]
-    return (f"**Ranking stability.** Mean Kendall τ between the expert rankings of two corpus halves: "
-            f"{_join(parts)}. Unstable rankings (τ near 0) cannot be valid ones.")
+    by_metric = stability.groupby("metric", sort=False).agg(tau=("tau", "median"), low=("tau_low", "min"),
+                                                             rel=("reliability", "median"))
+    parts = [f"{metric_label(m)} median τ = {r.tau:.2f} (lowest 2.5% point over layers {r.low:.2f}, "
+             f"reliability {r.rel:.2f})" for m, r in by_metric.iterrows()]
+    n_splits = int(stability["n_splits"].max())
+    return (f"**Ranking stability.** Over {n_splits} random document half-splits, Kendall τ between the expert "
+            f"rankings of the two halves: {_join(parts)}. Unstable rankings (τ near 0) cannot be valid ones; stable "
+            "ones need not be.")
 
 
 def verification_verdict(verification: dict | None) -> str:
@@ -227,6 +292,7 @@ def verdict(tables: dict[str, pd.DataFrame], stability: pd.DataFrame | None, ver
     """Paragraphs, most important first."""
     families = tables.get("families")
     parts = [audit_verdict(tables.get("audit"), families),
+             expert_level_verdict(tables.get("audit"), tables.get("control")),
              control_verdict(tables.get("control"), tables.get("audit"), families),
              rank_verdict(tables.get("rank_validity")), progressive_verdict(tables.get("progressive")),
              redistribution_verdict(tables.get("redistribution_layers")), stability_verdict(stability),

@@ -4,6 +4,7 @@ Bayes factors for the audit (pure: arrays in, values out).
 """
 
 from moeaudit.stats._bayes import JZS_PRIOR_SCALE, PRIOR_SCALES, bf0plus, jzs_bf10, jzs_bf_one_sided
+from moeaudit.stats._cluster_corr import SpearmanCI, spearman_cluster_ci, spearman_cluster_cis
 from moeaudit.stats._clustered import (
     ClusteredDifference,
     ClusteredMean,
@@ -25,7 +26,14 @@ from moeaudit.stats._multiple import (
     significant_both,
 )
 from moeaudit.stats._paired import PairedTest, paired_test
-from moeaudit.stats._signflip import N_PERM, ClusteredTests, clustered_tests, sign_flip_test
+from moeaudit.stats._signflip import (
+    N_PERM,
+    ClusteredRows,
+    ClusteredTests,
+    clustered_tests,
+    clustered_tests_rows,
+    sign_flip_test,
+)
 
 __all__ = [
     "CORRECTION_METHODS",
@@ -35,6 +43,7 @@ __all__ = [
     "SESOI_D",
     "ClusteredDifference",
     "ClusteredMean",
+    "ClusteredRows",
     "ClusteredTests",
     "CorrectionResult",
     "Criterion",
@@ -43,12 +52,14 @@ __all__ = [
     "KendallTauCI",
     "PairedTest",
     "PredictionTest",
+    "SpearmanCI",
     "Tost",
     "bca_interval",
     "bf0plus",
     "clustered_difference",
     "clustered_mean",
     "clustered_tests",
+    "clustered_tests_rows",
     "correct",
     "decide",
     "design_effect",
@@ -64,4 +75,6 @@ __all__ = [
     "significant_both",
     "spearman",
     "tost_d",
+    "spearman_cluster_ci",
+    "spearman_cluster_cis",
 ]

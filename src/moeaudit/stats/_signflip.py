@@ -196,3 +196,63 @@ def clustered_tests(diff, clusters=None, *, n_perm: int = N_PERM, seed: int | No
     p, total, exact = _sign_flip_pvalues(sums, n_perm, seed)
     return ClusteredTests(p_mean=float(p[0]), p_signrank=float(p[1]), p_sign=float(p[2]), w_diff=w_diff,
                           n_clusters=n_groups, n_perm=total, exact=exact)
+
+
+@dataclass(frozen=True)
+class ClusteredRows:
+    """Result of :func:`clustered_tests_rows`: :func:`clustered_tests`' mean and signed-rank p-values and W+ - W-
+    of every row, plus the sign vectors each row was tested with."""
+
+    p_mean: np.ndarray
+    p_signrank: np.ndarray
+    w_diff: np.ndarray
+    n_perm: np.ndarray
+
+
+def clustered_tests_rows(diffs, clusters, *, n_perm: int = N_PERM, seed: int | None = 0,
+                         stop_above: float | None = None) -> ClusteredRows:
+    r""":func:`clustered_tests` (mean and signed rank) of many sets of paired differences on the same positions:
+    each row of ``diffs`` [R, n] is one set, all rows share ``clusters`` and the sign vectors (one pass of
+    table lookups for all of them; for simulation and calibration, where R is in the thousands).
+
+    ``stop_above``: a level α at which only the decision p ≤ α matters. After the first ``min(n_perm, 999)`` sign
+    vectors, a row whose count of as-extreme sums already keeps (1 + count) / (1 + n_perm) above α is settled: its
+    p-value is (1 + count) / (1 + sign vectors used), above α, and it gets no more sign vectors. Rows that could
+    still fall to α get all ``n_perm``. Without it every row gets ``n_perm``.
+
+    Rows with every D zero get NaN p-values (as :func:`clustered_tests`).
+    """
+    d = np.atleast_2d(np.asarray(diffs, dtype=float))
+    if not np.all(np.isfinite(d)):
+        raise ValueError("diffs has NaN or inf values; drop those positions before testing.")
+    groups, n_groups = _groups(clusters, d.shape[1], min_clusters=1)
+    _check_n_perm(n_perm)
+    rows = d.shape[0]
+    nonzero = d != 0
+    ranks = np.where(nonzero, np.apply_along_axis(average_ranks, 1, np.abs(d)) - (~nonzero).sum(axis=1,
+                                                                                                keepdims=True), 0.0)
+    signed = np.sign(d) * ranks
+    w_diff = signed.sum(axis=1)
+    onehot = np.zeros((d.shape[1], n_groups))
+    onehot[np.arange(d.shape[1]), groups] = 1.0
+    sums = np.concatenate([d @ onehot, signed @ onehot])  # [2R, G]: mean statistics, then signed-rank statistics
+    observed = np.abs(sums.sum(axis=1))
+    tol = 1e-9 * np.maximum(np.abs(sums).sum(axis=1), np.finfo(float).tiny)
+    exact = 2 ** n_groups <= n_perm + 1
+    rng = np.random.default_rng(seed)
+    hits = np.zeros(2 * rows)
+    used = np.zeros(2 * rows)
+    live = np.arange(2 * rows)
+    stages = [n_perm] if exact or stop_above is None else [min(n_perm, 999), n_perm - min(n_perm, 999)]
+    for stage, count in enumerate(stages):
+        if count <= 0 or live.size == 0:
+            continue
+        for flipped in _flipped_sums(sums[live], count, rng):
+            hits[live] += (np.abs(flipped) >= observed[live] - tol[live]).sum(axis=0)
+            used[live] += flipped.shape[0]
+        if stage == 0 and stop_above is not None:
+            live = live[(1.0 + hits[live]) <= stop_above * (1.0 + n_perm)]
+    p = hits / used if exact else (hits + 1.0) / (used + 1.0)
+    p = np.where(np.tile(nonzero.any(axis=1), 2), p, np.nan)
+    return ClusteredRows(p_mean=p[:rows], p_signrank=p[rows:], w_diff=w_diff,
+                         n_perm=used[:rows].astype(int))

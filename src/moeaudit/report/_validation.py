@@ -1,0 +1,128 @@
+"""The report's validation section, from ``validation.json`` (written by ``moeaudit validate``): null calibration,
+family-wise rate, random-ranking rates, power against planted metrics and the minimum detectable d."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moeaudit.report._document import Block, Heading, Paragraph, Table
+from moeaudit.report._style import _figure, _style
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+TEST_LABELS = {"t": "paired t", "wilcoxon": "Wilcoxon", "clustered_mean": "p_mean (clustered)",
+               "clustered_rank": "p_rank (clustered)", "decision": "decision rule"}
+
+
+def _pct(r: dict) -> str:
+    return f"{100 * r['rate']:.2f}% [{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]"
+
+
+def validation_blocks(validation: dict, label: str, n_records: int | None = None) -> list[Block]:
+    """Heading, the calibration table, the power table and a paragraph; the figure is :func:`validation_figure`."""
+    v = validation
+    blocks: list[Block] = [Heading(f"{label}: validation of the tests (`moeaudit validate`)")]
+    if n_records is not None and v.get("n_records") not in (None, n_records):
+        blocks.append(Paragraph(f"**validation.json is out of date**: it was computed on {v['n_records']:,} records, "
+                                f"the run now holds {n_records:,}. Run `moeaudit validate` again."))
+    rows = []
+    for test, r in v["null_rate"].items():
+        rr = v.get("random_ranking_rate", {}).get(test)
+        rows.append([TEST_LABELS.get(test, test), _pct(r), str(r["n_draws"]), _pct(rr) if rr else "n/a"])
+    blocks.append(Table(
+        f"{label}: rejection rate at α = {v['alpha']} uncorrected, with exact binomial 95% intervals",
+        ["test", "true null (random pairs)", "draws", "random expert rankings"], rows,
+        notes=("True null: at each position two active experts drawn at random in random order, so E[D] = 0 by "
+               "construction while the run's ΔL (tails, experts) are kept; a calibrated test rejects 5%. The "
+               "orientation is random per token, so this checks the tests' tails, not the within-document "
+               "correlation. Random expert rankings: D of random static rankings of the layer's experts (the null "
+               "of p_perm); the token-level tests reject far more than 5% wherever experts differ in importance, "
+               "which is why the audit's decision also requires p_perm. t and Wilcoxon treat positions as "
+               "independent (the paper's tests); p_mean and p_rank flip the signs of whole documents (the run's). "
+               "The decision rule needs both clustered tests and one direction, so it rejects less than each alone; "
+               "the expert-level criterion p_perm is a permutation test, exact by construction, and is not part of "
+               "these draws.")))
+    f = v["fwer"]
+    power = v.get("power", [])
+    sizes = sorted({int(r["n"]) for r in power})
+    strengths = sorted({float(r["strength"]) for r in power})
+    if power:
+        lookup = {(float(r["strength"]), int(r["n"])): r for r in power}
+        prow = []
+        for s in strengths:
+            cells = [lookup.get((s, n)) for n in sizes]
+            d = next((c["mean_d"] for c in reversed(cells) if c), math.nan)
+            prow.append([f"{s:.2f}", f"{d:+.3f}", *[f"{100 * c['rate']:.1f}%" if c else "" for c in cells]])
+        blocks.append(Table(
+            f"{label}: detection rate of planted metrics (decision rule at α = {v['alpha_corrected']:.3g}, D > 0)",
+            ["Spearman s with the causal ranking", "mean d (largest n)", *[f"n = {n}" for n in sizes]], prow,
+            notes=("Per draw the documents are halved at random; experts are ranked by mean ΔL on one half and a "
+                   "synthetic metric with Spearman ≈ s to that ranking scores the other half's positions (and the "
+                   "reverse); n positions are subsampled. s = 1 is the best a static ranking learned from half the "
+                   "documents can do (compare the causal ceiling).")))
+    mde = v.get("mde_d", math.nan)
+    mde_text = (f"{mde:.3f}" if mde is not None and not math.isnan(mde)
+                else f"above {max(c['d'] for c in v.get('mde_curve', [{'d': math.nan}])):.2f}")
+    blocks.append(Paragraph(
+        "**Validation.** Under a true null the rejection rates at α = .05 are "
+        + "; ".join(f"{TEST_LABELS.get(t, t)} {_pct(r)}" for t, r in v["null_rate"].items())
+        + f" ({v['null_rate']['t']['n_draws']:,} draws). The decision rule at the Bonferroni level over "
+        f"{f['family_size']} {v['family']} cells (α = {f['alpha_corrected']:.3g} each) rejects somewhere in "
+        f"{100 * f['rate']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}] of {f['n_draws']} null families "
+        f"(the correction promises at most 5%). The minimum detectable d (80% power of the decision rule at that "
+        f"level, at the run's n, the run's own tails) is {mde_text}: smaller effects are likely to be missed, so "
+        "a cell without a significant effect is no evidence of a small one. Computed from the run's records in "
+        f"{v.get('seconds', math.nan):.1f} s."))
+    return blocks
+
+
+def validation_figure(validation: dict, label: str) -> Figure | None:
+    """Three panels: null rejection rates (with intervals) against 5%; detection rate against planted strength,
+    one line per n; detection rate against the true d of shifted null D, with the minimum detectable d."""
+    v = validation
+    fig = _figure(11.0, 3.4)
+    axes = fig.subplots(1, 3)
+    tests = list(v["null_rate"])
+    x = np.arange(len(tests))
+    for offset, (key, name, color) in enumerate((("null_rate", "true null", "#1f77b4"),
+                                                  ("random_ranking_rate", "random rankings", "#d62728"))):
+        block = v.get(key)
+        if not block:
+            continue
+        rates = np.array([block[t]["rate"] for t in tests])
+        err = np.array([[block[t]["rate"] - block[t]["ci_low"] for t in tests],
+                        [block[t]["ci_high"] - block[t]["rate"] for t in tests]])
+        axes[0].errorbar(x + (offset - 0.5) * 0.25, rates, yerr=err, fmt="o", color=color, capsize=3, label=name)
+    axes[0].axhline(v["alpha"], color="0.3", linestyle="--", linewidth=0.8)
+    axes[0].set_xticks(x, [TEST_LABELS.get(t, t) for t in tests], fontsize=7)
+    axes[0].set_ylabel("rejection rate at α = .05", fontsize=8)
+    axes[0].legend(fontsize=7)
+    _style(axes[0], "calibration")
+    power = v.get("power", [])
+    for n in sorted({int(r["n"]) for r in power}):
+        rows = sorted((r for r in power if int(r["n"]) == n), key=lambda r: r["strength"])
+        axes[1].plot([r["strength"] for r in rows], [r["rate"] for r in rows], marker="o", markersize=3,
+                     label=f"n = {n}")
+    axes[1].set_xlabel("planted Spearman s with the causal ranking", fontsize=8)
+    axes[1].set_ylabel("detection rate", fontsize=8)
+    axes[1].set_ylim(-0.02, 1.02)
+    if power:
+        axes[1].legend(fontsize=7)
+    _style(axes[1], f"power (α = {v['alpha_corrected']:.3g})")
+    curve = v.get("mde_curve", [])
+    if curve:
+        axes[2].plot([c["d"] for c in curve], [c["rate"] for c in curve], marker="o", markersize=3, color="0.2")
+        axes[2].axhline(0.8, color="0.3", linestyle="--", linewidth=0.8)
+        mde = v.get("mde_d")
+        if mde is not None and not math.isnan(mde):
+            axes[2].axvline(mde, color="#d62728", linewidth=1.0)
+            axes[2].text(mde, 0.05, f" d = {mde:.2f}", color="#d62728", fontsize=7)
+    axes[2].set_xlabel("true d (shifted null D)", fontsize=8)
+    axes[2].set_ylim(-0.02, 1.02)
+    _style(axes[2], "minimum detectable d")
+    fig.suptitle(f"{label}: calibration and power of the decision rule", fontsize=10)
+    return fig
