@@ -15,7 +15,7 @@ from torch import nn
 
 #: Random document half-splits (the issue's floor is 100).
 N_SPLITS = 200
-#: Bottom-set fractions: pruning removes the m = round(f * E) lowest-ranked experts.
+#: Bottom-set fractions: pruning removes the m = floor(f * E + 1/2) lowest-ranked experts.
 FRACTIONS: tuple[float, ...] = (0.125, 0.25, 0.5)
 _Q = (0.025, 0.975)
 _CHUNK = 32
@@ -60,7 +60,7 @@ def split_half_stability(doc_stats, *, metrics: Sequence[str], n_splits: int = N
       step-up :math:`2\bar\rho / (1 + \bar\rho)`, the expected rank correlation between the metric on the whole
       corpus and on another corpus of the same size (Spearman 1910; Brown 1910).
     * ``m_<f>``, ``jaccard_<f>`` (mean), ``jaccard_<f>_low`` / ``_high`` (2.5 / 97.5 % over splits) for each
-      fraction f (column tag ``1_8`` for 1/8): Jaccard index |A ∩ B| / |A ∪ B| of the m = round(f·E)
+      fraction f (column tag ``1_8`` for 1/8): Jaccard index |A ∩ B| / |A ∪ B| of the m = ⌊f·E + ½⌋
       lowest-ranked experts of the two halves, the set a pruning rule would remove (ties broken at random).
 
     Returns:
@@ -103,7 +103,7 @@ def _pair_stats(a: np.ndarray, b: np.ndarray, n_experts: int, fractions, rng) ->
     out["rho_split_half"] = rho_bar
     out["reliability"] = 2 * rho_bar / (1 + rho_bar) if np.isfinite(rho_bar) and rho_bar > -1 else np.nan
     for f in fractions:
-        m = int(round(f * n_experts))
+        m = int(np.floor(f * n_experts + 0.5))  # round half up, as pruning's n_removed
         tag = fraction_tag(f)
         jac = bottom_jaccard(a, b, m, rng)
         good = jac[np.isfinite(jac)]
