@@ -16,7 +16,8 @@ def _cells(p_perm) -> pd.DataFrame:
         "model": "m", "layer": list(range(n)), "metric": "utilization_rate", "n": 200, "n_layers": 8,
         "relative_depth": 0.0, "cohens_d": 0.3, "mean_diff": 0.1, "w_diff": 50.0, "ci_low": 0.2, "ci_high": 0.4,
         "p_cluster": 1e-5, "p_signrank_cluster": 1e-5, "p_t": 1e-5, "p_wilcoxon": 1e-5, "pct_high_larger": 60.0,
-        "hl_estimate": 0.01, "hl_low": 0.0, "hl_high": 0.02, "tost_p": 0.9, "bf0plus": 0.1, "sesoi_d": 0.2, "p_perm": p_perm,
+        "hl_estimate": 0.01, "hl_low": 0.0, "hl_high": 0.02, "tost_p": 0.9, "bf0plus": 0.1, "sesoi_d": 0.2,
+        "p_perm": p_perm,
         "d_perm_low": -0.25, "d_perm_high": 0.27, "d_ceiling": 0.2, "d_ceiling_low": 0.1, "d_ceiling_high": 0.3,
     })
 
