@@ -79,10 +79,12 @@ def test_summary_files_equal_the_records_summary(clean):
     audit = tables["audit"]
     assert set(audit["layer"]) == {1, 5} and (audit["n"] == 12).all() and (audit["sesoi_d"] == 0.3).all()
     # the columns downstream scripts rely on
-    contract = {"p_cluster", "tost_p", "bf0plus", "hl_estimate", "p_sign"}
+    contract = {"p_cluster", "tost_p", "bf0plus", "hl_estimate", "p_sign", "p_perm", "d_perm_low", "d_perm_high",
+                "d_ceiling", "d_ceiling_low", "d_ceiling_high"}
     for name in ("audit", "control"):
         assert contract <= set(pd.read_csv(out / "tables" / f"{name}.csv").columns), name
         assert contract <= set(stored[name][0]), name
+        assert pd.read_csv(out / "tables" / f"{name}.csv")["p_perm"].between(0, 1).all(), name
     assert stored["families"][0]["family"] == "audit" and stored["families"][0]["mde_d"] > 0
 
 
