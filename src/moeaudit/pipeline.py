@@ -311,8 +311,8 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
-    from moeaudit.experiments import ExperimentSettings, summarize
-    from moeaudit.experiments._stability import ranking_stability
+    from moeaudit.experiments import ExperimentSettings, summarize, summary_settings
+    from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
 
     model, tokenizer, sequences = _load(config, run_dir, manifest, session, timer, progress)
@@ -348,11 +348,10 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         session["verification_passed"] = verification.passed
         verification.raise_if_failed()
 
-    # Ranking stability is observational and deterministic: one shard (index 0) computes it for the merge. A
-    # stability.parquet without tau_low is the old one-split format: recomputed from one observe pass.
+    # Ranking stability is observational and deterministic: one shard (index 0) computes it for the merge.
     stability_here = execution.shard is None or execution.shard.index == 0
-    stored = run_dir.read_parquet("stability.parquet")
-    if "stability" in config.experiments and stability_here and (stored is None or "tau_low" not in stored.columns):
+    if "stability" in config.experiments and stability_here and not is_current(run_dir.read_parquet(
+            "stability.parquet")):
         progress.stage("ranking stability (random corpus halves)", None)
         with timer("stability"):
             stability = ranking_stability(model, single_seqs, metrics=config.metrics, layers=list(layers),
@@ -385,8 +384,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     progress.stage("summarising", None)
     with timer("summary"):
         records = run_dir.read_records()
-        tables = summarize(records, metrics=metric_table, n_boot=config.n_boot, seed=config.seed,
-                           sesoi_d=config.sesoi_d)
+        tables = summarize(records, metrics=metric_table, **summary_settings(config.to_dict()))
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed)
 

@@ -21,6 +21,12 @@ _Q = (0.025, 0.975)
 _CHUNK = 32
 
 
+def is_current(stability: pd.DataFrame | None) -> bool:
+    """Whether a stored stability table has this version's columns (an older one-split table lacks ``tau_low``
+    and is recomputed)."""
+    return stability is not None and "tau_low" in stability.columns
+
+
 def fraction_tag(f: float) -> str:
     """``0.125 -> "1_8"``: the column suffix of a bottom-set fraction."""
     frac = Fraction(f).limit_denominator(1000)
