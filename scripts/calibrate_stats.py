@@ -37,10 +37,8 @@ def _docs() -> np.ndarray:
 
 def _draw(rng, icc: float, shift: float = 0.0, tails: str = "normal") -> tuple[np.ndarray, np.ndarray]:
     docs = _docs()
-    if tails == "normal":
-        noise = rng.normal(size=docs.size)
-    else:  # t with 3 df scaled to unit variance: kurtosis infinite in theory, ~10-40 in samples of 200
-        noise = rng.standard_t(3, docs.size) / np.sqrt(3.0)
+    # heavy tails: t with 3 df scaled to unit variance (kurtosis infinite in theory, ~10-40 in samples of 200)
+    noise = rng.normal(size=docs.size) if tails == "normal" else rng.standard_t(3, docs.size) / np.sqrt(3.0)
     values = np.sqrt(icc) * rng.normal(size=DEMO_SIZES.size)[docs] + np.sqrt(1 - icc) * noise
     return shift + values, docs
 
