@@ -16,7 +16,7 @@ from moeaudit.testing import TINY_FAMILIES
 
 LENGTHS = (5, 9, 13)
 CORPUS_COLUMNS = ["utilization_rate", "mean_routing_weight_when_active", "activation_norm", "activation_std",
-                  "soft_utilization", "reap", "frequency_weighted", "ean", "msan", "easy_ep"]
+                  "soft_utilization", "reap", "frequency_weighted", "ean", "msan", "easy_ep", "easy_ep_mean"]
 WEIGHT_COLUMNS = ["router_norm", "weight_norm", "stable_rank"]
 RTOL, ATOL = 1e-5, 1e-5  # float32 forward; sums (ean) of ~100 values of ~5 keep ~1e-6 relative error
 
@@ -43,7 +43,8 @@ def _probs(family: str, logits: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def brute_force(family: str) -> dict:
-    """Per MoE layer: routed pairs (expert, weight, norm, change) and per-token logits/probs, by plain loops."""
+    """Per MoE layer: routed pairs (expert, weight, norm, change around the MoE sub-layer, change from the routed
+    output alone) and per-token logits/probs, by plain loops."""
     model, desc, adapter = cached_tiny(family), describe(cached_tiny(family)), adapter_for(cached_tiny(family))
     layers = {layer: {"pairs": [], "logits": []} for layer in desc.moe_layers}
     seen: dict = {}
@@ -71,6 +72,7 @@ def brute_force(family: str) -> dict:
                 layers[layer]["logits"].append(logits.reshape(len(seq), -1).double().numpy())
                 for t in range(len(seq)):
                     change = 1 - pre[t] @ post[t] / (np.linalg.norm(pre[t]) * np.linalg.norm(post[t]))
+                    outs = []
                     for j in range(desc.top_k):
                         e = int(indices[t, j])
                         with torch.no_grad():
@@ -78,7 +80,11 @@ def brute_force(family: str) -> dict:
                         if family == "olmoe":
                             np.testing.assert_allclose(out, _olmoe_expert(experts, e, x[t].double().numpy()),
                                                        rtol=1e-4, atol=1e-5)
-                        layers[layer]["pairs"].append((e, float(weights[t, j]), np.linalg.norm(out), change))
+                        outs.append((e, float(weights[t, j]), out))
+                    after = pre[t] + sum(w * out for _, w, out in outs)  # the routed experts' output only
+                    routed_change = 1 - pre[t] @ after / (np.linalg.norm(pre[t]) * np.linalg.norm(after))
+                    for e, w, out in outs:
+                        layers[layer]["pairs"].append((e, w, np.linalg.norm(out), change, routed_change))
     finally:
         for h in handles:
             h.remove()
@@ -89,12 +95,12 @@ def expected_frame(family: str) -> pd.DataFrame:
     bf = brute_force(family)
     desc, rows = bf["desc"], []
     for layer, data in bf["layers"].items():
-        pairs = np.array(data["pairs"])  # [P, 4]: expert, weight, norm, change
+        pairs = np.array(data["pairs"])  # [P, 5]: expert, weight, norm, change, routed change
         logits = np.concatenate(data["logits"])
         probs = _probs(desc.family, logits)
         for e in range(desc.n_experts):
             mine = pairs[pairs[:, 0] == e]
-            w, a, c = mine[:, 1], mine[:, 2], mine[:, 3]
+            w, a, c, rc = mine[:, 1], mine[:, 2], mine[:, 3], mine[:, 4]
             n = len(mine)
             mean = (lambda v: v.mean()) if n else (lambda v: np.nan)
             rows.append({
@@ -102,7 +108,8 @@ def expected_frame(family: str) -> pd.DataFrame:
                 "mean_routing_weight_when_active": mean(w), "activation_norm": mean(a),
                 "activation_std": np.std(a, ddof=1) if n > 1 else np.nan,
                 "soft_utilization": probs[:, e].mean(), "reap": mean(w * a), "frequency_weighted": w.sum(),
-                "ean": a.sum(), "msan": mean(a**2), "easy_ep": mean(w * a * c),
+                "ean": a.sum(), "msan": mean(a**2),
+                "easy_ep": (w * a * np.maximum(rc, 0)).sum(), "easy_ep_mean": mean(w * a * c),
             })
     return pd.DataFrame(rows)
 
