@@ -57,11 +57,26 @@ def test_unknown_key_names_the_valid_keys():
     ({"sesoi_d": "small"}, "sesoi_d must be a number"),
     ({"sesoi_d": True}, "sesoi_d must be a number"),
     ({"sesoi_d": float("nan")}, "is not a smallest effect of interest"),
+    ({"progressive_arms": ["highest", "lowst"]}, "Did you mean 'lowest'"),
+    ({"progressive_arms": "random,random"}, "names an arm twice"),
+    ({"progressive_arms": []}, "progressive_arms is empty"),
+    ({"progressive_sesoi": 0}, "must be a positive number of nats"),
+    ({"progressive_sesoi": "small"}, "progressive_sesoi must be a number"),
+    ({"progressive_sesoi": True}, "progressive_sesoi must be a number"),
 ])
 def test_bad_values_are_named(values, fragment):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_mapping(values)
     assert fragment in str(err.value)
+
+
+def test_progressive_arms_and_sesoi():
+    c = RunConfig()
+    assert c.progressive_arms == ("highest", "lowest", "random") and c.progressive_sesoi == 0.05
+    flagged = RunConfig.from_mapping({"progressive_arms": "random, highest", "progressive_sesoi": "0.1"})
+    assert flagged.progressive_arms == ("random", "highest") and flagged.progressive_sesoi == 0.1
+    only = RunConfig.from_mapping({"experiments": ["audit"], "progressive_arms": []})  # no progressive: fine
+    assert only.progressive_arms == ()
 
 
 def test_coercions_from_flags():

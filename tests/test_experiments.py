@@ -96,15 +96,45 @@ def test_control_uses_per_token_weights(olmoe_run):
     assert (high["ablated_weight"] == high["active_weights"].map(max)).all()
 
 
-def test_progressive_removes_top_weights_cumulatively(olmoe_run):
+def test_progressive_arms_remove_experts_cumulatively_in_their_order(olmoe_run):
     _, _, settings, result = olmoe_run
-    prog = result.records[result.records["experiment"] == "progressive"]
-    assert set(prog["k"]) == {1, 2, 3}
-    for _, row in prog.head(30).iterrows():
-        order = sorted(zip(row["active_weights"], row["active_experts"]), reverse=True)
-        assert sorted(row["ablated_experts"]) == sorted(e for _, e in order[: row["k"]])
-    assert prog.groupby("layer").apply(lambda g: g[["seq_id", "position"]].drop_duplicates().shape[0]).eq(
-        settings.n_progressive).all()
+    prog = result.records[result.records["experiment"] == "progressive"].copy()
+    prog["arm"] = prog["role"].str.split(":").str[0]
+    assert set(prog["k"]) == {1, 2, 3} and set(prog["arm"]) == {"highest", "lowest", "random"}
+    assert (prog["role"] == prog["arm"] + ":" + prog["k"].astype(str)).all()
+    for (layer, seq_id, pos), g in prog.groupby(["layer", "seq_id", "position"]):
+        first = g.iloc[0]
+        by_weight = [e for _, e in sorted(zip(first["active_weights"], first["active_experts"]), reverse=True)]
+        shuffled = np.random.default_rng([settings.seed, layer, seq_id, pos]).permutation(len(by_weight))
+        expected = {"highest": by_weight, "lowest": by_weight[::-1],
+                    "random": [first["active_experts"][i] for i in shuffled]}
+        for _, row in g.iterrows():
+            assert list(row["ablated_experts"]) == expected[row["arm"]][: row["k"]]
+        # one ablation per distinct set: arms removing the same experts record the same loss
+        by_set = g.groupby(g["ablated_experts"].map(frozenset))["delta"].nunique()
+        assert (by_set == 1).all()
+    # a paired design: every arm at the same positions, n_progressive of them per layer
+    for _layer, g in prog.groupby("layer"):
+        sets = [set(zip(a["seq_id"], a["position"])) for _, a in g.groupby("arm")]
+        assert all(s == sets[0] for s in sets) and len(sets[0]) == settings.n_progressive
+
+
+def test_progressive_with_one_arm_and_legacy_roles(olmoe_run):
+    model, seqs, settings, result = olmoe_run
+    from dataclasses import replace
+
+    only = run_experiments(model, seqs, replace(settings, layers=(1,), progressive_arms=("lowest",)),
+                           experiments=("progressive",), verification=result.verification)
+    assert set(only.records["role"].str.split(":").str[0]) == {"lowest"}
+    assert only.tables["progressive_arms"].empty and set(only.tables["progressive"]["arm"]) == {"lowest"}
+    # records written before the arms existed (role top<k>, highest weight first) read as the highest arm
+    prog = result.records[(result.records["experiment"] == "progressive")]
+    legacy = prog[prog["role"].str.startswith("highest:")].assign(role=lambda f: "top" + f["k"].astype(str))
+    tables = summarize(legacy)
+    assert set(tables["progressive"]["arm"]) == {"highest"} and tables["progressive_arms"].empty
+    current = result.tables["progressive"]
+    pd.testing.assert_frame_equal(tables["progressive"].reset_index(drop=True),
+                                  current[current["arm"] == "highest"].reset_index(drop=True))
 
 
 def test_summary_is_rebuilt_from_parquet_records(olmoe_run, tmp_path):

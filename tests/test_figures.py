@@ -68,11 +68,27 @@ def test_grids_have_one_drawn_panel_per_layer_and_metric(run):
     assert len(_drawn(difference_histograms(run.records, MODEL))) == layers * 5
     assert len(_drawn(metric_vs_importance(run.records, run.metrics, MODEL))) == layers * 4
     fig = progressive_curves(run.tables["progressive"], MODEL)
-    assert len(_drawn(fig)) == 3
+    assert len(_drawn(fig)) == 3 * 3  # a row per removal order, columns mean / median / P95
     for ax in fig.axes:
         assert sorted(ln.get_label() for ln in ax.lines if ln.get_label().startswith("L")) == \
             [f"L{layer}" for layer in range(layers)]
     assert len(_drawn(control_vs_depth(run.tables["audit"], run.tables["control"]))) == 1
+
+
+def test_progressive_curves_plot_each_arms_table_values(run):
+    table = run.tables["progressive"]
+    fig = progressive_curves(table, MODEL)
+    lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.lines if ln.get_gid()}
+    assert len(lines) == 3 * 3 * table["layer"].nunique()  # arms x statistics x layers
+    for (arm, layer), cell in table.groupby(["arm", "layer"]):
+        cell = cell.sort_values("k")
+        for column in ("mean", "median", "p95"):
+            line = lines[f"progressive:{arm}:{column}:L{layer}"]
+            np.testing.assert_array_equal(line.get_xdata(), cell["k"])
+            np.testing.assert_allclose(line.get_ydata(), cell[column])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].endswith("highest weight first") and titles[3].endswith("lowest weight first")
+    assert titles[6].endswith("random order")
 
 
 def test_columns_follow_the_audit_order_with_the_control_last(run):

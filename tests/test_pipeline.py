@@ -197,6 +197,42 @@ def test_report_contents_follow_the_numbers(clean):
     assert "All 5 checks passed" in md
 
 
+def test_report_compares_the_progressive_arms(clean):
+    out, result = clean
+    md = (out / "report.md").read_text()
+    arms = result.tables["progressive_arms"]
+    assert len(arms) == 2 * 3 * 3  # layers x k x pairs of orders
+    assert "does the removal order matter?" in md and "**Does the removal order matter?**" in md
+    assert f"of {len(arms)} paired comparisons" in md and "±0.05 nats" in md
+    for decision, count in arms["decision"].value_counts().items():
+        assert f"| {decision} |" in md and count > 0
+    assert "random order" in md and (out / "tables" / "progressive_arms.csv").is_file()
+
+
+def test_a_run_directory_from_before_the_arms_is_still_reported(clean, tmp_path):
+    """Progressive records with roles top<k> (highest weight first) and a manifest without the arm settings:
+    the report reads them as the highest arm, without a comparison; resuming is refused with the reason."""
+    from moeaudit.report import write_report
+
+    out, _ = clean
+    old = tmp_path / "old"
+    (old / "records").mkdir(parents=True)
+    for path in (out / "records").glob("*-progressive.parquet"):  # the progressive cells only: a quick report
+        frame = pd.read_parquet(path)
+        frame = frame[frame["role"].str.startswith("highest:")]
+        frame.assign(role="top" + frame["k"].astype(str)).to_parquet(old / "records" / path.name, index=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("progressive_arms", "progressive_sesoi"):
+        del manifest["config"][key]
+    manifest["config"]["experiments"] = ["progressive"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    md = write_report([old], old)["markdown"].read_text()
+    assert "highest weight first" in md and "Does the removal order matter?" not in md
+    assert "**Progressive ablation.**" in md
+    with pytest.raises(RunDirectoryError, match="predates this setting"):
+        run_audit(CONFIG.replace(experiments=["progressive"]), old, report=False)
+
+
 def test_two_runs_side_by_side(clean, tmp_path):
     from moeaudit.report import build, load_runs, write_report
 

@@ -109,7 +109,14 @@ def test_tables_mark_uncorrected_and_corrected_significance():
     prog = pd.DataFrame({"model": "m", "layer": [0, 0, 1], "k": [1, 2, 1], "n": 10, "mean": [0.1, 0.2, 0.3],
                          "median": [0.0, 0.1, 0.2], "p95": [0.5, 0.6, 0.7], "n_layers": 4})
     t = progressive_table(prog, "m")
-    assert t.columns == ["layer", "n", "k=1", "k=2"] and t.rows[1] == ["L1", "10", "0.300 / 0.200 / 0.700", ""]
+    # a summary from before the arms (no arm column) is the highest-weight-first order
+    assert t.columns == ["layer", "order", "n", "k=1", "k=2"]
+    assert t.rows[1] == ["L1", "highest weight first", "10", "0.300 / 0.200 / 0.700", ""]
+    both = pd.concat([prog.assign(arm="random"), prog.assign(arm="highest", mean=prog["mean"] + 1)])
+    rows = progressive_table(both, "m").rows
+    assert [r[:2] for r in rows] == [["L0", "highest weight first"], ["L0", "random order"],
+                                     ["L1", "highest weight first"], ["L1", "random order"]]
+    assert rows[0][3] == "1.100 / 0.000 / 0.500" and rows[1][3] == "0.100 / 0.000 / 0.500"
 
 
 def test_renderers_escape_and_embed():

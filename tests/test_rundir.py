@@ -52,6 +52,12 @@ def test_claim_creates_then_resumes_then_refuses_other_config(tmp_path):
         run.claim({"model": "m", "n": 13}, _manifest({}))
     msg = str(err.value)
     assert "n: stored 12, requested 13" in msg and "--out" in msg and "config.toml" in msg
+    assert "older moeaudit" not in msg
+    with pytest.raises(RunDirectoryError) as err:  # a run from before a setting existed
+        run.claim({**cfg, "progressive_arms": ["highest", "lowest"]}, _manifest({}))
+    msg = str(err.value)
+    assert "progressive_arms: absent (the run predates this setting), requested ['highest', 'lowest']" in msg
+    assert "`moeaudit report` still reads it" in msg
 
 
 def test_claim_refuses_a_foreign_directory_and_a_damaged_manifest(tmp_path):

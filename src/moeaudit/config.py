@@ -15,6 +15,7 @@ A TOML file is flat (one table of keys) and may name its base preset::
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -37,6 +38,12 @@ PAPER_METRICS: tuple[str, ...] = ("utilization_rate", "activation_norm", "mean_r
 #: The paper's five experiments, plus ranking stability (observational; needs no ablation).
 RUN_EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution",
                                     "stability")
+#: Orders in which the progressive ablation removes a position's active experts: by routing weight, highest or
+#: lowest first, or a seeded random order per position (every arm at the same positions: a paired design).
+PROGRESSIVE_ARMS: tuple[str, ...] = ("highest", "lowest", "random")
+#: Default smallest effect of interest (nats of mean ΔL) of the arms' equivalence test: 0.05 nats is a 5% change
+#: of perplexity on the ablated tokens; a study should set its own.
+PROGRESSIVE_SESOI = 0.05
 SCOPES: tuple[str, ...] = ("token", "sequence")
 MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
@@ -143,6 +150,10 @@ class RunConfig(FlatConfig):
         experiments: Any of :data:`RUN_EXPERIMENTS`.
         n: Positions per (layer, metric) cell (the paper: 200).
         n_progressive: Positions per layer of the progressive ablation (the paper: 500).
+        progressive_arms: Removal orders of the progressive ablation, any of :data:`PROGRESSIVE_ARMS` (the paper:
+            ``highest`` only); with two or more, every pair is compared position by position.
+        progressive_sesoi: Equivalence bound (nats) of the arms' comparison: "equivalent" means the mean ΔL of
+            two arms differs by less than this, tested (TOST).
         scope: ``token`` (Definition 2.1) or ``sequence``.
         mode: ``zero`` (the paper), ``renormalize`` or ``reroute``.
         min_context: Positions need at least this many tokens of context.
@@ -173,6 +184,8 @@ class RunConfig(FlatConfig):
     experiments: tuple[str, ...] = RUN_EXPERIMENTS
     n: int = 200
     n_progressive: int = 500
+    progressive_arms: tuple[str, ...] = PROGRESSIVE_ARMS
+    progressive_sesoi: float = PROGRESSIVE_SESOI
     scope: str = "token"
     mode: str = "zero"
     min_context: int = 1
@@ -188,6 +201,16 @@ class RunConfig(FlatConfig):
         check_common(self)
         for e in self.experiments:
             _choice("experiments", e, RUN_EXPERIMENTS)
+        for arm in self.progressive_arms:
+            _choice("progressive_arms", arm, PROGRESSIVE_ARMS)
+        if len(set(self.progressive_arms)) != len(self.progressive_arms):
+            raise ConfigError(f"progressive_arms={list(self.progressive_arms)} names an arm twice; name each once.")
+        if not self.progressive_arms and "progressive" in self.experiments:
+            raise ConfigError(f"progressive_arms is empty but the progressive experiment is requested; name at least "
+                              f"one of: {', '.join(PROGRESSIVE_ARMS)}.")
+        if not (math.isfinite(self.progressive_sesoi) and self.progressive_sesoi > 0):
+            raise ConfigError(f"progressive_sesoi={self.progressive_sesoi!r} must be a positive number of nats "
+                              f"(default {PROGRESSIVE_SESOI}).")
         if not self.experiments:
             raise ConfigError(f"experiments is empty; name at least one of: {', '.join(RUN_EXPERIMENTS)}.")
         if not self.metrics and ("audit" in self.experiments or "rank_validity" in self.experiments):

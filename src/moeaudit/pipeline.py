@@ -318,7 +318,8 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     model, tokenizer, sequences = _load(config, run_dir, manifest, session, timer, progress)
     single_seqs = sequences[: config.n_docs]
     settings = ExperimentSettings(layers=config.layers, metrics=config.metrics, n=config.n,
-                                  n_progressive=config.n_progressive, seed=config.seed, scope=config.scope,
+                                  n_progressive=config.n_progressive, progressive_arms=config.progressive_arms,
+                                  seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
 
     metric_table = run_dir.read_parquet("metrics.parquet")

@@ -220,13 +220,19 @@ class RunDirectory:
         """
         if self.exists():
             manifest = self.manifest()
-            differences = config_differences({**(defaults or {}), **manifest.get("config", {})}, config)
+            stored = manifest.get("config", {})
+            differences = config_differences({**(defaults or {}), **stored}, config)
             if differences:
-                lines = "\n".join(f"  {k}: stored {a!r}, requested {b!r}" for k, a, b in differences)
+                lines = "\n".join(
+                    f"  {k}: stored {a!r}, requested {b!r}" if k in stored else
+                    f"  {k}: not stored (the run predates this setting{f' and ran as {a!r}' if a is not None else ''}"
+                    f"), requested {b!r}" for k, a, b in differences)
+                older = any(k not in stored for k, _, _ in differences)
                 raise RunDirectoryError(
                     f"{self.path} holds a run with a different configuration:\n{lines}\n"
                     "Resuming would mix two experiments. Choose another output directory (--out), or run with the "
-                    f"stored configuration ({self.path / 'config.toml'}) to resume it.")
+                    f"stored configuration ({self.path / 'config.toml'}) to resume it."
+                    + (" `moeaudit report` still reads a run written by an older moeaudit." if older else ""))
             return manifest, True
         if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
             raise RunDirectoryError(f"{self.path} is not empty and holds no moeaudit run ({MANIFEST} missing); "

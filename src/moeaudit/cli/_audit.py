@@ -23,6 +23,10 @@ def run(
                                                 "redistribution, stability"),
     n: int = typer.Option(None, help="positions per cell"),
     n_progressive: int = typer.Option(None, help="positions per layer of the progressive ablation"),
+    progressive_arms: str = typer.Option(None, help="comma-separated removal orders of the progressive ablation: "
+                                                    "highest, lowest, random (default: all three)"),
+    progressive_sesoi: float = typer.Option(None, help="equivalence bound (nats) when comparing progressive "
+                                                       "arms (default 0.05)"),
     n_docs: int = typer.Option(None, help="documents for the single-expert experiments"),
     n_docs_progressive: int = typer.Option(None, help="documents for the progressive ablation"),
     max_length: int = typer.Option(None, help="tokens per document"),
@@ -54,7 +58,8 @@ def run(
     from moeaudit.execution import Execution, parse_bytes
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
-             "experiments": experiments, "n": n, "n_progressive": n_progressive, "n_docs": n_docs,
+             "experiments": experiments, "n": n, "n_progressive": n_progressive,
+             "progressive_arms": progressive_arms, "progressive_sesoi": progressive_sesoi, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
              "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
              "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
@@ -118,6 +123,12 @@ def _execute(cfg, out: Path, report: bool, execution=None) -> None:
         console.print(rich_table("routing-weight control", tables["control"],
                              ["layer", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "spearman_rho",
                               "decision"]))
+    arms = tables.get("progressive_arms")
+    if arms is not None and len(arms):
+        counts = arms["decision"].value_counts()
+        console.print(f"progressive removal orders, {len(arms)} paired comparisons: "
+                      + ", ".join(f"{int(n)} {decision}" for decision, n in counts.items())
+                      + f" (±{arms['sesoi'].iloc[0]:g} nats; details in the report)")
     console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
                   f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {out}")
     if result.report:

@@ -128,7 +128,9 @@ def rank_validity(model, sequences, settings: ExperimentSettings = ExperimentSet
 
 
 def progressive(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
-    """Remove the highest-weight active experts cumulatively, k = 1..K-1; mean, median, P95 of delta."""
+    """Remove the active experts cumulatively, k = 1..K-1, in each order of ``settings.progressive_arms`` (highest
+    or lowest routing weight first, seeded random) at the same positions; per arm mean, median, P95 of delta, and
+    the paired comparison of the arms (``tables["progressive_arms"]``)."""
     return run_experiments(model, sequences, settings, experiments=("progressive",), **kw)
 
 

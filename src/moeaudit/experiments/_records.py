@@ -11,7 +11,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "experiment",  # audit | control | rank_validity | progressive | redistribution | pool (single-expert pool)
     "layer",
     "metric",  # the ranking criterion ("routing_weight" for the control / progressive experiments)
-    "role",  # high | low | single | top<k>
+    "role",  # high | low | single | <arm>:<k> (progressive: highest:3, lowest:1, random:2; before arms: top<k>)
     "seq_id",
     "position",
     "target_token",
@@ -52,3 +52,10 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
               "final_gap_norm", "remaining_norm", "compensation_cos", "relative_compensation", "output_norm"]
     frame[floats] = frame[floats].astype("float64")
     return frame
+
+
+def progressive_arms(roles: pd.Series) -> pd.Series:
+    """The arm of each progressive record from its role (``highest:3`` -> ``highest``). Run directories written
+    before the arms existed stored ``top<k>`` (highest weight first), read as ``highest``."""
+    roles = roles.astype(str)
+    return roles.str.split(":", n=1).str[0].where(~roles.str.match(r"^top\d+$"), "highest")

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from moeaudit.config import PAPER_METRICS
+from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.experiments._records import to_frame
 from moeaudit.experiments._sampling import candidate_positions
@@ -43,6 +43,7 @@ class ExperimentSettings:
         metrics: Observational metrics (columns of the ``observe`` table) to audit.
         n: Positions per (layer, metric) cell.
         n_progressive: Positions per layer of the progressive ablation.
+        progressive_arms: Removal orders of the progressive ablation (:data:`~moeaudit.config.PROGRESSIVE_ARMS`).
         seed: Seed of the position sampling and of the random tie-breaks between experts with equal metric
             values (per layer and position).
         scope: ``token`` (Definition 2.1) or ``sequence``.
@@ -55,6 +56,7 @@ class ExperimentSettings:
     metrics: tuple[str, ...] = PAPER_METRICS
     n: int = 200
     n_progressive: int = 500
+    progressive_arms: tuple[str, ...] = PROGRESSIVE_ARMS
     seed: int = 0
     scope: str = "token"
     mode: str = "zero"
@@ -65,6 +67,10 @@ class ExperimentSettings:
         """Validate against ``model``; return the layers to audit."""
         check_choice("scope", self.scope, SCOPES)
         check_choice("mode", self.mode, MODES)
+        if not self.progressive_arms:
+            raise ConfigError(f"progressive_arms is empty; name at least one of {', '.join(PROGRESSIVE_ARMS)}.")
+        for arm in self.progressive_arms:
+            check_choice("progressive arm", arm, PROGRESSIVE_ARMS)
         if self.n < 3 or self.n_progressive < 1:
             raise ConfigError(f"n={self.n}, n_progressive={self.n_progressive}: a paired test needs n >= 3 "
                               "positions and the progressive ablation at least 1.")
@@ -245,11 +251,39 @@ def _contributions(model, ls, layer, plan) -> dict:
             for key, r, c, o in zip(plan, remaining.norm(dim=-1), cos, outputs.norm(dim=-1))}
 
 
+def removal_order(arm: str, active: Sequence[int], weights: Sequence[float], ties: Sequence[float],
+                  seed: Sequence[int]) -> list[int]:
+    """The order in which ``arm`` removes a position's active experts.
+
+    ``highest``: by routing weight, highest first (ties broken by the run's random tie keys ``ties``, as in every
+    experiment); ``lowest``: exactly the reverse; ``random``: a permutation drawn from
+    ``numpy.random.default_rng([*seed, 1])``, where ``seed`` names the position (run seed, layer, sequence,
+    position; the trailing 1 keeps it apart from the tie keys' stream), so the order does not depend on what else
+    is computed or resumed.
+    """
+    ascending = [active[i] for i in _rank(weights, ties)]
+    if arm == "highest":
+        return ascending[::-1]
+    if arm == "lowest":
+        return ascending
+    if arm == "random":
+        return [active[i] for i in np.random.default_rng([*seed, 1]).permutation(len(active))]
+    check_choice("progressive arm", arm, PROGRESSIVE_ARMS)
+    raise AssertionError  # unreachable: check_choice raised
+
+
+def progressive_role(arm: str, k: int) -> str:
+    """Record role of the progressive ablation removing the first ``k`` experts of ``arm``'s order."""
+    return f"{arm}:{k}"
+
+
 @torch.no_grad()
 def collect_progressive(model: nn.Module, sequences: Sequence, settings: ExperimentSettings, layer: int, *,
                         progress: Progress | None = None, states: CleanStates | None = None) -> pd.DataFrame:
-    """At ``settings.n_progressive`` positions remove the highest-weight active experts cumulatively, k = 1..K-1
-    (``states``: as in :func:`collect_single`)."""
+    """At ``settings.n_progressive`` positions remove the active experts cumulatively, k = 1..K-1, in the order of
+    every arm of ``settings.progressive_arms`` (the same positions for every arm). A set of experts two arms
+    remove alike at a position is ablated once and recorded under each arm (``states``: as in
+    :func:`collect_single`)."""
     desc = describe(model)
     ids_list, states = _states_for(model, sequences, layer, states)
     candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
@@ -257,19 +291,25 @@ def collect_progressive(model: nn.Module, sequences: Sequence, settings: Experim
 
     def handle(ablator: SequenceAblator, seq_id: int, positions: list[int]) -> None:
         ls = ablator.state.moe[layer]
-        plan = []
+        plan, unique, ablations = [], {}, []
         for pos in positions:
             active, weights = _active(ls, pos)
             ties = _tie_keys(settings.seed, layer, seq_id, pos, len(active))
-            by_weight = [active[i] for i in reversed(_rank(weights, ties))]  # highest weight first
-            plan.extend((pos, k, tuple(by_weight[:k])) for k in range(1, len(active)))
-        results = ablator.run([Ablation(layer, pos, experts, scope=settings.scope) for pos, _, experts in plan],
-                              settings.mode)
-        for (pos, k, experts), r in zip(plan, results):
+            for arm in settings.progressive_arms:
+                order = removal_order(arm, active, weights, ties, (settings.seed, layer, seq_id, pos))
+                for k in range(1, len(active)):
+                    experts = tuple(order[:k])
+                    key = (pos, frozenset(experts))
+                    if key not in unique:
+                        unique[key] = len(ablations)
+                        ablations.append(Ablation(layer, pos, experts, scope=settings.scope))
+                    plan.append((pos, arm, k, experts, unique[key]))
+        results = ablator.run(ablations, settings.mode)
+        for pos, arm, k, experts, index in plan:
             active, weights = _active(ls, pos)
-            row = _base_row(settings, desc, layer, seq_id, pos, ablator.input_ids, active, weights, r)
-            row.update(experiment="progressive", metric=ROUTING_WEIGHT, role=f"top{k}", metric_values=list(weights),
-                       ablated_experts=list(experts), k=k)
+            row = _base_row(settings, desc, layer, seq_id, pos, ablator.input_ids, active, weights, results[index])
+            row.update(experiment="progressive", metric=ROUTING_WEIGHT, role=progressive_role(arm, k),
+                       metric_values=list(weights), ablated_experts=list(experts), k=k)
             rows.append(row)
 
     _select_positions(states, layer, settings.n_progressive, candidates, desc, progress, handle)

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 
 from moeaudit import stats
+from moeaudit.config import PROGRESSIVE_SESOI
+from moeaudit.experiments._arms import arm_comparisons, progressive_cells
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
 from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
 from moeaudit.experiments._pool import pools
@@ -169,17 +171,6 @@ def _token_spearman(sub: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarr
     return out
 
 
-def _progressive(records: pd.DataFrame) -> pd.DataFrame:
-    sub = records[records["experiment"] == "progressive"]
-    if sub.empty:
-        return pd.DataFrame()
-    grouped = sub.groupby(["model", "layer", "k"], sort=True)["delta"]
-    frame = grouped.agg(n="count", mean="mean", median="median",
-                        p95=lambda d: float(np.percentile(d, 95))).reset_index()
-    frame["n_layers"] = sub.groupby(["model", "layer", "k"], sort=True)["n_layers"].first().to_numpy()
-    return frame
-
-
 #: Per-layer redistribution correlations: column -> (x, y) over the layer's redistribution rows.
 REDISTRIBUTION_CORRELATIONS: dict[str, tuple[str, str]] = {
     "rho_weight_gap": ("ablated_weight", "gap_norm"),
@@ -277,12 +268,13 @@ def summary_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
     defaults = RunConfig()
     return {"n_boot": int(config.get("n_boot", defaults.n_boot)), "seed": int(config.get("seed", defaults.seed)),
-            "sesoi_d": float(config.get("sesoi_d", defaults.sesoi_d))}
+            "sesoi_d": float(config.get("sesoi_d", defaults.sesoi_d)),
+            "progressive_sesoi": float(config.get("progressive_sesoi", defaults.progressive_sesoi))}
 
 
 def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_boot: int = 2000,
               seed: int | None = 0, sesoi_d: float = stats.SESOI_D, n_relabel: int = N_RELABEL,
-              n_splits: int = N_SPLITS) -> dict[str, pd.DataFrame]:
+              n_splits: int = N_SPLITS, progressive_sesoi: float = PROGRESSIVE_SESOI) -> dict[str, pd.DataFrame]:
     """Every cell table, from the record table (and, for the expert-level null, the run's metric table).
 
     Args:
@@ -297,6 +289,7 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
         n_relabel: Random relabelings of the metric per audit cell (random per-token choices per control cell);
             more, up to 20 / alpha_corrected, where fewer than 10 are as extreme.
         n_splits: Random document halvings of the causal ceiling.
+        progressive_sesoi: Equivalence bound (nats of mean ΔL) of the progressive arms' comparison.
 
     Returns:
         ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
@@ -309,7 +302,10 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
         weight ratio high/low and D; its ``p_perm`` permutes the weights within each token and is not part of its
         decision), ``rank_validity`` (per-token Spearman rho: mean, median, share > 0, document-clustered
         sign-flip p-values of the mean (``p_cluster``) and of the sign, Bonferroni over the model's rank-validity
-        cells), ``progressive`` (per model x layer x k: n, mean, median, P95), ``redistribution_experts``,
+        cells), ``progressive`` (per model x layer x arm x k: n, mean with its document-clustered interval,
+        median, P95), ``progressive_arms`` (per model x layer x k x pair of removal orders: the paired comparison
+        with its equivalence test against ±``progressive_sesoi`` nats, Holm over the model's comparisons; see
+        :mod:`moeaudit.experiments._arms`), ``redistribution_experts``,
         ``redistribution_layers`` (four Spearman correlations with document-clustered intervals) and ``families``
         (per test family: m, corrected alpha, minimum detectable d). A cell whose ΔL is not finite somewhere is
         not tested and says why in ``note``; the other cells are unaffected.
@@ -322,7 +318,11 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
     experts, layers = _redistribution(records, n_boot, seed)
     tables = {"audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
-              "progressive": _progressive(records), "redistribution_experts": experts,
+              "progressive": progressive_cells(records),
+              "progressive_arms": arm_comparisons(
+                  records, sesoi=progressive_sesoi, n_perm_for=_n_perm,
+                  seed_for=lambda *key: _cell_seed(seed, "progressive_arms", *key)),
+              "redistribution_experts": experts,
               "redistribution_layers": layers}
     tables["families"] = _families(tables, sesoi_d)
     return tables

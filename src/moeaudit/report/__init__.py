@@ -180,13 +180,15 @@ def _model_section(run: RunData, F) -> list[Block]:
     for table in (T.audit_table(tables["audit"], label), T.control_table(tables["control"], label),
                   T.rank_validity_table(tables["rank_validity"], label),
                   T.progressive_table(tables["progressive"], label),
+                  T.progressive_arms_table(tables.get("progressive_arms"), label),
                   T.redistribution_table(tables["redistribution_layers"], label),
                   T.stability_table(run.stability, label)):
         if table is not None:
             blocks.append(table)
     figures = [
         ("progressive", F.progressive_curves(tables["progressive"], label),
-         "Progressive ablation: ΔL when the k highest-weight active experts are removed together, per layer."),
+         "Progressive ablation: ΔL when k active experts are removed together, per layer, one row per removal "
+         "order (highest routing weight first, lowest first, a seeded random order)."),
         ("scatter", F.paired_scatter(run.records, label),
          "ΔL_low against ΔL_high per position and cell; points above the diagonal favour the metric."),
         ("difference_hist", F.difference_histograms(run.records, label),

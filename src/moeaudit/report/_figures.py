@@ -32,6 +32,8 @@ from moeaudit.report._style import (
     _empty,
     _figure,
     _style,
+    arm_label,
+    arm_rank,
     metric_color,
     metric_label,
     model_colors,
@@ -148,40 +150,55 @@ def _maybe_symlog(ax: Axes, values: np.ndarray) -> None:
 
 
 def progressive_curves(progressive: pd.DataFrame, model: str) -> Figure | None:
-    """Mean, median and P95 of delta against k (top-weight experts removed), one line per layer.
+    """Mean, median and P95 of delta against k (experts removed), one line per layer; one row per removal order
+    (arm), the panels of a column on one y scale so the orders compare at a glance.
 
     Args:
-        progressive: The ``progressive`` table of :func:`~moeaudit.experiments.summarize`.
+        progressive: The ``progressive`` table of :func:`~moeaudit.experiments.summarize` (a table without an
+            ``arm`` column holds the highest-weight-first order only).
         model: The model to draw.
 
     Returns:
-        A three-panel figure, or ``None`` when the table has no rows for ``model``.
+        A (arms x 3)-panel figure, or ``None`` when the table has no rows for ``model``.
     """
     from matplotlib import colormaps
+    from matplotlib.figure import Figure as _Figure
 
     if _empty(progressive):
         return None
     cells = progressive[progressive["model"] == model]
     if cells.empty:
         return None
-    fig = _figure(3 * 3.0 + 1.4, 3.2)
-    axes = fig.subplots(1, 3, sharex=True)
+    if "arm" not in cells.columns:
+        cells = cells.assign(arm="highest")
+    arms = sorted(cells["arm"].unique(), key=arm_rank)
+    # Fixed margins in inches (constrained layout costs seconds at save time): title on top, legend on the right.
+    left, right, bottom, top, panel_w, panel_h = 0.7, 1.1, 0.55, 0.6, 3.0, 2.3
+    width, height = left + right + 3 * panel_w, bottom + top + panel_h * len(arms)
+    fig = _Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=0.3, hspace=0.45)
+    axes = fig.subplots(len(arms), 3, sharex=True, sharey="col", squeeze=False)
     viridis = colormaps["viridis"]
-    for ax, (column, title) in zip(axes, (("mean", "mean"), ("median", "median"), ("p95", "P95"))):
-        ax.axhline(0.0, color="0.4", linewidth=0.8)
-        for layer, per_layer in cells.groupby("layer", sort=True):
-            per_layer = per_layer.sort_values("k")
-            depth = layer / max(int(per_layer["n_layers"].iloc[0]) - 1, 1)
-            ax.plot(per_layer["k"], per_layer[column], marker="o", markersize=3, linewidth=1.2,
-                    color=viridis(0.9 * depth), label=f"L{layer}")
-        _maybe_symlog(ax, cells[column].to_numpy(dtype=float))
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("k (top-weight experts removed)", fontsize=8)
-        _style(ax, f"{title} {_DELTA}")
-    axes[0].set_ylabel(f"{_DELTA} (nats)", fontsize=8)
-    axes[-1].legend(fontsize=6, ncols=2 if cells["layer"].nunique() > 8 else 1, loc="center left",
-                    bbox_to_anchor=(1.02, 0.5), title="layer", title_fontsize=7)
-    fig.suptitle(f"{model}: progressive ablation of the highest-weight experts", fontsize=10)
+    for row, arm in enumerate(arms):
+        per_arm = cells[cells["arm"] == arm]
+        for ax, (column, title) in zip(axes[row], (("mean", "mean"), ("median", "median"), ("p95", "P95"))):
+            ax.axhline(0.0, color="0.4", linewidth=0.8)
+            for layer, per_layer in per_arm.groupby("layer", sort=True):
+                per_layer = per_layer.sort_values("k")
+                depth = layer / max(int(per_layer["n_layers"].iloc[0]) - 1, 1)
+                ax.plot(per_layer["k"], per_layer[column], marker="o", markersize=3, linewidth=1.2,
+                        color=viridis(0.9 * depth), label=f"L{layer}", gid=f"progressive:{arm}:{column}:L{layer}")
+            if row == 0:
+                _maybe_symlog(ax, cells[column].to_numpy(dtype=float))
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            _style(ax, f"{title} {_DELTA} · {arm_label(arm)}")
+        axes[row, 0].set_ylabel(f"{_DELTA} (nats)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("k (experts removed)", fontsize=8)
+    axes[0, -1].legend(fontsize=6, ncols=2 if cells["layer"].nunique() > 8 else 1, loc="center left",
+                       bbox_to_anchor=(1.02, 0.5), title="layer", title_fontsize=7)
+    fig.suptitle(f"{model}: progressive ablation by removal order", fontsize=10, y=1 - 0.12 / height, va="top")
     return fig
 
 

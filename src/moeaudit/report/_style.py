@@ -30,6 +30,9 @@ METRIC_LABELS: dict[str, str] = {
     "activation_std": "activation std",
     ROUTING_WEIGHT: "routing weight (control)",
 }
+#: Removal orders of the progressive ablation, in display order, with their labels.
+ARM_LABELS: dict[str, str] = {"highest": "highest weight first", "lowest": "lowest weight first",
+                              "random": "random order"}
 _FALLBACK_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#7b4173")
 _TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")
@@ -49,6 +52,16 @@ def metric_color(metric: str) -> str:
 def metric_label(metric: str) -> str:
     """Short human label of a metric."""
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def arm_label(arm: str) -> str:
+    """Label of a progressive removal order."""
+    return ARM_LABELS.get(arm, arm)
+
+
+def arm_rank(arm: str) -> int:
+    """Display position of a removal order (unknown names last)."""
+    return list(ARM_LABELS).index(arm) if arm in ARM_LABELS else len(ARM_LABELS)
 
 
 def model_colors(models: Sequence[str]) -> dict[str, str]:

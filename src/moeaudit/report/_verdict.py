@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.experiments import DECISIONS
+from moeaudit.report._style import arm_label
 from moeaudit.report._tables import fmt_nats, metric_label
 
 
@@ -227,8 +228,13 @@ def rank_verdict(rank: pd.DataFrame) -> str | None:
 
 
 def progressive_verdict(progressive: pd.DataFrame) -> str | None:
+    """The paper's progressive sentence, on the highest-weight-first arm."""
     if progressive is None or progressive.empty:
         return None
+    if "arm" in progressive.columns:
+        progressive = progressive[progressive["arm"] == "highest"]
+        if progressive.empty:
+            return None
     last = progressive.loc[progressive.groupby("layer")["k"].idxmax()]
     worst = last.loc[last["mean"].idxmax()]
     mild = last.loc[last["mean"].idxmin()]
@@ -243,6 +249,51 @@ def progressive_verdict(progressive: pd.DataFrame) -> str | None:
     else:
         text += "No layer shows a heavy upper tail (everywhere P95 ≤ 5 × max(|median|, 0.001) nats)."
     return text
+
+
+def _layers(layers) -> str:
+    return ", ".join(f"L{int(x)}" for x in sorted(set(layers)))
+
+
+def _difference(r) -> str:
+    more = "more" if r["mean_diff"] > 0 else "less"
+    return (f"{arm_label(r['arm_a'])} costs {more} than {arm_label(r['arm_b'])} at L{r['layer']}, k = {r['k']} "
+            f"({r['mean_diff']:+.3f} nats, 95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}])")
+
+
+def arms_verdict(arms: pd.DataFrame | None) -> str | None:
+    """Whether the removal order of the progressive ablation matters, as far as the tests of the
+    ``progressive_arms`` table support: equivalence only where TOST rejects, a difference only where the
+    difference test rejects (both Holm-corrected), "inconclusive" otherwise."""
+    if arms is None or arms.empty:
+        return None
+    n, sesoi = len(arms), float(arms["sesoi"].iloc[0])
+    within = arms["equivalent"].astype(bool)
+    differs = arms["significant"].astype(bool) & ~within
+    inconclusive = ~within & ~arms["significant"].astype(bool)
+    orders = ", ".join(arm_label(a) for a in dict.fromkeys([*arms["arm_a"], *arms["arm_b"]]))
+    text = (f"**Does the removal order matter?** Comparing the progressive ablation's removal orders ({orders}) "
+            f"at the same positions: of {n} paired comparisons (layer × k × pair of orders; document-level "
+            "sign-flip tests, Holm-corrected), "
+            f"{int(differs.sum())} differ, {int(within.sum())} are equivalent within ±{sesoi:g} nats (TOST) and "
+            f"{int(inconclusive.sum())} are inconclusive. ")
+    if within.all():
+        return text + (f"At every tested layer and depth the order does not matter beyond ±{sesoi:g} nats of mean "
+                       "ΔL: for the average token, which active experts are removed makes no difference larger "
+                       "than that (tails are not covered by this test; see P95 above).")
+    settled = arms.groupby("layer")["equivalent"].all()
+    if settled.any():
+        text += (f"At {_layers(settled[settled].index)} the order does not matter beyond ±{sesoi:g} nats of mean "
+                 "ΔL (every comparison there is equivalent). ")
+    if differs.any():
+        top = arms[differs].reindex(arms.loc[differs, "mean_diff"].abs().sort_values(ascending=False).index)
+        text += (f"It matters at {_layers(top['layer'])}: "
+                 f"{_join([_difference(r) for _, r in top.head(3).iterrows()])}"
+                 f"{f' (and {len(top) - 3} more)' if len(top) > 3 else ''}. ")
+    if inconclusive.any():
+        text += (f"At {_layers(arms.loc[inconclusive, 'layer'])} some comparisons are inconclusive: neither a "
+                 f"difference nor equivalence within ±{sesoi:g} nats is shown at this n, so no claim either way.")
+    return text.rstrip()
 
 
 def redistribution_verdict(layers: pd.DataFrame) -> str | None:
@@ -295,6 +346,7 @@ def verdict(tables: dict[str, pd.DataFrame], stability: pd.DataFrame | None, ver
              expert_level_verdict(tables.get("audit"), tables.get("control")),
              control_verdict(tables.get("control"), tables.get("audit"), families),
              rank_verdict(tables.get("rank_validity")), progressive_verdict(tables.get("progressive")),
+             arms_verdict(tables.get("progressive_arms")),
              redistribution_verdict(tables.get("redistribution_layers")), stability_verdict(stability),
              verification_verdict(verification)]
     return [p for p in parts if p]
