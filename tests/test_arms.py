@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import cached_tiny, random_ids
+from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from moeaudit import stats
 from moeaudit.experiments import ExperimentSettings, run_experiments
 from moeaudit.experiments._arms import ARM_PAIRS, arm_comparisons, progressive_cells
+from moeaudit.experiments._summary import _n_perm
 from moeaudit.report._tables import progressive_arms_table
 from moeaudit.report._verdict import arms_verdict
 
@@ -47,8 +49,6 @@ def test_cells_match_numpy_and_statsmodels(records):
         assert c["p95"] == pytest.approx(np.percentile(delta, 95))
         mean, se = _cluster_ols(delta, mine["seq_id"].to_numpy())
         half = c["ci_high"] - c["mean"]
-        from scipy import stats as sps
-
         assert half == pytest.approx(sps.t.ppf(0.975, c["n_docs"] - 1) * se, rel=1e-9)
 
 
@@ -67,11 +67,11 @@ def test_comparisons_match_an_independent_computation(records):
         assert r["mean_diff"] == pytest.approx(mean, abs=1e-12) and r["n"] == len(diff)
         assert r["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
         assert r["ci_low"] < mean < r["ci_high"]
-        assert r["p_signflip"] == pytest.approx(stats.signflip_test(diff, docs))
-        lower = stats.signflip_test(diff, docs, null=-0.05, alternative="greater")
-        upper = stats.signflip_test(diff, docs, null=0.05, alternative="less")
-        assert r["p_tost"] == pytest.approx(max(lower, upper))
-    for column, corrected in (("p_signflip", "p_holm"), ("p_tost", "p_tost_holm")):
+        assert r["p_cluster"] == stats.sign_flip_test(diff, docs, n_perm=stats.N_PERM, seed=0)
+        t_low, t_high = (mean + 0.05) / se, (mean - 0.05) / se
+        df = len(np.unique(docs)) - 1
+        assert r["tost_p"] == pytest.approx(max(sps.t.sf(t_low, df), sps.t.cdf(t_high, df)), rel=1e-9)
+    for column, corrected in (("p_cluster", "p_holm"), ("tost_p", "tost_p_holm")):
         reject, p_holm, _, _ = multipletests(table[column].fillna(1.0), alpha=0.05, method="holm")
         np.testing.assert_allclose(table[corrected].fillna(1.0), p_holm)
     assert (table["significant"] == (table["p_holm"] < 0.05)).all()
@@ -96,7 +96,7 @@ def _synthetic(rng, *, planted: dict, noise: float, n_docs: int = 30, per_doc: i
 
 def test_planted_difference_and_equivalence_are_found():
     recs = _synthetic(np.random.default_rng(1), planted={(1, "highest"): 0.5}, noise=0.01)
-    table = arm_comparisons(recs, sesoi=0.05, n_perm=999)
+    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
     decisions = {(r["layer"], r["arm_a"], r["arm_b"]): r["decision"] for _, r in table.iterrows()}
     assert set(table.loc[table["layer"] == 0, "decision"]) == {"equivalent"}
     assert decisions[(1, "highest", "lowest")] == decisions[(1, "highest", "random")] == "differs"
@@ -112,19 +112,21 @@ def test_planted_difference_and_equivalence_are_found():
 
 def test_sign_draws_grow_with_the_number_of_comparisons():
     """60 comparisons with a planted difference everywhere: 999 draws would floor p at 0.001, above Holm's
-    0.05 / 60; the draws are raised to 10 m / α so every comparison can reject."""
+    0.05 / 60; with the summary's rule (20 m / α draws) every comparison can reject."""
     planted = {(layer, "highest"): 1.0 for layer in range(10)}
     recs = _synthetic(np.random.default_rng(5), planted=planted, noise=0.01, layers=tuple(range(10)))
-    table = arm_comparisons(recs, n_perm=999)
+    floored = arm_comparisons(recs, n_perm_for=lambda m: 999)
+    assert (floored.loc[floored["arm_a"] == "highest", "decision"] == "inconclusive").all()
+    table = arm_comparisons(recs, n_perm_for=_n_perm)
     hi = table[table["arm_a"] == "highest"]
-    assert len(table) == 60 and (hi["p_signflip"] < 1 / 1000).all() and (hi["p_holm"] < 0.05).all()
+    assert len(table) == 60 and (hi["n_perm"] == _n_perm(60)).all() and (hi["p_holm"] < 0.05).all()
     assert (hi["decision"] == "differs").all()
     assert (table.loc[table["arm_a"] == "lowest", "decision"] == "equivalent").all()
 
 
 def test_noise_without_effect_is_inconclusive_not_equivalent():
     recs = _synthetic(np.random.default_rng(1), planted={}, noise=0.5, n_docs=10, per_doc=3)
-    table = arm_comparisons(recs, sesoi=0.05, n_perm=999)
+    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
     assert set(table["decision"]) == {"inconclusive"}
     text = arms_verdict(table)
     assert "0 differ, 0 are equivalent" in text and "no claim either way" in text
@@ -140,19 +142,19 @@ def test_family_wise_error_under_no_effect(monkeypatch):
     rng = np.random.default_rng(2)
     runs_with_a_difference = 0
     for _ in range(40):
-        table = arm_comparisons(_synthetic(rng, planted={}, noise=0.3, n_docs=20, per_doc=4), n_perm=199)
+        table = arm_comparisons(_synthetic(rng, planted={}, noise=0.3, n_docs=20, per_doc=4), n_perm_for=lambda m: 199)
         runs_with_a_difference += bool((table["decision"] == "differs").any())
     assert runs_with_a_difference / 40 <= 0.15
 
 
 def test_everything_equivalent_gives_the_strong_sentence_and_the_table_notes():
     recs = _synthetic(np.random.default_rng(3), planted={}, noise=0.005)
-    table = arm_comparisons(recs, sesoi=0.1, n_perm=999)
+    table = arm_comparisons(recs, sesoi=0.1, n_perm_for=lambda m: 999)
     text = arms_verdict(table)
     assert "At every tested layer and depth the order does not matter beyond ±0.1 nats of mean ΔL" in text
     t = progressive_arms_table(table, "m")
     assert len(t.rows) == 12 and t.rows[0][:3] == ["L0", "1", "highest − lowest"] and t.rows[0][-1] == "equivalent"
-    assert "±0.1 nats" in t.notes and "12 comparisons" in t.notes and "unit of inference: the document" in t.notes
+    assert "< 0.1 nats" in t.notes and "12 comparisons" in t.notes and "unit of inference: the document" in t.notes
 
 
 def test_single_arm_has_no_comparison():

@@ -104,8 +104,10 @@ def test_progressive_arms_remove_experts_cumulatively_in_their_order(olmoe_run):
     assert (prog["role"] == prog["arm"] + ":" + prog["k"].astype(str)).all()
     for (layer, seq_id, pos), g in prog.groupby(["layer", "seq_id", "position"]):
         first = g.iloc[0]
-        by_weight = [e for _, e in sorted(zip(first["active_weights"], first["active_experts"]), reverse=True)]
-        shuffled = np.random.default_rng([settings.seed, layer, seq_id, pos]).permutation(len(by_weight))
+        ties = np.random.default_rng([settings.seed, layer, seq_id, pos]).random(len(first["active_experts"]))
+        by_weight = [e for _, _, e in sorted(zip(first["active_weights"], ties, first["active_experts"]),
+                                             reverse=True)]  # highest first, equal weights by the random keys
+        shuffled = np.random.default_rng([settings.seed, layer, seq_id, pos, 1]).permutation(len(by_weight))
         expected = {"highest": by_weight, "lowest": by_weight[::-1],
                     "random": [first["active_experts"][i] for i in shuffled]}
         for _, row in g.iterrows():

@@ -53,11 +53,16 @@ def test_claim_creates_then_resumes_then_refuses_other_config(tmp_path):
     msg = str(err.value)
     assert "n: stored 12, requested 13" in msg and "--out" in msg and "config.toml" in msg
     assert "older moeaudit" not in msg
-    with pytest.raises(RunDirectoryError) as err:  # a run from before a setting existed
-        run.claim({**cfg, "progressive_arms": ["highest", "lowest"]}, _manifest({}))
+    # a run from before a setting existed: compared as the older version behaved (``defaults``)
+    legacy = {"progressive_arms": ["highest"]}
+    with pytest.raises(RunDirectoryError) as err:
+        run.claim({**cfg, "progressive_arms": ["highest", "lowest"]}, _manifest({}), defaults=legacy)
     msg = str(err.value)
-    assert "progressive_arms: absent (the run predates this setting), requested ['highest', 'lowest']" in msg
-    assert "`moeaudit report` still reads it" in msg
+    assert ("progressive_arms: stored ['highest'], requested ['highest', 'lowest'] (the run predates this "
+            "setting; it ran as the stored value)") in msg
+    assert "`moeaudit report` still reads a run written by an older moeaudit" in msg
+    _, resumed = run.claim({**cfg, "progressive_arms": ["highest"]}, _manifest({}), defaults=legacy)
+    assert resumed
 
 
 def test_claim_refuses_a_foreign_directory_and_a_damaged_manifest(tmp_path):

@@ -44,6 +44,10 @@ PROGRESSIVE_ARMS: tuple[str, ...] = ("highest", "lowest", "random")
 #: Default smallest effect of interest (nats of mean ΔL) of the arms' equivalence test: 0.05 nats is a 5% change
 #: of perplexity on the ablated tokens; a study should set its own.
 PROGRESSIVE_SESOI = 0.05
+#: How a run written before a key existed behaved, where that differs from today's default: resuming such a run
+#: compares its configuration with these values (before the arms, the progressive ablation removed the highest
+#: weight first only), so it resumes with ``progressive_arms = ["highest"]`` and is refused otherwise.
+BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"]})
 SCOPES: tuple[str, ...] = ("token", "sequence")
 MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")

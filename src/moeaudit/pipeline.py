@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from moeaudit.config import RunConfig
+from moeaudit.config import BEFORE_KEY_EXISTED, RunConfig
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError, did_you_mean
 from moeaudit.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory
@@ -254,7 +254,7 @@ def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: 
     with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer, progress=progress,
                      extra=None if shard is None else {"shard": shard.to_dict()},
                      check=lambda manifest: check_shard(manifest, shard, run_dir.path),
-                     defaults=RunConfig().to_dict()) as s:
+                     defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED}) as s:
         result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell, execution)
         s.complete(resumed_cells=result.resumed_cells, computed_cells=result.computed_cells)
         if shard is not None:

@@ -223,10 +223,9 @@ class RunDirectory:
             stored = manifest.get("config", {})
             differences = config_differences({**(defaults or {}), **stored}, config)
             if differences:
-                lines = "\n".join(
-                    f"  {k}: stored {a!r}, requested {b!r}" if k in stored else
-                    f"  {k}: not stored (the run predates this setting{f' and ran as {a!r}' if a is not None else ''}"
-                    f"), requested {b!r}" for k, a, b in differences)
+                lines = "\n".join(f"  {k}: stored {a!r}, requested {b!r}" + (
+                    "" if k in stored else " (the run predates this setting; it ran as the stored value)")
+                    for k, a, b in differences)
                 older = any(k not in stored for k, _, _ in differences)
                 raise RunDirectoryError(
                     f"{self.path} holds a run with a different configuration:\n{lines}\n"

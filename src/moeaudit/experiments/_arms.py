@@ -4,8 +4,9 @@ comparison of the arms (highest- vs lowest-weight first vs random order) at the 
 The comparison turns "the selection criterion does not matter" into a tested claim. Per model x layer x k and
 pair of arms (a, b): D = ΔL_a − ΔL_b at each position where both removed k experts. Estimand: E[D], the mean over
 positions sampled uniformly from the corpus. Unit of inference: the document (positions of one document share
-their context), so the tests are the document-level sign-flip test of E[D] = 0 and its TOST against ±sesoi nats
-(:func:`moeaudit.stats.paired_equivalence`); both families of p-values are Holm-corrected over the model's
+their context), so the tests are the document-level sign-flip test of E[D] = 0
+(:func:`moeaudit.stats.sign_flip_test`) and the TOST of |E[D]| < sesoi nats with a document-clustered standard
+error (:func:`moeaudit.stats.tost_mean`); both families of p-values are Holm-corrected over the model's
 comparisons. A cell is "equivalent" only where the corrected TOST rejects, "differs" where the corrected
 difference test rejects, and "inconclusive" where neither does.
 """
@@ -13,6 +14,8 @@ difference test rejects, and "inconclusive" where neither does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,17 +64,28 @@ def progressive_cells(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def arm_comparisons(records: pd.DataFrame, *, sesoi: float = PROGRESSIVE_SESOI, alpha: float = ALPHA,
-                    n_perm: int = 10000, seed: int = 0) -> pd.DataFrame:
-    """Per model x layer x k x pair of arms: the paired comparison of :func:`stats.paired_equivalence` on
-    D = ΔL_a − ΔL_b, Holm-corrected over the model's comparisons, with a decision (see the module docstring).
+                    seed_for: Callable[..., Any] | None = None,
+                    n_perm_for: Callable[[int], int] | None = None) -> pd.DataFrame:
+    """Per model x layer x k x pair of arms: the paired comparison on D = ΔL_a − ΔL_b, Holm-corrected over the
+    model's comparisons, with a decision (see the module docstring).
 
-    The sign-flip tests draw at least 10 m / α sign vectors (m: the largest model's number of comparisons), so
-    the smallest attainable p-value, 1 / (n_perm + 1), stays ten times below Holm's first threshold α / m.
+    Per comparison: mean D with its CR1 interval (:func:`stats.clustered_mean`), d_z, the document-level sign-flip
+    p-value of E[D] = 0 (:func:`stats.sign_flip_test`, ``p_cluster``) and the TOST p-value of |E[D]| < ``sesoi``
+    nats (:func:`stats.tost_mean`, ``tost_p``).
+
+    Args:
+        records: The record table.
+        sesoi: Equivalence bound, in nats of mean ΔL.
+        alpha: Family-wise error rate of each family (difference tests; equivalence tests).
+        seed_for: ``(model, layer, k, arm_a, arm_b) -> seed`` of a comparison's sign vectors (the summary derives
+            it from the run's seed); default 0 for every comparison.
+        n_perm_for: ``m -> sign vectors`` for a model with m comparisons (the summary raises them with m so Holm
+            can still reject); default :data:`moeaudit.stats.N_PERM`.
 
     Returns:
         Columns ``model, layer, k, arm_a, arm_b, n, n_docs, mean_a, mean_b, mean_diff, ci_low, ci_high,
-        cohens_d, p_signflip, p_holm, significant, sesoi, p_tost, p_tost_holm, equivalent, decision, n_layers``;
-        empty when fewer than two arms were run.
+        cohens_d, p_cluster, p_holm, significant, sesoi, tost_p, tost_p_holm, equivalent, decision, n_perm,
+        n_layers``; empty when fewer than two arms were run.
     """
     sub = _with_arm(records)
     if sub.empty or sub["arm"].nunique() < 2:
@@ -87,34 +101,39 @@ def arm_comparisons(records: pd.DataFrame, *, sesoi: float = PROGRESSIVE_SESOI, 
             pair = cell[[a, b]].dropna()
             docs = pair.index.get_level_values("seq_id").to_numpy()
             if len(pair) >= 3 and len(np.unique(docs)) >= 2:
-                cells.append((model, layer, k, a, b, pair, docs))
-    per_model = pd.Series([c[0] for c in cells]).value_counts()
-    draws = max(int(n_perm), int(math.ceil(10 * per_model.max() / alpha))) if len(cells) else int(n_perm)
+                cells.append((model, int(layer), int(k), a, b, pair[a].to_numpy(), pair[b].to_numpy(), docs))
+    if not cells:
+        return pd.DataFrame()
+    m_by_model = pd.Series([c[0] for c in cells]).value_counts()
     rows = []
-    for model, layer, k, a, b, pair, docs in cells:
-        test = stats.paired_equivalence(pair[a].to_numpy(), pair[b].to_numpy(), docs, sesoi=sesoi, n_perm=draws,
-                                        seed=seed)
-        rows.append({"model": model, "layer": int(layer), "k": int(k), "arm_a": a, "arm_b": b, "n": test.n,
-                     "n_docs": test.n_clusters, "mean_a": test.mean_a, "mean_b": test.mean_b,
-                     "mean_diff": test.mean_diff, "ci_low": test.ci_low, "ci_high": test.ci_high,
-                     "cohens_d": test.cohens_d, "p_signflip": test.p_signflip, "sesoi": test.sesoi,
-                     "p_tost": test.p_tost, "n_layers": int(n_layers[model])})
+    for model, layer, k, a, b, delta_a, delta_b, docs in cells:
+        diff = delta_a - delta_b
+        n_perm = n_perm_for(int(m_by_model[model])) if n_perm_for else stats.N_PERM
+        cm = stats.clustered_mean(diff, docs)
+        sd = float(np.std(diff, ddof=1))
+        rows.append({
+            "model": model, "layer": layer, "k": k, "arm_a": a, "arm_b": b, "n": int(diff.size),
+            "n_docs": cm.n_clusters, "mean_a": float(delta_a.mean()), "mean_b": float(delta_b.mean()),
+            "mean_diff": cm.estimate, "ci_low": cm.ci_low, "ci_high": cm.ci_high,
+            "cohens_d": cm.estimate / sd if np.ptp(diff) > 0 else math.nan,
+            "p_cluster": stats.sign_flip_test(diff, docs, n_perm=n_perm,
+                                              seed=seed_for(model, layer, k, a, b) if seed_for else 0),
+            "sesoi": float(sesoi), "tost_p": stats.tost_mean(diff, docs, sesoi=sesoi).p, "n_perm": n_perm,
+            "n_layers": int(n_layers[model])})
     frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
     parts = []
     for _, per_model in frame.groupby("model", sort=False):
         per_model = per_model.copy()
-        diff = stats.correct(per_model["p_signflip"].to_numpy(), "holm", alpha)
-        equiv = stats.correct(per_model["p_tost"].to_numpy(), "holm", alpha)
+        diff = stats.correct(per_model["p_cluster"].to_numpy(), "holm", alpha)
+        equiv = stats.correct(per_model["tost_p"].to_numpy(), "holm", alpha)
         per_model["p_holm"], per_model["significant"] = diff.p_corrected, diff.reject
-        per_model["p_tost_holm"], per_model["equivalent"] = equiv.p_corrected, equiv.reject
+        per_model["tost_p_holm"], per_model["equivalent"] = equiv.p_corrected, equiv.reject
         parts.append(per_model)
     frame = pd.concat(parts, ignore_index=True)
     frame["decision"] = [
         ("differs, within bounds" if eq else "differs") if sig else ("equivalent" if eq else "inconclusive")
         for sig, eq in zip(frame["significant"], frame["equivalent"])]
     columns = ["model", "layer", "k", "arm_a", "arm_b", "n", "n_docs", "mean_a", "mean_b", "mean_diff", "ci_low",
-               "ci_high", "cohens_d", "p_signflip", "p_holm", "significant", "sesoi", "p_tost", "p_tost_holm",
-               "equivalent", "decision", "n_layers"]
+               "ci_high", "cohens_d", "p_cluster", "p_holm", "significant", "sesoi", "tost_p", "tost_p_holm",
+               "equivalent", "decision", "n_perm", "n_layers"]
     return frame[columns]

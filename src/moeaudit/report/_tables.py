@@ -241,8 +241,8 @@ def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:
     for _, r in arms.iterrows():
         rows.append([f"L{r['layer']}", str(int(r["k"])), f"{r['arm_a']} − {r['arm_b']}",
                      f"{int(r['n'])} / {int(r['n_docs'])}", fmt_d(r["mean_diff"]), fmt_ci(r["ci_low"], r["ci_high"]),
-                     fmt_d(r["cohens_d"]), fmt_p(r["p_signflip"]), fmt_p(r["p_holm"], mark=False),
-                     fmt_p(r["p_tost_holm"], mark=False), r["decision"]])
+                     fmt_d(r["cohens_d"]), fmt_p(r["p_cluster"]), fmt_p(r["p_holm"], mark=False),
+                     fmt_p(r["tost_p_holm"], mark=False), r["decision"]])
     sesoi = float(arms["sesoi"].iloc[0])
     return Table(
         f"{model}: does the removal order matter? Paired comparison of the progressive arms",
@@ -250,11 +250,11 @@ def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:
          "p TOST (Holm)", "decision"], rows,
         notes=(f"D: ΔL with the first k experts of one order removed minus ΔL with those of the other, at the same "
                "position. Estimand: mean D over positions; unit of inference: the document (CI: cluster-robust "
-               "over documents; p: document-level sign-flip test of mean D = 0; * p < .05 uncorrected). "
-               f"Equivalence: two one-sided sign-flip tests against ±{sesoi:g} nats (TOST). Both families are "
-               f"Holm-corrected over the model's {len(arms)} comparisons at α = 0.05. decision: differs (the "
-               "difference test rejects), equivalent (TOST rejects: |mean D| < "
-               f"{sesoi:g} nats shown), inconclusive (neither)."),
+               "CR1 t over documents; p: document-level sign-flip test of mean D = 0; * p < .05 uncorrected). "
+               f"Equivalence: TOST of |mean D| < {sesoi:g} nats with the same cluster-robust standard error "
+               f"(t, documents − 1 df). Both families are Holm-corrected over the model's {len(arms)} comparisons "
+               f"at α = 0.05. decision: differs (the difference test rejects), equivalent (TOST rejects: |mean D| "
+               f"< {sesoi:g} nats shown), inconclusive (neither)."),
         align_left=3)
 
 

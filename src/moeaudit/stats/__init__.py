@@ -14,7 +14,7 @@ from moeaudit.stats._clustered import (
     prediction_test,
 )
 from moeaudit.stats._correlation import KendallTauCI, kendall_tau_ci, sign_test, spearman
-from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d
+from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d, tost_mean
 from moeaudit.stats._intervals import HodgesLehmann, bca_interval, hodges_lehmann
 from moeaudit.stats._multiple import (
     CORRECTION_METHODS,
@@ -74,7 +74,8 @@ __all__ = [
     "sign_test",
     "significant_both",
     "spearman",
-    "tost_d",
     "spearman_cluster_ci",
     "spearman_cluster_cis",
+    "tost_d",
+    "tost_mean",
 ]

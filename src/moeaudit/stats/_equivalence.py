@@ -12,6 +12,7 @@ from scipy import special as _special
 from scipy import stats as _sps
 
 from moeaudit.stats._checks import _finite_1d, _groups
+from moeaudit.stats._clustered import clustered_mean
 from moeaudit.stats._intervals import near_constant
 
 #: Default smallest effect size of interest, in units of d_z (Cohen's "small").
@@ -101,6 +102,41 @@ def tost_d(diff, clusters=None, *, sesoi_d: float = SESOI_D) -> Tost:
     p_lower = float(_special.stdtr(df, -(est + sesoi_d) / se))
     p_upper = float(_special.stdtr(df, (est - sesoi_d) / se))
     return Tost(max(p_lower, p_upper), p_lower, p_upper, se, df)
+
+
+def tost_mean(diff, clusters=None, *, sesoi: float) -> Tost:
+    r"""Two one-sided tests (TOST) of equivalence on the raw mean: H0 :math:`|E[D]| \ge \Delta` against
+    :math:`|E[D]| < \Delta`, with :math:`\Delta` = ``sesoi`` in the unit of D (e.g. nats of ΔL).
+
+    .. math::
+
+        p_{lower} = 1 - F_{G-1}\Bigl(\frac{\bar D + \Delta}{\mathrm{se}}\Bigr), \qquad
+        p_{upper} = F_{G-1}\Bigl(\frac{\bar D - \Delta}{\mathrm{se}}\Bigr), \qquad p = \max(p_{lower}, p_{upper}),
+
+    with se the CR1 cluster-robust standard error of the mean (:func:`~moeaudit.stats.clustered_mean`) and
+    :math:`F_{G-1}` the t distribution with G - 1 degrees of freedom. :func:`tost_d`'s test for a bound in the
+    data's own unit, where a bound in nats is the claim wanted ("the two arms' mean ΔL differ by less than 0.05
+    nats"). Estimand: E[D], the mean over positions; unit of inference: the document.
+
+    Returns
+    -------
+    Tost
+        p-values NaN when D is (near) constant or there are fewer than 2 clusters.
+    """
+    if isinstance(sesoi, bool) or not (isinstance(sesoi, (int, float)) and sesoi > 0 and math.isfinite(sesoi)):
+        raise ValueError(f"sesoi must be a positive number in the unit of diff (e.g. 0.05 nats), got {sesoi!r}.")
+    d = _finite_1d("diff", diff)
+    groups, n_groups = _groups(clusters, d.size, min_clusters=1)
+    nan = float("nan")
+    if near_constant(d) or n_groups < 2:
+        return Tost(nan, nan, nan, nan, max(n_groups - 1, 0))
+    cm = clustered_mean(d, groups)
+    df = n_groups - 1
+    if not cm.se > 0:
+        return Tost(nan, nan, nan, cm.se, df)
+    p_lower = float(_special.stdtr(df, -(cm.estimate + sesoi) / cm.se))
+    p_upper = float(_special.stdtr(df, (cm.estimate - sesoi) / cm.se))
+    return Tost(max(p_lower, p_upper), p_lower, p_upper, cm.se, df)
 
 
 def design_effect(values, clusters) -> float:
