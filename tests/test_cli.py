@@ -22,6 +22,7 @@ def test_verify_builtin_passes():
     result = runner.invoke(app, ["verify", "--model", "builtin:tiny-moe", "--n", "2"])
     assert result.exit_code == 0, result.output
     assert "engines_agree" in result.output
+    assert "Loading weights" not in result.output, "transformers' own bar would interleave with ours"
 
 
 RUN = ["--layers", "7", "--n", "12", "--n-progressive", "6", "--n-docs", "6", "--n-docs-progressive", "6",
@@ -95,17 +96,29 @@ def test_run_bad_input_is_one_clear_message(tmp_path):
     result = runner.invoke(app, ["run", "paper-olmo"])
     assert result.exit_code == 2 and "does not exist" in result.output and "paper-olmoe" in result.output
     result = runner.invoke(app, ["run", *RUN, "--layers", "3,99", "--out", str(tmp_path / "y")])
-    assert result.exit_code == 2 and "not MoE layers" in result.output
+    assert result.exit_code == 2 and "--layers=3,99: 99 not MoE layer(s)" in result.output
     assert not (tmp_path / "y").exists(), "a run refused for bad input leaves nothing on disk"
     result = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a moeaudit run directory" in result.output
 
 
-def test_every_config_key_has_a_run_flag():
+def test_every_config_key_has_a_run_flag_showing_its_default():
     import dataclasses
 
     from moeaudit.config import RunConfig
 
-    result = runner.invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["run", "--help"], terminal_width=240, env={"COLUMNS": "240"})
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ --")}
     for f in dataclasses.fields(RunConfig):
-        assert f"--{f.name.replace('_', '-')}" in result.output, f.name
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in lines, f.name
+        assert "[default: " in lines[flag], (flag, lines[flag])
+    assert "[default: (200)]" in lines["--n"] and "[default: (builtin:tiny-moe)]" in lines["--model"]
+    assert "--allow-fewer" in lines and "--trust-remote-code" in lines
+
+
+def test_demo_help_is_one_paragraph():
+    result = runner.invoke(app, ["demo", "--help"], terminal_width=240, env={"COLUMNS": "240"})
+    summary = result.output.split("Usage:")[1].split("╭")[0].strip().splitlines()[1:]
+    assert [line for line in summary if line.strip()] == [
+        " The whole audit (all five experiments, then the report) on the embedded model and corpus."]

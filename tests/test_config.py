@@ -45,24 +45,28 @@ def test_unknown_key_names_the_valid_keys():
     ({"dtype": "int8"}, "valid: auto, float32"),
     ({"experiments": ["audit", "progresive"]}, "Did you mean 'progressive'"),
     ({"n": 2}, "n=2 is too small"),
-    ({"n": "many"}, "n must be an integer"),
-    ({"layers": ["a"]}, "layers must be integers"),
+    ({"n": "many"}, "n='many' must be an integer"),
+    ({"layers": ["a"]}, "layers=a must be integers"),
     ({"layers": [-1]}, "non-negative"),
+    ({"layers": [3, 5, 3]}, "layers=3,5,3 names layer 3 more than once; list each layer once"),
     ({"min_length": 600}, "exceeds max_length"),
-    ({"trust_remote_code": "yes"}, "true or false"),
-    ({"experiments": []}, "experiments is empty"),
-    ({"device_map": "everywhere"}, "device_map: 'everywhere' is not valid; valid: auto, balanced"),
+    ({"device_map": "everywhere"}, "device_map='everywhere' is not valid; valid: auto, balanced"),
     ({"device_map": "auto", "device": "cuda"}, "device='cuda' and device_map='auto' both place the model"),
     ({"sesoi_d": 0}, "sesoi_d=0.0 is not a smallest effect of interest"),
-    ({"sesoi_d": "small"}, "sesoi_d must be a number"),
-    ({"sesoi_d": True}, "sesoi_d must be a number"),
+    ({"sesoi_d": "small"}, "sesoi_d='small' must be a number"),
+    ({"sesoi_d": True}, "sesoi_d=True must be a number"),
     ({"sesoi_d": float("nan")}, "is not a smallest effect of interest"),
     ({"progressive_arms": ["highest", "lowst"]}, "Did you mean 'lowest'"),
     ({"progressive_arms": "random,random"}, "names an arm twice"),
     ({"progressive_arms": []}, "progressive_arms is empty"),
     ({"progressive_sesoi": 0}, "must be a positive number of nats"),
-    ({"progressive_sesoi": "small"}, "progressive_sesoi must be a number"),
-    ({"progressive_sesoi": True}, "progressive_sesoi must be a number"),
+    ({"progressive_sesoi": "small"}, "progressive_sesoi='small' must be a number"),
+    ({"progressive_sesoi": True}, "progressive_sesoi=True must be a number"),
+    ({"seed": -1}, "seed=-1 is too small; use at least 0"),
+    ({"device": "banana"}, "device='banana' is not a device; valid: auto, cpu, cuda, cuda:N, mps"),
+    ({"encoding": "utf-9"}, "encoding='utf-9' is not a text encoding"),
+    ({"trust_remote_code": True}, "only the caller may enable it"),
+    ({"experiments": []}, "experiments= names no experiment"),
 ])
 def test_bad_values_are_named(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -138,3 +142,40 @@ def test_device_map_key():
     assert RunConfig.from_mapping({"device_map": "maps/two-gpus.json"}).device_map == "maps/two-gpus.json"
     assert RunConfig.from_mapping({"device_map": ""}).device_map is None
     assert "device_map" not in RunConfig().to_toml()  # unset stays out of the file (and old runs still resume)
+
+
+def test_trust_remote_code_only_from_the_caller(tmp_path):
+    asks = tmp_path / "asks.toml"
+    asks.write_text('model = "org/custom"\ntrust_remote_code = true\n')
+    with pytest.raises(ConfigError, match="cannot be set in a configuration file.*--trust-remote-code") as err:
+        RunConfig.from_toml(asks)
+    assert err.value.source == repr(str(asks))
+    legacy = tmp_path / "legacy.toml"  # what to_toml() of earlier versions wrote: asks for nothing, still resumes
+    legacy.write_text('model = "builtin:tiny-moe"\ntrust_remote_code = false\n')
+    assert RunConfig.from_toml(legacy) == RunConfig()
+    assert "trust_remote_code" not in RunConfig().to_dict()
+
+
+def test_resolved_paths_and_stored_config_upgrade(tmp_path, monkeypatch):
+    from moeaudit.config import CORPUS_SOURCES
+    from moeaudit.corpus import NAMED_SOURCES
+    from moeaudit.errors import RunDirectoryError
+    from moeaudit.rundir import RunDirectory
+
+    assert CORPUS_SOURCES == NAMED_SOURCES
+    monkeypatch.chdir(tmp_path)
+    c = RunConfig(model="ckpt/", corpus="docs.txt").with_resolved_paths()
+    assert (c.model, c.corpus) == (str(tmp_path / "ckpt"), str(tmp_path / "docs.txt"))
+    hub = RunConfig(model="allenai/OLMoE-1B-7B-0924", corpus="wikitext-2").with_resolved_paths()
+    assert (hub.model, hub.corpus) == ("allenai/OLMoE-1B-7B-0924", "wikitext-2")
+    (tmp_path / "allenai" / "OLMoE-1B-7B-0924").mkdir(parents=True)  # a local directory wins, as in transformers
+    assert hub.with_resolved_paths().model == str(tmp_path / "allenai" / "OLMoE-1B-7B-0924")
+    assert RunConfig().with_resolved_paths() == RunConfig()
+    assert RunConfig(device_map="maps/two.json").with_resolved_paths().device_map == str(tmp_path / "maps/two.json")
+    run = RunDirectory(tmp_path)
+    old = {k: v for k, v in RunConfig().to_dict().items() if k != "encoding"} | {"trust_remote_code": False}
+    run.check_config({"config": old}, RunConfig().to_dict(), defaults=RunConfig().to_dict())  # resumes
+    kept = {"model": "m", "trust_remote_code": True}  # a class that still has the key compares it
+    run.check_config({"config": kept}, kept)
+    with pytest.raises(RunDirectoryError, match="trust_remote_code: stored True, requested False"):
+        run.check_config({"config": kept}, {"model": "m", "trust_remote_code": False})

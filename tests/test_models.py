@@ -7,7 +7,7 @@ import torch
 from conftest import cached_tiny, random_ids
 
 import moeaudit
-from moeaudit.errors import UnsupportedModelError
+from moeaudit.errors import ModelSourceError, UnsupportedModelError
 from moeaudit.intervene import dense_weights
 from moeaudit.intervene._state import clean_state
 from moeaudit.models import FAMILIES, adapter_for, describe, moe_layers, router
@@ -131,14 +131,31 @@ def test_load_model_round_trip(tmp_path, family):
 
 
 def test_load_model_bad_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match="no config.json"):
         moeaudit.load_model(tmp_path)
+    with pytest.raises(ModelSourceError, match="no such directory"):
+        moeaudit.load_model(tmp_path / "missing")
     with pytest.raises(ValueError, match="dtype 'float8' is not supported; valid: auto"):
         moeaudit.load_model(tmp_path, dtype="float8")
+    with pytest.raises(ValueError, match="device='banana' is not a device"):
+        moeaudit.load_model("builtin:tiny-moe", device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is usable here"):
+            moeaudit.load_model("builtin:tiny-moe", device="cuda")
+    import shutil
+
+    from moeaudit.builtin import builtin_model_path
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(builtin_model_path("tiny-moe"), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # a copy cut short
+    with pytest.raises(ModelSourceError, match="a .safetensors weight file is damaged .*download or copy"):
+        moeaudit.load_model(damaged)
 
 
 def test_load_model_unknown_builtin():
-    with pytest.raises(ValueError, match="tiny-moe"):
+    with pytest.raises(ModelSourceError, match="valid: builtin:tiny-moe"):
         moeaudit.load_model("builtin:nope")
 
 

@@ -51,7 +51,8 @@ def test_claim_creates_then_resumes_then_refuses_other_config(tmp_path):
     with pytest.raises(RunDirectoryError) as err:
         run.claim({"model": "m", "n": 13}, _manifest({}))
     msg = str(err.value)
-    assert "n: stored 12, requested 13" in msg and "--out" in msg and "config.toml" in msg
+    assert "n: stored 12, requested 13" in msg and "(out=)" in msg and "\n" not in msg
+    assert "config.toml" not in msg, "no config.toml holds the stored configuration: advising it would be circular"
     assert "older moeaudit" not in msg
     # a run from before a setting existed: compared as the older version behaved (``defaults``)
     legacy = {"progressive_arms": ["highest"]}
@@ -63,6 +64,27 @@ def test_claim_creates_then_resumes_then_refuses_other_config(tmp_path):
     assert "`moeaudit report` still reads a run written by an older moeaudit" in msg
     _, resumed = run.claim({**cfg, "progressive_arms": ["highest"]}, _manifest({}), defaults=legacy)
     assert resumed
+
+
+def test_a_changed_config_is_advised_to_resume_from_config_toml_only_when_that_file_resumes_it(tmp_path):
+    from moeaudit.config import RunConfig
+
+    run = RunDirectory(tmp_path / "run")
+    cfg = RunConfig(n=12)
+    run.claim(cfg.to_dict(), _manifest(cfg.to_dict()))
+    run.write_text("config.toml", cfg.to_toml())
+    with pytest.raises(RunDirectoryError, match=r"resume it with its stored configuration: moeaudit run '.*config\.toml'"):
+        run.claim(cfg.replace(n=13).to_dict(), _manifest({}))
+    run.write_text("config.toml", cfg.replace(seed=5).to_toml())  # edited by hand: no longer the stored config
+    with pytest.raises(RunDirectoryError) as err:
+        run.claim(cfg.replace(n=13).to_dict(), _manifest({}))
+    assert "config.toml" not in str(err.value)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["config"]["extra"] = 1  # a key moeaudit does not have: say so instead of "use the stored config"
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunDirectoryError, match="stores configuration key\\(s\\) 'extra' that moeaudit does not "
+                                                "have.*delete them from its \"config\""):
+        run.claim(cfg.to_dict(), _manifest({}))
 
 
 def test_claim_refuses_a_foreign_directory_and_a_damaged_manifest(tmp_path):
@@ -77,6 +99,12 @@ def test_claim_refuses_a_foreign_directory_and_a_damaged_manifest(tmp_path):
     (damaged / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(RunDirectoryError, match="format 99"):
         RunDirectory(damaged).manifest()
+    for value, problem in ([], "it holds a JSON list, not an object"), \
+            ({"format_version": FORMAT_VERSION, "config": {}, "sessions": "x"}, "its 'sessions' is str, not a list"), \
+            ({"format_version": FORMAT_VERSION, "sessions": []}, "its 'config' is missing, not a dict"):
+        (damaged / "manifest.json").write_text(json.dumps(value))
+        with pytest.raises(RunDirectoryError, match=f"damaged \\({problem}\\); restore it"):
+            RunDirectory(damaged).manifest()
     with pytest.raises(RunDirectoryError, match="not a moeaudit run directory"):
         RunDirectory(tmp_path / "nothing").manifest()
 
@@ -94,6 +122,13 @@ def test_cells_are_listed_and_read_in_layer_order(tmp_path):
                                                              (10, "progressive")]
     with pytest.raises(ValueError, match="cell kind"):
         run.write_cell("audit", 1, frames[("single", 2)])
+    run.check_files()
+    cell = tmp_path / "records" / "L010-single.parquet"
+    cell.write_bytes(cell.read_bytes()[:-20])  # truncated (a copy cut short, a full disk outside moeaudit)
+    for check in (run.check_files, run.read_records):
+        with pytest.raises(RunDirectoryError, match=r"L010-single\.parquet' is damaged \(not a readable Parquet "
+                                                    r"file: .*\); delete it to recompute that cell"):
+            check()
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):

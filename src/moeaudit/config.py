@@ -10,13 +10,22 @@ A TOML file is flat (one table of keys) and may name its base preset::
     preset = "paper-olmoe"
     device = "cuda"
     layers = [0, 15]
+
+``trust_remote_code`` is not a :class:`RunConfig` key: it runs code shipped with a checkpoint, so only the caller may
+enable it, per call (the ``--trust-remote-code`` flag, or ``run_audit(..., trust_remote_code=True)``). A file that
+asks for it is refused, for every configuration class (``trust_remote_code = false``, which configuration files of
+earlier versions hold, is accepted and asks for nothing). Relative model and corpus paths are resolved against the
+current directory when a run starts (:meth:`RunConfig.with_resolved_paths`), so a run directory's ``config.toml``
+names the same files from anywhere.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
-import sys
+import re
+import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -26,11 +35,6 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from moeaudit.errors import ConfigError, did_you_mean
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 #: The paper's four observational metrics (its Table 1 order); the run's default.
 PAPER_METRICS: tuple[str, ...] = ("utilization_rate", "activation_norm", "mean_routing_weight_when_active",
@@ -52,6 +56,12 @@ SCOPES: tuple[str, ...] = ("token", "sequence")
 MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: Keys that configuration files of earlier versions hold and that no longer configure a :class:`RunConfig`.
+LEGACY_KEYS: tuple[str, ...] = ("trust_remote_code",)
+#: Corpus names that are not files (kept in step with :data:`moeaudit.corpus.NAMED_SOURCES`, tested).
+CORPUS_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
 
 
 class FlatConfig:
@@ -105,35 +115,54 @@ class FlatConfig:
             ConfigError: An unknown key (the message lists the valid keys) or a bad value.
         """
         values = dict(values)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        from_file = source not in ("config", "flags")
+        if "trust_remote_code" not in valid or from_file:
+            if values.get("trust_remote_code", False) is not False:
+                where = "a configuration file" if from_file else "a run configuration"
+                raise ConfigError(f"{source}: trust_remote_code cannot be set in {where}: it runs code shipped with "
+                                  "the checkpoint, so only the caller may enable it, per call: the command-line "
+                                  "flag --trust-remote-code, or run_audit(..., trust_remote_code=True).",
+                                  source=source if from_file else None)
+            if "trust_remote_code" not in valid:
+                values.pop("trust_remote_code", None)  # false, as earlier versions wrote it: asks for nothing
         preset_name = values.pop("preset", None)
         if preset_name is not None:
             if base is not None:
-                raise ConfigError(f"{source}: 'preset' cannot be combined with another base configuration.")
+                raise ConfigError(f"{source}: 'preset' cannot be combined with another base configuration.",
+                                  source=source if from_file else None)
             base = cls.preset(preset_name)
-        valid = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in valid:
                 raise ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, valid)} Valid keys: "
-                                  f"preset, {', '.join(valid)}.")
+                                  f"preset, {', '.join(valid)}.", source=source if from_file else None)
         merged = (base or cls()).to_dict()
         merged.update(values)
-        return cls(**merged)
+        if not from_file:
+            return cls(**merged)
+        try:
+            return cls(**merged)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}", source=source) from None
 
     @classmethod
     def from_toml(cls, path: str | Path, *, base=None):
         """Read a flat TOML file (see the module docstring)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a .toml file or a preset name "
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}; pass a .toml file or a preset name "
                               f"({', '.join(cls._PRESETS)}).")
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{str(path)!r} is not valid TOML ({exc}); fix it or pass another file.",
+                              source=str(path)) from None
         nested = [k for k, v in values.items() if isinstance(v, dict)]
         if nested:
-            raise ConfigError(f"{path}: tables {nested} are not supported; write every key at the top level.")
-        return cls.from_mapping(values, base=base, source=str(path))
+            raise ConfigError(f"{str(path)!r}: tables {nested} are not supported; write every key at the top "
+                              "level.", source=str(path))
+        return cls.from_mapping(values, base=base, source=repr(str(path)))
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,7 @@ class RunConfig(FlatConfig):
         name: Label of the model in tables and figures (default: derived from ``model``).
         corpus: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
         text_field: Field holding the text in ``.jsonl`` / ``.parquet`` corpora.
+        encoding: Text encoding of ``.txt`` / ``.jsonl`` corpora (``utf-8``, ``latin-1``, ``cp1252``, ...).
         n_docs: Documents for the single-expert experiments and the metric table (the paper: 100).
         n_docs_progressive: Documents for the progressive ablation (the paper: 200).
         max_length: Tokens per document after truncation (the paper: 512).
@@ -168,8 +198,7 @@ class RunConfig(FlatConfig):
             module names to devices. Unset: the whole model on ``device``. Does not change the numbers beyond
             rounding, so a run may be resumed with another placement.
         seed: Seed of the position sampling, the tie-breaks between equal metric values, the bootstrap intervals
-            and the sign-flip tests.
-        trust_remote_code: Run modelling code shipped with the checkpoint.
+            and the sign-flip tests (>= 0).
         n_boot: Bootstrap resamples of the confidence intervals.
         sesoi_d: Smallest effect size of interest, in units of d_z: the equivalence tests (TOST) claim "no effect"
             only for |d| below it.
@@ -179,6 +208,7 @@ class RunConfig(FlatConfig):
     name: str | None = None
     corpus: str = "builtin"
     text_field: str = "text"
+    encoding: str = "utf-8"
     n_docs: int = 100
     n_docs_progressive: int = 200
     max_length: int = 512
@@ -197,7 +227,6 @@ class RunConfig(FlatConfig):
     device: str = "auto"
     device_map: str | None = None
     seed: int = 0
-    trust_remote_code: bool = False
     n_boot: int = 2000
     sesoi_d: float = 0.2
 
@@ -216,10 +245,11 @@ class RunConfig(FlatConfig):
             raise ConfigError(f"progressive_sesoi={self.progressive_sesoi!r} must be a positive number of nats "
                               f"(default {PROGRESSIVE_SESOI}).")
         if not self.experiments:
-            raise ConfigError(f"experiments is empty; name at least one of: {', '.join(RUN_EXPERIMENTS)}.")
+            raise ConfigError("experiments= names no experiment; name at least one of: "
+                              f"{', '.join(RUN_EXPERIMENTS)}.")
         if not self.metrics and ("audit" in self.experiments or "rank_validity" in self.experiments):
-            raise ConfigError("metrics is empty but the audit / rank_validity experiments rank experts by metrics; "
-                              "name at least one metric (e.g. utilization_rate).")
+            raise ConfigError("metrics= names no metric but the audit / rank_validity experiments rank experts by "
+                              "metrics; name at least one metric (e.g. utilization_rate).")
         for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
@@ -238,6 +268,11 @@ class RunConfig(FlatConfig):
         if not 0.0 < self.sesoi_d < 10.0:
             raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
                               "e.g. 0.2 (Cohen's small).")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"encoding={self.encoding!r} is not a text encoding Python knows; e.g. utf-8, "
+                              "latin-1, cp1252, utf-16.") from None
 
     @property
     def label(self) -> str:
@@ -248,6 +283,19 @@ class RunConfig(FlatConfig):
     def ablation_experiments(self) -> tuple[str, ...]:
         return tuple(e for e in self.experiments if e != "stability")
 
+    def with_resolved_paths(self) -> RunConfig:
+        """A copy whose local model directory, corpus file and ``device_map`` file are absolute paths (resolved
+        against the current directory); hub ids, ``builtin:`` names and named corpora are unchanged."""
+        from moeaudit._checkpoint import resolve_model_name
+
+        corpus = self.corpus
+        if corpus not in CORPUS_SOURCES:
+            corpus = str(Path(corpus).expanduser().resolve())
+        device_map = self.device_map
+        if device_map is not None and device_map.endswith(".json"):
+            device_map = str(Path(device_map).expanduser().resolve())
+        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=corpus, device_map=device_map)
+
 
 def model_label(model: str, name: str | None = None) -> str:
     """A model's name in tables and figures: ``name`` when given, else the last part of its id or path."""
@@ -257,21 +305,29 @@ def model_label(model: str, name: str | None = None) -> str:
 
 
 def check_common(config) -> None:
-    """The checks every run configuration shares (scope, mode, dtype, lengths, layers, model, seed)."""
+    """The checks every run configuration shares (scope, mode, dtype, lengths, device, layers, model, seed)."""
     _choice("scope", config.scope, SCOPES)
     _choice("mode", config.mode, MODES)
     _choice("dtype", config.dtype, DTYPES)
-    for key, low in (("n", 3), ("n_docs", 1), ("max_length", 2), ("min_length", 2), ("min_context", 1)):
+    for key, low in (("n", 3), ("n_docs", 1), ("max_length", 2), ("min_length", 2), ("min_context", 1),
+                     ("seed", 0)):
         if getattr(config, key) < low:
             raise ConfigError(f"{key}={getattr(config, key)} is too small; use at least {low}.")
     if config.min_length > config.max_length:
         raise ConfigError(f"min_length={config.min_length} exceeds max_length={config.max_length}; no document "
                           "could pass. Lower min_length or raise max_length.")
-    if config.layers is not None and (not config.layers or min(config.layers) < 0):
-        raise ConfigError(f"layers={list(config.layers)}: give non-negative decoder-layer indices, or leave "
-                          "layers unset for every MoE layer.")
+    if not _DEVICE.match(config.device):
+        raise ConfigError(f"device={config.device!r} is not a device; valid: {DEVICES}.")
+    layers = config.layers
+    if layers is not None and (not layers or min(layers) < 0):
+        raise ConfigError(f"layers={','.join(map(str, layers))}: give non-negative decoder-layer indices, or leave "
+                          "layers= unset for every MoE layer.")
+    if layers is not None and len(set(layers)) < len(layers):
+        twice = sorted({x for x in layers if layers.count(x) > 1})
+        raise ConfigError(f"layers={','.join(map(str, layers))} names layer {', '.join(map(str, twice))} more "
+                          "than once; list each layer once.")
     if not config.model:
-        raise ConfigError("model is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
+        raise ConfigError("model= is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -306,9 +362,7 @@ def _scalar(key: str, value: Any, kind: type) -> Any:
             pass
     if kind not in _ARTICLES:
         return value
-    if kind is bool:
-        raise ConfigError(f"{key} must be true or false, got {value!r}.")
-    raise ConfigError(f"{key} must be {_ARTICLES[kind]}, got {value!r}.")
+    raise ConfigError(f"{key}={value!r} must be {_ARTICLES[kind]}.")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -322,7 +376,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list (or a comma-separated string), got {value!r}.")
+            raise ConfigError(f"{key}={value!r} must be a list (or a comma-separated string).")
         if element is str:
             return tuple(str(v) for v in value)
         try:
@@ -331,12 +385,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return tuple(element(v) for v in value)
         except (TypeError, ValueError):
             plural = "integers" if element is int else "numbers"
-            raise ConfigError(f"{key} must be {plural}, got {list(value)!r} (e.g. {key} = "
-                              f"{[0, 4, 7] if element is int else [0.125, 0.25]}).") from None
+            raise ConfigError(f"{key}={','.join(map(str, value))} must be {plural} (e.g. {key}="
+                              f"{'0,4,7' if element is int else '0.125,0.25'}).") from None
     if value is None:
         if nullable:
             return None
-        raise ConfigError(f"{key} must be {_ARTICLES.get(kind, 'set')}, got None.")
+        raise ConfigError(f"{key}=None: it must be {_ARTICLES.get(kind, 'set')}.")
     if key == "dtype" and isinstance(value, str):
         return _DTYPE_ALIASES.get(value.lower(), value.lower())
     return _scalar(key, value, kind)
@@ -344,7 +398,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{key}: {value!r} is not valid; valid: {', '.join(valid)}.{did_you_mean(value, valid)}")
+        raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}.{did_you_mean(value, valid)}")
 
 
 def _toml_value(value: Any) -> str:

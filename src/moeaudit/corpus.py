@@ -5,7 +5,11 @@ Sources:
 - ``wikitext-2``: the test split of ``wikitext-2-raw-v1`` through the ``datasets`` library (the paper's corpus);
   documents are its articles (split at top-level `` = Title = `` headings).
 - ``builtin`` (= ``builtin:heldout``) and ``builtin:train``: the corpus shipped with moeaudit, built by code.
-- a local ``.txt`` file (one document per blank-line-separated block), ``.jsonl`` or ``.parquet`` (a text field).
+- a local ``.txt`` file (one document per blank-line-separated block), ``.jsonl`` or ``.parquet`` (a text field);
+  text files are decoded with ``encoding`` (UTF-8 unless told), and one that does not decode is refused naming the
+  file, the offending byte and the fix.
+
+Reading documents needs neither torch nor a tokenizer, so a run checks its corpus before it loads anything.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from moeaudit.errors import CorpusError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
 
 NAMED_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
 FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
@@ -70,34 +77,54 @@ def _read_wikitext() -> list[str]:
     return wikitext_articles(list(data["text"]))
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
+def _read_text(path: Path, encoding: str) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data[:8192] and not encoding.lower().replace("_", "-").startswith("utf-16"):
+        raise CorpusError(f"corpus file {str(path)!r} holds NUL bytes, so it is binary, not text; pass a .txt / "
+                          ".jsonl text file (or a .parquet file with a text column).")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise CorpusError(f"corpus file {str(path)!r} is not valid {encoding} (byte 0x{data[exc.start]:02x} on line "
+                          f"{line}); pass encoding= naming the file's encoding (e.g. latin-1, cp1252) or convert "
+                          "it to UTF-8.") from None
+
+
+def _read_file(path: Path, text_field: str, encoding: str = "utf-8") -> list[str]:
     if not path.is_file():
-        raise CorpusError(f"corpus file {str(path)!r} does not exist. Pass an existing .txt, .jsonl or .parquet "
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise CorpusError(f"corpus file {str(path)!r} {what}. Pass an existing .txt, .jsonl or .parquet "
                           f"file, or one of: {', '.join(NAMED_SOURCES)}.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, encoding)
         docs = [block.strip() for block in re.split(r"\n\s*\n", text)]
     elif suffix == ".jsonl":
         docs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(path, encoding).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno} is not valid JSON ({exc.msg}).") from exc
+                raise CorpusError(f"corpus file {str(path)!r} line {lineno} is not valid JSON ({exc.msg}); fix "
+                                  "the line or remove it.") from None
             if not isinstance(row, dict) or text_field not in row:
-                raise CorpusError(f"{path}:{lineno} has no {text_field!r} field; pass text_field= to name the "
-                                  "field that holds the text.")
+                raise CorpusError(f"corpus file {str(path)!r} line {lineno} has no {text_field!r} field; pass "
+                                  "text_field= to name the field that holds the text.")
             docs.append(str(row[text_field]))
     elif suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow's ArrowInvalid / OSError for a damaged or non-Parquet file
+            raise CorpusError(f"corpus file {str(path)!r} is not a readable Parquet file "
+                              f"({str(exc).splitlines()[0][:160]}); pass an intact .parquet file.") from None
         if text_field not in frame.columns:
-            raise CorpusError(f"{path} has no {text_field!r} column (columns: {', '.join(map(str, frame.columns))});"
-                              " pass text_field= to name the text column.")
+            raise CorpusError(f"corpus file {str(path)!r} has no {text_field!r} column (columns: "
+                              f"{', '.join(map(str, frame.columns))}); pass text_field= to name the text column.")
         docs = [str(t) for t in frame[text_field].tolist()]
         if docs and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in docs) > 1:
             docs = wikitext_articles(docs)  # a WikiText export: one row per line
@@ -110,7 +137,7 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     return docs
 
 
-def read_documents(source: str | Path, *, text_field: str = "text") -> list[str]:
+def read_documents(source: str | Path, *, text_field: str = "text", encoding: str = "utf-8") -> list[str]:
     """The documents of ``source`` in their source order (see module docstring for the sources)."""
     name = str(source)
     if name == "wikitext-2":
@@ -121,7 +148,7 @@ def read_documents(source: str | Path, *, text_field: str = "text") -> list[str]
         return builtin_documents("train" if name == "builtin:train" else "heldout")
     path = Path(name)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-        return _read_file(path, text_field)
+        return _read_file(path, text_field, encoding)
     raise CorpusError(f"unknown corpus source {name!r}; valid: {', '.join(NAMED_SOURCES)}, or a path to a "
                       f"{', '.join(FILE_SUFFIXES)} file.{did_you_mean(name, NAMED_SOURCES)}")
 
@@ -134,8 +161,10 @@ def load_corpus(
     max_length: int = 512,
     min_length: int = 32,
     text_field: str = "text",
+    encoding: str = "utf-8",
     shuffle_seed: int | None = None,
     add_special_tokens: bool = True,
+    documents: Sequence[str] | None = None,
 ) -> list[CorpusSequence]:
     """Tokenise documents of ``source`` into unpadded sequences.
 
@@ -146,8 +175,11 @@ def load_corpus(
         max_length: Truncate each sequence to this many tokens (the paper: 512).
         min_length: Drop documents shorter than this many tokens (after truncation).
         text_field: Field of ``.jsonl`` / ``.parquet`` rows that holds the text.
+        encoding: Text encoding of ``.txt`` / ``.jsonl`` files.
         shuffle_seed: Visit documents in a seeded random order instead of source order.
         add_special_tokens: Let the tokenizer add its special tokens (BOS) as the model was trained with.
+        documents: The documents of ``source`` when already read (:func:`read_documents`); ``source`` then only
+            names them in messages.
 
     Returns:
         Sequences in a deterministic order.
@@ -160,7 +192,10 @@ def load_corpus(
         raise ValueError(f"min_length={min_length} exceeds max_length={max_length}; no sequence could pass.")
     if n_samples is not None and n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: ask for at least one sequence, or None for all.")
-    docs = read_documents(source, text_field=text_field)
+    import torch
+
+    docs = list(documents) if documents is not None else read_documents(source, text_field=text_field,
+                                                                          encoding=encoding)
     order = np.arange(len(docs))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(docs))

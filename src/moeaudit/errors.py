@@ -4,6 +4,8 @@
 
     MoEAuditError                 base of everything moeaudit raises on purpose
     ├── UnsupportedModelError     a dense model, or an MoE family without an adapter (also a ValueError)
+    ├── ModelSourceError          a model name that yields no loadable checkpoint: no such directory, a hub id that
+    │                             cannot be reached, weights the safe loader refuses (also an OSError)
     ├── CorpusError               a corpus source that cannot be read or yields nothing usable (also a ValueError)
     ├── ConfigError               a bad run configuration: unknown key, bad value (also a ValueError)
     ├── VerificationError         the verification suite failed; experiments refuse to collect data
@@ -12,7 +14,10 @@
     └── ExecutorError             a cell failed on every retry of a distributed executor
 
 Bad arguments to the public functions raise plain ``ValueError`` (or the ValueError subclasses above) with a
-message that names the bad value, the valid options and the fix.
+message that names the bad value, the valid options and the fix. A message names a keyword argument or
+configuration key as ``key=`` (``pass text_field= to name the field``, ``seed=-1 is negative``) and quotes
+user-provided values with ``repr``; the command line rewrites those keyword references into its flags
+(``--text-field``, ``--seed=-1``), so one message serves the library and the CLI.
 """
 
 from __future__ import annotations
@@ -29,12 +34,24 @@ class UnsupportedModelError(MoEAuditError, ValueError):
     """The model is dense, or its MoE family has no adapter."""
 
 
+class ModelSourceError(MoEAuditError, OSError):
+    """A model name that yields no loadable checkpoint (no such directory, hub unreachable, unsafe weights)."""
+
+
 class CorpusError(MoEAuditError, ValueError):
     """A corpus source cannot be read or yields no usable sequence."""
 
 
 class ConfigError(MoEAuditError, ValueError):
-    """A run configuration is invalid."""
+    """A run configuration is invalid.
+
+    Attributes:
+        source: The configuration file the bad value came from (``None``: keywords, flags or a preset).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
 
 
 class VerificationError(MoEAuditError):

@@ -1,31 +1,42 @@
 """A whole audit run into a run directory: load, verify, observe, collect every cell, summarise, report.
 
 Each cell (one layer's single-expert pool, or one layer's progressive ablation) is written as soon as it finishes,
-so a run interrupted at any moment (Ctrl-C, ``kill -9``, a preempted node) and started again with the same
-configuration reads the finished cells back and computes only the rest; the records and the summary then equal
-those of an uninterrupted run. See :mod:`moeaudit.rundir` for the directory layout.
+so a run interrupted at any moment (Ctrl-C, SIGTERM, ``kill -9``, a preempted node) and started again with the
+same configuration and model reads the finished cells back and computes only the rest; the records and the summary
+then equal those of an uninterrupted run. See :mod:`moeaudit.rundir` for the directory layout and
+:mod:`moeaudit._preflight` for what is refused before any work.
 """
 
 from __future__ import annotations
 
-import hashlib
-import platform
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
-
+from moeaudit._checkpoint import manifest_identity
+from moeaudit._interrupt import sigterm_as_interrupt
+from moeaudit._preflight import (
+    Preflight,
+    check_device,
+    check_identity,
+    check_metrics,
+    preflight,
+    resolve_device,
+)
+from moeaudit._prepare import RunOptions, load_for_run
+from moeaudit._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
+from moeaudit._provenance import environment, now
 from moeaudit.config import BEFORE_KEY_EXISTED, RunConfig
-from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError, did_you_mean
+from moeaudit.errors import ConfigError, CorpusError, UnsupportedModelError
 from moeaudit.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory
+
+if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
+    import pandas as pd
 
 
 class ProgressSink(Protocol):
@@ -64,70 +75,9 @@ class RunResult:
     resumed_cells: list[str] = field(default_factory=list)
     computed_cells: list[str] = field(default_factory=list)
     report: dict[str, Path] = field(default_factory=dict)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                           capture_output=True, text=True, timeout=5, check=False).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def environment() -> dict[str, Any]:
-    """Versions of python, torch, transformers and moeaudit, the git revision and the host."""
-    import torch
-    import transformers
-
-    from moeaudit import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "moeaudit": __version__, "git_revision": _git_revision(),
-            "platform": platform.platform(), "host": platform.node(),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, ``mps`` on Apple silicon, else ``cpu``."""
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def corpus_fingerprint(sequences) -> str:
-    """SHA-256 over the token ids of every sequence (detects a corpus that changed between sessions)."""
-    h = hashlib.sha256()
-    for s in sequences:
-        ids = s.input_ids.numpy().astype("<i8")
-        h.update(len(ids).to_bytes(8, "little"))
-        h.update(ids.tobytes())
-    return h.hexdigest()
-
-
-def check_metrics(metrics: tuple[str, ...]) -> None:
-    """Refuse metric names the observe table will not have, before any model is loaded."""
-    from moeaudit._observe import METRICS
-
-    valid = list(METRICS)
-    for m in metrics:
-        if m not in valid:
-            raise ConfigError(f"metrics: {m!r} is not an observational metric; valid: {', '.join(valid)}."
-                              f"{did_you_mean(m, valid)}")
+    #: ``{"single": {"requested", "available", "n"}, "progressive": {...}}``: positions asked for, valid in the
+    #: corpus, and used (fewer than asked only with ``allow_fewer``).
+    positions: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class StageTimer:
@@ -145,44 +95,70 @@ class StageTimer:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
+class _Cumulative:
+    """``observe`` reports sequences done so far; a progress sink counts increments."""
+
+    def __init__(self, progress: ProgressSink) -> None:
+        self.progress, self.done = progress, 0
+
+    def __call__(self, done: int) -> None:
+        self.progress.advance(done - self.done)
+        self.done = done
+
+
 def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | None = None,
               report: bool = True, on_cell: Callable[[str, int], None] | None = None,
-              execution: Execution | None = None) -> RunResult:
+              execution: Execution | None = None, trust_remote_code: bool = False,
+              allow_fewer: bool = False) -> RunResult:
     """Run (or resume) the audit described by ``config`` into the directory ``out``.
 
+    Everything that can be refused is refused before any work, and a refused new run leaves no directory behind
+    (:mod:`moeaudit._preflight`). SIGTERM is handled like Ctrl-C (the run is marked ``interrupted``).
+
     Args:
-        config: The run's configuration (:class:`moeaudit.config.RunConfig`).
-        out: The run directory; created when missing. A directory holding the same configuration resumes; one
-            holding another configuration is refused.
+        config: The run's configuration (:class:`moeaudit.config.RunConfig`); relative model and corpus paths are
+            resolved against the current directory and stored absolute.
+        out: The run directory; created when missing. A directory holding the same configuration and model
+            resumes; one holding another configuration or another model is refused.
         progress: Receives stages and progress (see :class:`ProgressSink`).
         report: Write ``report.md`` / ``report.html`` / ``figures/`` at the end (not for a shard: merge the
             shards with :func:`moeaudit.merge_runs`, which writes the report).
         on_cell: Called with ``(kind, layer)`` after each newly computed cell is on disk.
         execution: Where and which cells are computed: executor (local or Ray), shard, clean-pass cache
             (:class:`moeaudit.Execution`; default: every cell in this process).
+        trust_remote_code: Run modelling code shipped with the checkpoint (never read from a configuration).
+        allow_fewer: When the corpus has fewer valid positions than ``n`` (or ``n_progressive``), run with the
+            positions it has (stated in the manifest, the result and the report) instead of refusing.
 
     Returns:
-        The records, the summary tables and which cells were resumed or computed.
+        The records, the summary tables, which cells were resumed or computed, and the positions used.
 
     Raises:
-        RunDirectoryError: ``out`` holds another run, or is in use.
+        RunDirectoryError: ``out`` holds another run or another model's, is damaged, is in use, or is a file.
+        ConfigError: Bad metrics or layers, or more positions asked for than the corpus has.
+        ModelSourceError: The model cannot be found or loaded safely.
         VerificationError: The verification suite failed; no data was collected.
     """
     progress = progress or SilentProgress()
     execution = execution or Execution()
-    check_metrics(config.metrics)
-    check_executor(execution)
     run_dir = RunDirectory(out)
-    timer = StageTimer()
-    session: dict[str, Any] = {"started": _now(), "environment": environment()}
     fresh = not run_dir.path.exists()
-    try:
-        return _run_locked(config, run_dir, session, timer, progress, report, on_cell, execution)
-    except (ConfigError, UnsupportedModelError, CorpusError, OSError):
-        # Bad input found before any data: leave no half-made directory behind.
-        if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-        raise
+    with sigterm_as_interrupt():
+        plan = preflight(config, run_dir.path)
+        check_metrics(config.metrics)
+        check_executor(execution)
+        device = check_device(resolve_device(plan.config.device))
+        timer = StageTimer()
+        session: dict[str, Any] = {"started": now(), "environment": environment()}
+        options = RunOptions(trust_remote_code=trust_remote_code, allow_fewer=allow_fewer, device=device,
+                           execution=execution)
+        try:
+            return _run_locked(plan, run_dir, session, timer, progress, report, on_cell, options)
+        except (ConfigError, UnsupportedModelError, CorpusError, OSError, ValueError):
+            # Bad input found before any data: leave no half-made directory behind.
+            if fresh and run_dir.path.is_dir() and not run_dir.finished_cells():
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+            raise
 
 
 @dataclass
@@ -198,7 +174,7 @@ class Session:
 
     def write(self) -> None:
         """Record the session's timings so far and write the manifest."""
-        self.entry.update(ended=_now(), stages=self.timer.stages)
+        self.entry.update(ended=now(), stages=self.timer.stages)
         self.run_dir.write_manifest(self.manifest)
 
     def complete(self, **details: Any) -> None:
@@ -215,47 +191,57 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
                 check: Callable[[dict[str, Any]], None] | None = None,
                 defaults: dict[str, Any] | None = None) -> Iterator[Session]:
     """Hold ``run_dir``'s lock, bind it to ``config`` (create it, or resume the same configuration), and record
-    the session in the manifest; a failure or an interruption marks the run ``failed`` / ``interrupted``.
-    ``extra`` keys go into a new run's manifest (e.g. a shard's spec); ``check`` sees the manifest before this
-    session writes anything and refuses by raising (e.g. resuming a shard as another one). A key the stored
-    configuration lacks (written by an older version) counts as its value in ``defaults``.
+    the session in the manifest; a failure or an interruption (Ctrl-C, SIGTERM) marks the run ``failed`` /
+    ``interrupted``. ``extra`` keys go into a new run's manifest (e.g. a shard's spec); ``check`` sees the manifest
+    before this session writes anything when it resumes a run, and refuses by raising (e.g. resuming a shard as
+    another one, or with another model). A key the stored configuration lacks (written by an older version)
+    counts as its value in ``defaults``.
 
     Raises:
         RunDirectoryError: ``run_dir`` holds another configuration, or is in use.
     """
-    with run_dir.lock():
+    with run_dir.lock(), sigterm_as_interrupt():
         run_dir.remove_stale_temporaries()
         new_manifest = {"format_version": FORMAT_VERSION, "tool": tool, "config": config, "status": "running",
                         "created": entry["started"], "sessions": [], **(extra or {})}
         manifest, resumed = run_dir.claim(config, new_manifest, defaults=defaults)
-        if check is not None:
+        if check is not None and resumed:  # a refusal leaves the run it holds untouched (a new one has nothing)
             check(manifest)
-        if not (run_dir.path / "config.toml").is_file():
-            run_dir.write_text("config.toml", config_toml)
-        manifest["status"] = "running"
-        manifest["sessions"].append(entry)
-        run_dir.write_manifest(manifest)
-        if resumed:
-            progress.message(f"resuming the run in {run_dir.path}")
-        session = Session(run_dir, manifest, entry, timer, resumed)
-        try:
-            yield session
+        try:  # from here on, any exit (SIGTERM included) leaves the manifest saying how the session ended
+            manifest["status"] = "running"
+            manifest["sessions"].append(entry)
+            if not (run_dir.path / "config.toml").is_file():
+                run_dir.write_text("config.toml", config_toml)
+            run_dir.write_manifest(manifest)
+            if resumed:
+                progress.message(f"resuming the run in {run_dir.path}")
+            yield Session(run_dir, manifest, entry, timer, resumed)
         except BaseException as exc:
-            entry.update(ended=_now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
+            entry.update(ended=now(), stages=timer.stages, error=f"{type(exc).__name__}: {exc}")
             if manifest["status"] != "complete":
                 manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             run_dir.write_manifest(manifest)
             raise
 
 
-def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: StageTimer,
-                progress: ProgressSink, report: bool, on_cell, execution: Execution) -> RunResult:
-    shard = execution.shard
+def _run_locked(plan: Preflight, run_dir: RunDirectory, session: dict, timer: StageTimer,
+                progress: ProgressSink, report: bool, on_cell, options: RunOptions) -> RunResult:
+    config, shard = plan.config, options.execution.shard
+
+    def check(manifest: dict[str, Any]) -> None:  # under the lock, before this session writes anything
+        check_shard(manifest, shard, run_dir.path)
+        check_identity(run_dir, manifest, plan.identity)
+        run_dir.check_files()
+
     with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer, progress=progress,
-                     extra=None if shard is None else {"shard": shard.to_dict()},
-                     check=lambda manifest: check_shard(manifest, shard, run_dir.path),
+                     extra=None if shard is None else {"shard": shard.to_dict()}, check=check,
                      defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED}) as s:
-        result = _execute(config, run_dir, s.manifest, session, timer, progress, on_cell, execution)
+        if s.resumed and manifest_identity(s.manifest) is None:
+            progress.message("this run directory predates model identities; recording the model's now")
+        if plan.source.kind != "hub":  # a hub model's identity is complete once its files are cached (_load)
+            s.manifest["model_identity"] = plan.identity
+            s.write()
+        result = _execute(plan, run_dir, s.manifest, session, timer, progress, on_cell, options)
         s.complete(resumed_cells=result.resumed_cells, computed_cells=result.computed_cells)
         if shard is not None:
             progress.message(f"shard {shard} done; when every shard is, combine them with "
@@ -270,44 +256,8 @@ def _run_locked(config: RunConfig, run_dir: RunDirectory, session: dict, timer: 
     return result
 
 
-def _load(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
-          progress: ProgressSink):
-    from moeaudit.corpus import load_corpus
-    from moeaudit.models import describe, load_model
-
-    device = resolve_device(config.device)
-    progress.stage(f"loading {config.model}", None)
-    with timer("load_model"):
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device,
-                                      trust_remote_code=config.trust_remote_code, device_map=config.device_map)
-    desc = describe(model)
-    placement = getattr(model, "hf_device_map", None) if config.device_map else None
-    session.update(device=device if placement is None else f"device_map={config.device_map}",
-                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
-    if placement is not None:
-        session["device_map"] = {k: str(v) for k, v in placement.items()}
-    manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers, "moe_layers": list(desc.moe_layers),
-                         "n_experts": desc.n_experts, "top_k": desc.top_k,
-                         "revision": getattr(model.config, "_commit_hash", None)}
-    n_docs = max(config.n_docs, config.n_docs_progressive if "progressive" in config.experiments else 0)
-    progress.stage(f"tokenising {config.corpus}", None)
-    with timer("load_corpus"):
-        sequences = load_corpus(config.corpus, tokenizer, n_samples=n_docs, max_length=config.max_length,
-                                min_length=config.min_length, text_field=config.text_field)
-    fingerprint = corpus_fingerprint(sequences)
-    stored = manifest.get("corpus", {}).get("sha256")
-    if stored is not None and stored != fingerprint:
-        raise RunDirectoryError(f"the corpus {config.corpus!r} tokenises differently from when {run_dir.path} was "
-                                "started (its contents or the tokenizer changed); the stored cells would not match "
-                                "new ones. Run into a new directory.")
-    manifest["corpus"] = {"source": config.corpus, "n_sequences": len(sequences), "sha256": fingerprint,
-                          "n_tokens": int(sum(len(s) for s in sequences))}
-    run_dir.write_manifest(manifest)
-    return model, tokenizer, sequences
-
-
-def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
-             progress: ProgressSink, on_cell, execution: Execution) -> RunResult:
+def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
+             progress: ProgressSink, on_cell, options: RunOptions) -> RunResult:
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
@@ -315,18 +265,21 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
     from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
 
-    model, tokenizer, sequences = _load(config, run_dir, manifest, session, timer, progress)
+    config, execution = plan.config, options.execution
+    loaded = load_for_run(plan, run_dir, manifest, session, timer, progress, options)
+    model, tokenizer, sequences = loaded.model, loaded.tokenizer, loaded.sequences
     single_seqs = sequences[: config.n_docs]
-    settings = ExperimentSettings(layers=config.layers, metrics=config.metrics, n=config.n,
-                                  n_progressive=config.n_progressive, progressive_arms=config.progressive_arms,
-                                  seed=config.seed, scope=config.scope,
-                                  mode=config.mode, min_context=config.min_context, model_name=config.label)
+    n = loaded.positions["single"].n if "single" in loaded.positions else config.n
+    n_progressive = loaded.positions["progressive"].n if "progressive" in loaded.positions else config.n_progressive
+    settings = ExperimentSettings(layers=loaded.layers, metrics=config.metrics, n=n, n_progressive=n_progressive,
+                                  progressive_arms=config.progressive_arms, seed=config.seed, scope=config.scope, mode=config.mode,
+                                  min_context=config.min_context, model_name=config.label)
 
     metric_table = run_dir.read_parquet("metrics.parquet")
     if metric_table is None:
         progress.stage("observing expert metrics", len(single_seqs))
         with timer("observe"):
-            metric_table = observe(model, [s.input_ids for s in single_seqs], progress=progress.advance)
+            metric_table = observe(model, [s.input_ids for s in single_seqs], progress=_Cumulative(progress))
         run_dir.write_parquet("metrics.parquet", metric_table)
     layers = settings.check(model, metric_table)
 
@@ -375,7 +328,7 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
             on_cell(result.cell.kind, result.cell.layer)
 
     if pending:
-        executor = make_executor(execution, config=config, model=model)
+        executor = make_executor(execution, config=config, model=model, trust_remote_code=options.trust_remote_code)
         if execution.executor != "local":  # the workers load their own model: free the driver's device for them
             model = None
             release_device_memory()
@@ -387,12 +340,15 @@ def _execute(config: RunConfig, run_dir: RunDirectory, manifest: dict, session: 
         records = run_dir.read_records()
         tables = summarize(records, metrics=metric_table, **summary_settings(config.to_dict()))
         write_summary(run_dir, tables)
-    return RunResult(run_dir.path, records, tables, resumed, computed)
+    return RunResult(run_dir.path, records, tables, resumed, computed,
+                     positions={kind: p.to_dict() for kind, p in loaded.positions.items()})
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
     """``summary.json`` (every table), ``summary.csv`` (every cell, long format) and ``tables/<name>.csv``."""
     import json
+
+    import pandas as pd
 
     parts = []
     for name, table in tables.items():

@@ -13,7 +13,8 @@ Layout::
     report.md, report.html, figures/*.png|pdf
 
 Every file is written to a temporary name in the same directory and renamed into place, so a reader (or a
-resumed run) sees either the whole file or none of it.
+resumed run) sees either the whole file or none of it. Files damaged outside moeaudit (a truncated copy, a
+hand-edited manifest) are refused with one line naming the file and the fix, before any work.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from moeaudit.errors import RunDirectoryError
+
+if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
+    import pandas as pd
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -136,18 +138,27 @@ class RunDirectory:
     def manifest(self) -> dict[str, Any]:
         """The manifest; raises :class:`RunDirectoryError` when the directory holds no readable run."""
         if not self.manifest_path.is_file():
-            raise RunDirectoryError(f"{self.path} is not a moeaudit run directory (no {MANIFEST}); pass a directory "
-                                    "written by `moeaudit run` or `moeaudit demo`.")
+            raise RunDirectoryError(f"{str(self.path)!r} is not a moeaudit run directory (no {MANIFEST}); pass a "
+                                    "directory written by `moeaudit run` or `moeaudit demo`.")
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RunDirectoryError(f"{self.manifest_path} is damaged ({exc}); move the directory aside and "
-                                    "run again.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self._damaged_manifest(f"not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise self._damaged_manifest(f"it holds a JSON {type(manifest).__name__}, not an object")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise RunDirectoryError(f"{self.path} was written in run-directory format "
+            raise RunDirectoryError(f"{str(self.path)!r} was written in run-directory format "
                                     f"{manifest.get('format_version')!r}; this moeaudit reads format "
                                     f"{FORMAT_VERSION}. Re-run it into a new directory.")
+        for key, kind in (("config", dict), ("sessions", list)):
+            if not isinstance(manifest.get(key), kind):
+                found = type(manifest[key]).__name__ if key in manifest else "missing"
+                raise self._damaged_manifest(f"its {key!r} is {found}, not a {kind.__name__}")
         return manifest
+
+    def _damaged_manifest(self, problem: str) -> RunDirectoryError:
+        return RunDirectoryError(f"{str(self.manifest_path)!r} is damaged ({problem}); restore it from a backup "
+                                 "copy, or move the run directory aside and run again into a new one.")
 
     def finished_cells(self) -> dict[tuple[str, int], Path]:
         """``(kind, layer) -> path`` of every cell whose records are on disk."""
@@ -161,25 +172,49 @@ class RunDirectory:
         return cells
 
     def read_cell(self, kind: str, layer: int) -> pd.DataFrame:
-        return pd.read_parquet(self.path / RECORDS / cell_name(kind, layer))
+        return _read_parquet(self.path / RECORDS / cell_name(kind, layer))
 
     def read_records(self) -> pd.DataFrame:
         """Every finished cell's records, in (layer, kind) order, as one table."""
+        import pandas as pd
+
         from moeaudit.experiments._records import empty_records
 
         cells = self.finished_cells()
         order = sorted(cells, key=lambda c: (c[1], CELL_KINDS.index(c[0])))
-        frames = [pd.read_parquet(cells[c]) for c in order]
+        frames = [_read_parquet(cells[c]) for c in order]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else empty_records()
 
     def read_json(self, name: str) -> Any | None:
         p = self.path / name
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunDirectoryError(f"{str(p)!r} is damaged (not valid JSON: {exc}); delete it and run the same "
+                                    "command again to rewrite it.") from None
 
     def read_parquet(self, name: str) -> pd.DataFrame | None:
         p = self.path / name
-        return pd.read_parquet(p) if p.is_file() else None
+        return _read_parquet(p) if p.is_file() else None
+
+    def check_files(self) -> None:
+        """Refuse a directory whose record or table files are not readable Parquet (truncated or overwritten
+        outside moeaudit), naming the file and the fix; reads only each file's footer.
+
+        Raises:
+            RunDirectoryError: The first damaged file.
+        """
+        import pyarrow.parquet as pq
+
+        for p in [*self.finished_cells().values(), self.path / "metrics.parquet", self.path / "stability.parquet"]:
+            if p.is_file():
+                try:
+                    pq.read_metadata(p)
+                except Exception as exc:  # ArrowInvalid, OSError: whatever pyarrow says, the file is unusable
+                    raise _damaged(p, exc) from None
 
     # -- writing ----------------------------------------------------------------------------------------------
     def write_cell(self, kind: str, layer: int, frame: pd.DataFrame) -> Path:
@@ -220,25 +255,48 @@ class RunDirectory:
         """
         if self.exists():
             manifest = self.manifest()
-            stored = manifest.get("config", {})
-            differences = config_differences({**(defaults or {}), **stored}, config)
-            if differences:
-                lines = "\n".join(f"  {k}: stored {a!r}, requested {b!r}" + (
-                    "" if k in stored else " (the run predates this setting; it ran as the stored value)")
-                    for k, a, b in differences)
-                older = any(k not in stored for k, _, _ in differences)
-                raise RunDirectoryError(
-                    f"{self.path} holds a run with a different configuration:\n{lines}\n"
-                    "Resuming would mix two experiments. Choose another output directory (--out), or run with the "
-                    f"stored configuration ({self.path / 'config.toml'}) to resume it."
-                    + (" `moeaudit report` still reads a run written by an older moeaudit." if older else ""))
+            self.check_config(manifest, config, defaults=defaults)
+            manifest["config"] = config
             return manifest, True
         if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
-            raise RunDirectoryError(f"{self.path} is not empty and holds no moeaudit run ({MANIFEST} missing); "
-                                    "choose a new or empty output directory.")
+            raise RunDirectoryError(f"{str(self.path)!r} is not empty and holds no moeaudit run ({MANIFEST} "
+                                    "missing); choose a new or empty run directory (out=).")
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_manifest(new_manifest)
         return new_manifest, False
+
+    def check_config(self, manifest: dict[str, Any], config: dict[str, Any], *,
+                     defaults: dict[str, Any] | None = None) -> None:
+        """Refuse to resume when the manifest's configuration differs from ``config`` (both plain dicts). A key the
+        stored configuration lacks (written by a version without it) counts as its value in ``defaults``; a legacy
+        key the requested configuration no longer has (:data:`moeaudit.config.LEGACY_KEYS`) is ignored.
+
+        Raises:
+            RunDirectoryError: A key moeaudit does not have, or values that differ (each named).
+        """
+        from moeaudit.config import LEGACY_KEYS
+
+        own = {k: v for k, v in manifest["config"].items() if k in config or k not in LEGACY_KEYS}
+        stored = {**(defaults or {}), **own}
+        foreign = [k for k in own if k not in config]
+        if foreign:
+            raise RunDirectoryError(
+                f"{str(self.manifest_path)!r} stores configuration key(s) {', '.join(map(repr, foreign))} that "
+                "moeaudit does not have (the manifest was edited, or written by another version); delete them "
+                "from its \"config\" to resume this run, or run into another directory (out=).")
+        differences = config_differences(stored, config)
+        if differences:
+            listed = "; ".join(f"{k}: stored {a!r}, requested {b!r}" + (
+                "" if k in own else " (the run predates this setting; it ran as the stored value)")
+                for k, a, b in differences)
+            toml = self.path / "config.toml"
+            resume = (f", or resume it with its stored configuration: moeaudit run {str(toml)!r} --out "
+                      f"{str(self.path)!r}" if _holds_config(toml, stored) else "")
+            older = any(k not in own for k, _, _ in differences)
+            raise RunDirectoryError(
+                f"{str(self.path)!r} holds a run with a different configuration ({listed}); resuming would mix "
+                f"two experiments. Choose another run directory (out=){resume}."
+                + (" `moeaudit report` still reads a run written by an older moeaudit." if older else ""))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -255,9 +313,9 @@ class RunDirectory:
                     lock.unlink(missing_ok=True)  # stale: its process was killed (or died mid-write)
                     continue
                 raise RunDirectoryError(
-                    f"{self.path} is in use by process {holder[1] if holder else '?'} on "
-                    f"{holder[0] if holder else '?'} ({lock}). Wait for it to finish; if that process is gone, "
-                    "delete the lock file.") from None
+                    f"{str(self.path)!r} is in use by process {holder[1] if holder else '?'} on "
+                    f"{holder[0] if holder else '?'} ({str(lock)!r}). Wait for it to finish; if that process is "
+                    "gone, delete the lock file.") from None
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{host}\n{pid}\n")
             break
@@ -265,6 +323,34 @@ class RunDirectory:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _holds_config(toml: Path, stored: dict[str, Any]) -> bool:
+    """Whether ``toml`` reads back to the ``stored`` configuration (so advising it cannot send the user in a
+    circle)."""
+    from moeaudit.config import RunConfig
+    from moeaudit.errors import ConfigError
+
+    try:
+        return toml.is_file() and RunConfig.from_toml(toml).to_dict() == stored
+    except (ConfigError, OSError):
+        return False
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a truncated or non-Parquet file
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: Exception) -> RunDirectoryError:
+    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    fix = ("delete it to recompute that cell" if path.parent.name == RECORDS else "delete it to recompute it")
+    return RunDirectoryError(f"{str(path)!r} is damaged (not a readable Parquet file: {reason}); {fix}, then run "
+                             "the same command again.")
 
 
 def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[tuple[str, Any, Any]]:

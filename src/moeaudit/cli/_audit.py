@@ -8,41 +8,72 @@ from pathlib import Path
 import typer
 
 from moeaudit.cli._app import MODEL_HELP, app
-from moeaudit.cli._common import RichProgress, build_config, expected_errors, fail, make_console, rich_table
+from moeaudit.cli._common import (
+    RichProgress,
+    build_config,
+    escape,
+    expected_errors,
+    fail,
+    flag_names,
+    interrupted,
+    make_console,
+    rich_table,
+    status,
+)
+from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, RunConfig
+
+_DEFAULTS = RunConfig()
+#: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
+RUN_FLAGS = flag_names(*RunConfig.__dataclass_fields__, "allow_fewer", "trust_remote_code", "out", "report",
+                       "shard", "executor", "ray_actors", "clean_cache")
+
+
+def _option(key: str, help: str, shown: str | None = None):
+    """A ``run`` flag that overrides the configuration (``None`` when not given) and shows the built-in default
+    (a preset or a TOML file may set another)."""
+    default = getattr(_DEFAULTS, key)
+    return typer.Option(None, help=help, show_default=shown if shown is not None else str(default))
 
 
 @app.command()
 def run(
     config: str = typer.Argument(None, help="a .toml config file or a preset (paper-olmoe, paper-qwen, "
                                             "paper-deepseek, demo); flags override it"),
-    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
-    corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
-    layers: str = typer.Option(None, help="comma-separated MoE layers, or 'all'"),
-    metrics: str = typer.Option(None, help="comma-separated observational metrics"),
-    experiments: str = typer.Option(None, help="comma-separated: audit, control, rank_validity, progressive, "
-                                                "redistribution, stability"),
-    n: int = typer.Option(None, help="positions per cell"),
-    n_progressive: int = typer.Option(None, help="positions per layer of the progressive ablation"),
-    progressive_arms: str = typer.Option(None, help="comma-separated removal orders of the progressive ablation: "
-                                                    "highest, lowest, random (default: all three)"),
-    progressive_sesoi: float = typer.Option(None, help="equivalence bound (nats) when comparing progressive "
-                                                       "arms (default 0.05)"),
-    n_docs: int = typer.Option(None, help="documents for the single-expert experiments"),
-    n_docs_progressive: int = typer.Option(None, help="documents for the progressive ablation"),
-    max_length: int = typer.Option(None, help="tokens per document"),
-    min_length: int = typer.Option(None, help="shorter documents are skipped"),
-    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
-    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
-    scope: str = typer.Option(None, help="token or sequence"),
-    mode: str = typer.Option(None, help="zero, renormalize or reroute"),
-    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
-    device_map: str = typer.Option(None, help="spread the model over several devices with accelerate: auto, "
-                                              "balanced, balanced_low_0, sequential, or a .json module->device map"),
-    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
-    n_boot: int = typer.Option(None, help="bootstrap resamples of the confidence intervals"),
-    sesoi_d: float = typer.Option(None, help="smallest effect of interest (d_z) of the equivalence tests"),
-    out: Path = typer.Option(None, help="run directory (default: runs/<name>); re-running resumes it"),
+    model: str = _option("model", MODEL_HELP), name: str = _option("name", "label in the report", "from the model"),
+    corpus: str = _option("corpus", "wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
+    layers: str = _option("layers", "comma-separated MoE layers, or 'all'", "all"),
+    metrics: str = _option("metrics", "comma-separated observational metrics", ",".join(PAPER_METRICS)),
+    experiments: str = _option("experiments", "comma-separated: audit, control, rank_validity, progressive, "
+                                              "redistribution, stability", ",".join(RUN_EXPERIMENTS)),
+    n: int = _option("n", "positions per cell"),
+    n_progressive: int = _option("n_progressive", "positions per layer of the progressive ablation"),
+    progressive_arms: str = _option("progressive_arms", "comma-separated removal orders of the progressive "
+                                                        "ablation: highest, lowest, random",
+                                    ",".join(PROGRESSIVE_ARMS)),
+    progressive_sesoi: float = _option("progressive_sesoi", "equivalence bound (nats) when comparing progressive "
+                                                            "arms"),
+    n_docs: int = _option("n_docs", "documents for the single-expert experiments"),
+    n_docs_progressive: int = _option("n_docs_progressive", "documents for the progressive ablation"),
+    max_length: int = _option("max_length", "tokens per document"),
+    min_length: int = _option("min_length", "shorter documents are skipped"),
+    text_field: str = _option("text_field", "field holding the text in .jsonl / .parquet corpora"),
+    encoding: str = _option("encoding", "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252)"),
+    min_context: int = _option("min_context", "positions need at least this many tokens of context"),
+    scope: str = _option("scope", "token or sequence"),
+    mode: str = _option("mode", "zero, renormalize or reroute"),
+    dtype: str = _option("dtype", "auto, float32, bfloat16, float16"),
+    device: str = _option("device", "auto, cpu, cuda, cuda:N, mps"),
+    device_map: str = _option("device_map", "spread the model over several devices with accelerate: auto, "
+                                            "balanced, balanced_low_0, sequential, or a .json module->device map",
+                              "unset"),
+    seed: int = _option("seed", "seed of the position sampling, tie-breaks, bootstrap and sign flips (>= 0)"),
+    n_boot: int = _option("n_boot", "bootstrap resamples of the confidence intervals"),
+    sesoi_d: float = _option("sesoi_d", "smallest effect of interest (d_z) of the equivalence tests"),
+    out: Path = typer.Option(None, help="run directory; re-running resumes it", show_default="runs/<name>"),
+    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="when the corpus has fewer valid positions than "
+                                     "--n / --n-progressive, run with those it has instead of refusing"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run modelling code shipped with "
+                                           "the checkpoint (only this flag enables it, never a config file)"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
     shard: str = typer.Option(None, help="compute only shard I of N (I from 0, e.g. 0/4 or "
                                          "$SLURM_ARRAY_TASK_ID/4) into its own directory; combine the shards with "
@@ -54,31 +85,30 @@ def run(
                                                  "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
-    from moeaudit.config import RunConfig
     from moeaudit.execution import Execution, parse_bytes
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive,
              "progressive_arms": progressive_arms, "progressive_sesoi": progressive_sesoi, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
-             "text_field": text_field, "min_context": min_context, "scope": scope, "mode": mode,
-             "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
-             "trust_remote_code": trust_remote_code, "n_boot": n_boot, "sesoi_d": sesoi_d}
-    cfg = build_config(RunConfig, config, flags)
+             "text_field": text_field, "encoding": encoding, "min_context": min_context, "scope": scope,
+             "mode": mode, "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
+             "n_boot": n_boot, "sesoi_d": sesoi_d}
+    cfg = build_config(RunConfig, config, flags, RUN_FLAGS).with_resolved_paths()
     try:
         execution = Execution(executor=executor, shard=shard, ray_actors=ray_actors,
                               clean_cache_bytes=parse_bytes(clean_cache))
     except expected_errors() as exc:
-        raise fail(exc) from None
+        raise fail(exc, RUN_FLAGS) from None
     default = cfg.label if execution.shard is None else \
         f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
-    _execute(cfg, out or Path("runs") / default, report, execution)
+    _execute(cfg, out or Path("runs") / default, report, execution, allow_fewer=allow_fewer,
+             trust_remote_code=trust_remote_code)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="run directory")) -> None:
-    """The whole audit (all five experiments, then the report) on the embedded model and corpus; a couple of
-    minutes on 2 CPU cores."""
+    """The whole audit (all five experiments, then the report) on the embedded model and corpus."""
     from moeaudit.config import preset
 
     _execute(preset("demo"), out, True)
@@ -89,49 +119,59 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
                out: Path = typer.Option(None, help="output directory (default: the run directory for one run, "
                                                    "./moeaudit-report for several)")) -> None:
     """Regenerate the report from stored records; several runs are set side by side."""
-    from moeaudit.report import write_report
-
     target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
+    console = make_console()
     try:
-        paths = write_report(runs, target)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"out={str(target)!r} is an existing file, not a directory; pass a directory for "
+                                  "the report.")
+        from moeaudit.report import write_report
+
+        with status(console, f"writing the report of {len(runs)} run(s) to {target}"):
+            paths = write_report(runs, target)
     except expected_errors() as exc:
-        raise fail(exc) from None
-    make_console().print(f"report: {paths['html']} and {paths['markdown']}, figures in {paths['figures']}")
+        raise fail(exc, flag_names("out")) from None
+    console.print(f"report: {escape(paths['html'])} and {escape(paths['markdown'])}, figures in "
+                  f"{escape(paths['figures'])}", highlight=False)
 
 
-def _execute(cfg, out: Path, report: bool, execution=None) -> None:
+def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool = False,
+             trust_remote_code: bool = False) -> None:
     from moeaudit.pipeline import run_audit
 
     console = make_console()
     start = time.perf_counter()
     shard = f" (shard {execution.shard})" if execution is not None and execution.shard is not None else ""
-    console.print(f"[bold]moeaudit run[/bold] {cfg.label}{shard} -> {out}")
+    console.print(f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}", highlight=False)
     try:
-        with RichProgress(console) as progress:
-            result = run_audit(cfg, out, progress=progress, report=report, execution=execution)
+        with RichProgress(console, RUN_FLAGS) as progress:
+            result = run_audit(cfg, out, progress=progress, report=report, execution=execution,
+                               allow_fewer=allow_fewer, trust_remote_code=trust_remote_code)
     except expected_errors() as exc:
-        raise fail(exc) from None
-    except KeyboardInterrupt:
-        make_console(stderr=True).print(f"interrupted; finished cells are kept in {out}. Run the same command again to "
-                                    "resume.")
-        raise typer.Exit(130) from None
+        raise fail(exc, RUN_FLAGS) from None
+    except KeyboardInterrupt as exc:
+        raise interrupted(exc, out) from None
     tables = result.tables
     cols = ["layer", "metric", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "decision"]
     if len(tables["audit"]):
         console.print(rich_table("audit (Definition 2.1)", tables["audit"], cols))
     if len(tables["control"]):
         console.print(rich_table("routing-weight control", tables["control"],
-                             ["layer", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "spearman_rho",
-                              "decision"]))
+                                 ["layer", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "spearman_rho",
+                                  "decision"]))
+    for kind, p in result.positions.items():
+        if p["n"] < p["requested"]:
+            key = "--n" if kind == "single" else "--n-progressive"
+            console.print(f"{kind} cells ran with n = {p['n']} positions, fewer than {key} {p['requested']}: the "
+                          f"corpus has no more (--allow-fewer)", highlight=False)
     arms = tables.get("progressive_arms")
     if arms is not None and len(arms):
         counts = arms["decision"].value_counts()
         console.print(f"progressive removal orders, {len(arms)} paired comparisons: "
                       + ", ".join(f"{int(n)} {decision}" for decision, n in counts.items())
-                      + f" (±{arms['sesoi'].iloc[0]:g} nats; details in the report)")
+                      + f" (±{arms['sesoi'].iloc[0]:g} nats; details in the report)", highlight=False)
     console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
-                  f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {out}")
+                  f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {escape(out)}",
+                  highlight=False)
     if result.report:
-        console.print(f"report: {result.report['html']}")
-
-
+        console.print(f"report: {escape(result.report['html'])}", highlight=False)

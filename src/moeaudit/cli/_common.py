@@ -1,22 +1,39 @@
-"""What every command shares: consoles, the one-line error exit, tables and the rich progress sink."""
+"""What every command shares: consoles, the one-line error exit, flag names in messages, tables, spinners and the
+rich progress sink.
+
+Everything user-provided (paths, model names, labels, messages that quote them) is printed escaped, never parsed
+as rich markup: a path holding ``[/x]`` or ``[red]`` prints as written.
+"""
 
 from __future__ import annotations
 
+import re
+import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import typer
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 def make_console(stderr: bool = False):
     from rich.console import Console
 
-    quiet_transformers()
-
     return Console(stderr=stderr)
 
 
+def escape(text: object) -> str:
+    """``text`` with rich markup escaped (printed as written)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
+
+
 def quiet_transformers() -> None:
-    """transformers' own per-file loading bars would interleave with ours."""
+    """transformers' own "Loading weights" bar would interleave with ours (call once transformers is imported or
+    about to be: it imports transformers)."""
     try:
         from transformers.utils import logging
 
@@ -25,55 +42,123 @@ def quiet_transformers() -> None:
         pass
 
 
-def fail(exc: Exception) -> typer.Exit:
-    """Print ``exc`` as one line and return the exit to raise; ``MOEAUDIT_DEBUG=1`` re-raises with the traceback."""
+def flag_names(*keywords: str, **aliases: str) -> dict[str, str]:
+    """``keyword -> --flag`` for a command's options (``text_field`` -> ``--text-field``); ``aliases`` map a
+    library keyword to a differently named flag (``n_samples="--n"``)."""
+    return {**{k: "--" + k.replace("_", "-") for k in keywords}, **aliases}
+
+
+def cli_message(text: str, flags: Mapping[str, str]) -> str:
+    """Rewrite a library message's keyword references (see :mod:`moeaudit.errors`) into the command's flags:
+    ``text_field=`` -> ``--text-field``, ``seed=-1`` -> ``--seed=-1``, ``allow_fewer=True`` -> ``--allow-fewer``;
+    quoted values (paths, names) are left as they are."""
+    if not flags:
+        return text
+    names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+    keyword = re.compile(rf"(?<![\w.-])({names})=(True\b|False\b)?")
+
+    def swap(m: re.Match) -> str:
+        flag = flags[m.group(1)]
+        if m.group(2) == "True":
+            return flag
+        if m.group(2) == "False":
+            return "--no-" + flag.removeprefix("--")
+        rest = text[m.end():]  # m matched on ``text`` itself: a quoted value right after "=" is a value
+        return flag if not rest or rest[0].isspace() or rest[0] in ",;.)" else flag + "="
+
+    quoted = [(q.start(), q.end()) for q in _QUOTED.finditer(text)]
+    out, last = [], 0
+    for m in keyword.finditer(text):
+        if any(a <= m.start() < b for a, b in quoted):
+            continue
+        out += [text[last:m.start()], swap(m)]
+        last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (messages quoting other libraries' errors can hold line breaks)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def fail(exc: Exception, flags: Mapping[str, str] | None = None) -> typer.Exit:
+    """Print ``exc`` as one line on stderr (keyword references as ``flags``) and return the exit to raise;
+    ``MOEAUDIT_DEBUG=1`` re-raises it with the traceback."""
     import os
 
-    from moeaudit.errors import VerificationError
+    from moeaudit.errors import ConfigError, VerificationError
 
     if os.environ.get("MOEAUDIT_DEBUG"):
         raise exc
-
-    make_console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+    text = str(exc) or type(exc).__name__
+    if not (isinstance(exc, ConfigError) and exc.source not in (None, "config", "flags")):  # a file's own keys
+        text = cli_message(text, flags or {})
+    make_console(stderr=True).print(f"[bold red]error:[/bold red] {escape(one_line(text))}", highlight=False,
+                                    soft_wrap=True)
     return typer.Exit(1 if isinstance(exc, VerificationError) else 2)
+
+
+def interrupted(exc: KeyboardInterrupt, out, what: str = "cells") -> typer.Exit:
+    """Say that a run stopped (Ctrl-C, or SIGTERM raised as :class:`moeaudit._interrupt.Terminated`) and how to
+    resume it; return the exit to raise (130, or 128 + the signal)."""
+    signum = getattr(exc, "signum", None)
+    make_console(stderr=True).print(f"{'terminated (SIGTERM)' if signum else 'interrupted'}; finished {what} are "
+                                    f"kept in {escape(out)}. Run the same command again to resume.",
+                                    highlight=False, soft_wrap=True)
+    return typer.Exit(128 + signum if signum else 130)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     from moeaudit.errors import MoEAuditError
 
-    return (MoEAuditError, ValueError, FileNotFoundError, OSError)
+    return (MoEAuditError, ValueError, OSError)
 
 
-def build_config(cls, config: str | None, flags: dict):
+@contextmanager
+def status(console, text: str) -> Iterator[None]:
+    """A spinner with ``text`` (escaped) while a step without countable work runs (loading, checking)."""
+    with console.status(escape(text)):
+        yield
+
+
+def build_config(cls, config: str | None, flags: dict, names: Mapping[str, str] | None = None):
     """A config of class ``cls`` from an optional TOML file or preset name and the flags given (``None``: unset),
-    in the documented precedence (defaults, preset or file, flags); errors exit with one clear line."""
+    in the documented precedence (defaults, preset or file, flags); errors exit with one clear line (keyword
+    references rewritten to the command's flags ``names``, except for a file's own keys)."""
     flags = {k: v for k, v in flags.items() if v is not None}
     try:
         if config is None:
             return cls.from_mapping(flags, source="flags")
         if config in cls._PRESETS:
             return cls.from_mapping({"preset": config, **flags}, source="flags")
-        return cls.from_toml(config).replace(**flags) if flags else cls.from_toml(config)
+        return cls.from_mapping(flags, base=cls.from_toml(config), source="flags")
     except expected_errors() as exc:
-        raise fail(exc) from None
+        raise fail(exc, names) from None
 
 
 def rich_table(title: str, frame, columns: list[str] | None = None):
+    """A rich table of ``frame`` (``title`` and cells escaped; floats to 4 significant digits)."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     frame = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
     for col in frame.columns:
-        table.add_column(str(col))
+        table.add_column(escape(col))
     for row in frame.itertuples(index=False):
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
     return table
 
 
 class RichProgress:
-    """A :class:`moeaudit.pipeline.ProgressSink` drawing one rich progress bar (with ETA) per stage."""
+    """A :class:`moeaudit.pipeline.ProgressSink` drawing one rich progress bar (with ETA) per stage.
 
-    def __init__(self, console) -> None:
+    A stage ends where its work ended: a bar whose stage ran fewer units than announced keeps its count (it never
+    claims 500/500 when 262 ran); stages without a count show as done.
+    """
+
+    def __init__(self, console, flags: Mapping[str, str] | None = None) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -85,6 +170,7 @@ class RichProgress:
         )
 
         self.console = console
+        self.flags = flags or {}
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                             transient=False)
@@ -100,20 +186,18 @@ class RichProgress:
         self.bar.stop()
 
     def _finish(self) -> None:
-        if self.task is not None:
-            task = self.bar.tasks[-1]
-            self.bar.update(self.task, total=task.total if task.total is not None else 1,
-                            completed=task.total if task.total is not None else 1)
+        if self.task is not None and self.bar.tasks[-1].total is None:
+            self.bar.update(self.task, total=1, completed=1)
 
     def stage(self, name: str, total: int | None) -> None:
+        if "transformers" in sys.modules:  # imported by now when a model is about to load
+            quiet_transformers()
         self._finish()
-        self.task = self.bar.add_task(name, total=total)
+        self.task = self.bar.add_task(escape(name), total=total)
 
     def advance(self, n: int) -> None:
         if self.task is not None:
             self.bar.advance(self.task, n)
 
     def message(self, text: str) -> None:
-        self.console.print(text)
-
-
+        self.console.print(escape(cli_message(text, self.flags)), highlight=False)

@@ -10,7 +10,16 @@ from pathlib import Path
 import typer
 
 from moeaudit.cli._app import MODEL_HELP, app
-from moeaudit.cli._common import RichProgress, build_config, expected_errors, fail, make_console, rich_table
+from moeaudit.cli._common import (
+    RichProgress,
+    build_config,
+    escape,
+    expected_errors,
+    fail,
+    interrupted,
+    make_console,
+    rich_table,
+)
 
 _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
 
@@ -18,16 +27,14 @@ _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, 
 def _run(call, out: Path, what: str):
     console = make_console()
     start = time.perf_counter()
-    console.print(f"[bold]moeaudit {what}[/bold] -> {out}")
+    console.print(f"[bold]moeaudit {what}[/bold] -> {escape(out)}", highlight=False)
     try:
         with RichProgress(console) as progress:
             result = call(progress)
     except expected_errors() as exc:
         raise fail(exc) from None
-    except KeyboardInterrupt:
-        make_console(stderr=True).print(f"interrupted; finished units are kept in {out}. Run the same command again "
-                                        "to resume.")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        raise interrupted(exc, out, "units") from None
     return console, result, time.perf_counter() - start
 
 
@@ -63,9 +70,10 @@ def map_cmd(
     summary = (table.groupby("layer").agg(never_routed=("never_routed", "sum"), max_mean_delta=("mean_delta", "max"),
                                           ablations=("n_routed", "sum")).reset_index())
     console.print(rich_table("causal importance per layer", summary))
-    console.print(f"{len(table)} (layer, expert) rows in {seconds:.1f} s -> {target / 'importance.parquet'}")
+    console.print(f"{len(table)} (layer, expert) rows in {seconds:.1f} s -> {escape(target / 'importance.parquet')}",
+                  highlight=False)
     if result.report:
-        console.print(f"report: {result.report['html']}")
+        console.print(f"report: {escape(result.report['html'])}", highlight=False)
 
 
 @app.command("prune-eval")
@@ -123,8 +131,8 @@ def prune_eval_cmd(
         console.print(rich_table("pruning against random and the causal reference", result.tests, columns))
     one_layer = 0 if result.per_layer is None else len(result.per_layer)
     console.print(f"{len(result.prune)} pruned models" + (f" and {one_layer} one-layer prunings" if one_layer else "")
-                  + f" evaluated in {seconds:.1f} s -> {target}")
+                  + f" evaluated in {seconds:.1f} s -> {escape(target)}", highlight=False)
     if result.saved is not None:
-        console.print(f"pruned checkpoint: {result.saved}")
+        console.print(f"pruned checkpoint: {escape(result.saved)}", highlight=False)
     if result.report:
-        console.print(f"report: {result.report['html']}")
+        console.print(f"report: {escape(result.report['html'])}", highlight=False)

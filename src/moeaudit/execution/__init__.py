@@ -48,14 +48,17 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def make_executor(execution: Execution, *, config, model: nn.Module) -> CellExecutor:
-    """The executor ``execution`` names (``model`` serves the local one; Ray actors load their own)."""
+def make_executor(execution: Execution, *, config, model: nn.Module,
+                  trust_remote_code: bool = False) -> CellExecutor:
+    """The executor ``execution`` names (``model`` serves the local one; Ray actors load their own, running the
+    checkpoint's code only when the caller allowed it: ``trust_remote_code`` is not configuration)."""
     check_executor(execution)
     if execution.executor == "ray":
         from moeaudit.execution._ray import RayExecutor
 
         return RayExecutor(config, actors=execution.ray_actors, max_retries=execution.max_retries,
-                           clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell)
+                           clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell,
+                           trust_remote_code=trust_remote_code)
     return LocalExecutor(model, clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell)
 
 

@@ -29,7 +29,8 @@ class CellWorker:
     """A Ray actor's state: the model, its verification, and its clean passes (constructed inside the actor)."""
 
     def __init__(self, config: dict[str, Any], job: CellJob, *, gpu: bool, threads: int,
-                 clean_cache_bytes: int | None, before_cell: Callable[[str], None] | None) -> None:
+                 clean_cache_bytes: int | None, before_cell: Callable[[str], None] | None,
+                 trust_remote_code: bool = False) -> None:
         import torch
 
         from moeaudit._verify import verify
@@ -46,7 +47,7 @@ class CellWorker:
         # Ray shows an actor its own GPU only (as cuda:0), whatever index the configuration named.
         self.device = "cuda" if gpu else resolve_device("cpu" if cfg.device.startswith("cuda") else cfg.device)
         self.model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=self.device,
-                                           trust_remote_code=cfg.trust_remote_code)
+                                           trust_remote_code=trust_remote_code)
         self.job = job
         self.before_cell = before_cell
         self.verification = verify(self.model, tokenizer, list(job.sequences[: min(2, job.n_docs)]), seed=cfg.seed,
@@ -111,8 +112,10 @@ class RayExecutor:
     """Computes cells on Ray actors (see the module docstring)."""
 
     def __init__(self, config, *, actors: int | None = None, max_retries: int = 2,
-                 clean_cache_bytes: int | None = None, before_cell: Callable[[str], None] | None = None) -> None:
+                 clean_cache_bytes: int | None = None, before_cell: Callable[[str], None] | None = None,
+                 trust_remote_code: bool = False) -> None:
         self.config = config
+        self.trust_remote_code = trust_remote_code
         self.actors = actors
         self.max_retries = max_retries
         self.clean_cache_bytes = clean_cache_bytes
@@ -131,7 +134,8 @@ class RayExecutor:
                                                     max_restarts=ACTOR_RESTARTS, max_task_retries=0)
             job_ref = ray.put(job)
             handles = [worker.remote(self.config.to_dict(), job_ref, gpu=gpu, threads=cpus,
-                                     clean_cache_bytes=self.clean_cache_bytes, before_cell=self.before_cell)
+                                     clean_cache_bytes=self.clean_cache_bytes, before_cell=self.before_cell,
+                                     trust_remote_code=self.trust_remote_code)
                        for _ in range(n)]
             try:
                 infos = ray.get([h.ready.remote() for h in handles])

@@ -28,6 +28,7 @@ from moeaudit.experiments._run import (
     collect_progressive,
     collect_single,
 )
+from moeaudit.experiments._sampling import candidate_positions
 from moeaudit.experiments._stability import ranking_stability
 from moeaudit.experiments._states import CleanStates
 from moeaudit.experiments._summary import summarize, summary_settings
@@ -150,6 +151,7 @@ __all__ = [
     "ExperimentResult",
     "ExperimentSettings",
     "audit",
+    "candidate_positions",
     "progressive",
     "rank_validity",
     "ranking_stability",

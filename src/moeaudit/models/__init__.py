@@ -11,7 +11,16 @@ from moeaudit.models._describe import (
     router,
 )
 from moeaudit.models._families import FAMILIES, FamilyAdapter, RoutingGroups, attention_dims
-from moeaudit.models._loading import DEVICE_MAPS, execution_device, load_model, resolve_device_map, resolve_dtype
+from moeaudit.models._loading import (
+    DEVICE_MAPS,
+    check_device,
+    execution_device,
+    load_model,
+    load_tokenizer,
+    load_weights,
+    resolve_device_map,
+    resolve_dtype,
+)
 
 __all__ = [
     "DEVICE_MAPS",
@@ -21,10 +30,13 @@ __all__ = [
     "RoutingGroups",
     "adapter_for",
     "attention_dims",
+    "check_device",
     "decoder_layers",
     "describe",
     "execution_device",
     "load_model",
+    "load_tokenizer",
+    "load_weights",
     "model_device",
     "moe_block",
     "moe_layers",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from moeaudit.errors import UnsupportedModelError
+from moeaudit._checkpoint import ModelSource, locate_model
+from moeaudit.errors import ModelSourceError, UnsupportedModelError
 
 DTYPES = {
     "auto": "auto",
@@ -87,6 +91,46 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: str | torch.device) -> str:
+    """Refuse a device this torch cannot use, before anything is loaded onto it; return its name.
+
+    Raises:
+        ValueError: Not a device name, or a CUDA / MPS device this machine or torch build does not have.
+    """
+    name = str(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device; valid: cpu, cuda, cuda:N, mps (or auto in a run "
+                         "configuration).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+            raise ValueError(f"device={name!r} but no CUDA GPU is usable here ({build}); use device=cpu (or auto), "
+                             "or install a CUDA build of torch on a machine with a GPU.")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={name!r} but this machine has {count} CUDA device(s) (cuda:0 to "
+                             f"cuda:{count - 1}); pick one of those.")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device={name!r} but Apple's MPS backend is not available here; use device=cpu.")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={name!r}: moeaudit runs on cpu, cuda, cuda:N or mps.")
+    return name
+
+
+def load_tokenizer(name_or_path: str | Path | ModelSource, *, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint (see :func:`load_model` for the names accepted)."""
+    from transformers import AutoTokenizer
+
+    source = name_or_path if isinstance(name_or_path, ModelSource) else locate_model(str(name_or_path))
+    with _load_errors(source, trust_remote_code):
+        return AutoTokenizer.from_pretrained(source.load_path, trust_remote_code=trust_remote_code,
+                                             local_files_only=source.local_files_only)
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -103,7 +147,8 @@ def load_model(
         name_or_path: A hub id (``allenai/OLMoE-1B-7B-0924``), a local checkpoint directory, or
             ``builtin:tiny-moe`` for the checkpoint shipped with moeaudit.
         dtype: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``.
-        device: Where to put the model (``cpu``, ``cuda``, ``cuda:1``, ...). Ignored with ``device_map``.
+        device: Where to put the model (``cpu``, ``cuda``, ``cuda:1``, ``mps``); checked before loading. Ignored
+            with ``device_map``.
         trust_remote_code: Run modelling code shipped with the checkpoint. Off unless asked for.
         attn_implementation: Passed to transformers (``sdpa``, ``eager``, ...); ``None`` keeps its default.
         device_map: Spread the layers over several devices with accelerate (``pip install 'moeaudit[accelerate]'``)
@@ -116,50 +161,83 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)`` as plain transformers objects.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    Raises:
+        ModelSourceError: No such directory, a hub id that cannot be reached or is not cached, or weights that
+            torch's safe loader refuses (a pickle that would run code).
+        UnsupportedModelError: The checkpoint needs its own modelling code and ``trust_remote_code`` is off.
+        ValueError: A device this machine cannot use, or an unknown dtype.
+    """
     torch_dtype = resolve_dtype(dtype)
     device_map = resolve_device_map(device_map)
+    if device_map is None:
+        check_device(device)
+    source = locate_model(str(name_or_path))
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    model = load_weights(source, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
+                         attn_implementation=attn_implementation, device_map=device_map,
+                         offload_folder=offload_folder)
+    return model, tokenizer
+
+
+def load_weights(source: ModelSource, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                 trust_remote_code: bool = False, attn_implementation: str | None = None,
+                 device_map: str | dict | None = None, offload_folder: str | Path | None = None):
+    """The model of a located checkpoint, on ``device`` (or spread by ``device_map``), in eval mode
+    (:func:`load_model` without the tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = resolve_device_map(device_map)
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code,
+              "local_files_only": source.local_files_only}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         try:
             import accelerate  # noqa: F401
         except ImportError:
             raise ImportError("device_map needs accelerate: pip install 'moeaudit[accelerate]' (or pip install "
                               "accelerate), or load the model on one device with device=...") from None
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{local} exists but holds no config.json, so it is not a transformers checkpoint directory. "
-            "Pass a directory written by save_pretrained(), or a hub id."
-        )
-    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map is not None:
         kwargs["device_map"] = device_map
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise UnsupportedModelError(
-                f"{path} needs its own modelling code. moeaudit does not run remote code unless asked: pass "
-                f"trust_remote_code=True (CLI: --trust-remote-code) if you trust this checkpoint. ({exc})"
-            ) from exc
-        raise
-    except OSError as exc:
-        if not local.exists():
-            raise OSError(
-                f"could not load {path!r}: it is not a local directory and the hub could not provide it "
-                f"(offline, or a wrong id?). Download it on a connected machine and pass the local directory. "
-                f"({exc})"
-            ) from exc
-        raise
+    with _load_errors(source, trust_remote_code):
+        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
     if device_map is None:
         model.to(device)
     model.eval()
-    return model, tokenizer
+    return model
+
+
+@contextmanager
+def _load_errors(source: ModelSource, trust_remote_code: bool) -> Iterator[None]:
+    """transformers' and torch's refusals as one-line :mod:`moeaudit.errors` messages."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        what = f"it asks to run {blocked.group(1)}" if blocked else "it holds objects that are not plain tensors"
+        raise ModelSourceError(
+            f"model {source.name!r}: torch's safe loader refused a pickled weight file ({what}; loading it "
+            "unrestricted could execute code). moeaudit never loads pickles unrestricted: use a .safetensors "
+            "checkpoint of this model from a source you trust.") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise UnsupportedModelError(
+                f"model {source.name!r} needs its own modelling code (shipped with the checkpoint). moeaudit does "
+                "not run remote code unless asked: pass trust_remote_code=True if you trust this checkpoint."
+            ) from None
+        raise
+    except OSError as exc:
+        if isinstance(exc, ModelSourceError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"could not load model {source.name!r}: {first}") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors' own class, not importable under a stable name
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise ModelSourceError(f"model {source.name!r}: a .safetensors weight file is damaged ({reason}); download "
+                               "or copy the checkpoint again.") from None

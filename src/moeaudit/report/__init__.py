@@ -99,7 +99,7 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
     for run in runs:
         if len(runs) > 1:
             blocks.append(Heading(run.label, 3))
-        for warning in (_incomplete(run), _precision_note(run)):
+        for warning in (_incomplete(run), _fewer_positions(run), _precision_note(run)):
             if warning:
                 blocks.append(Paragraph(warning))
         blocks += [Paragraph(p) for p in verdict(run.tables, run.stability, run.verification)]
@@ -156,6 +156,18 @@ def _incomplete(run: RunData) -> str | None:
     return (f"**This run is incomplete** (status: {status}; {len(expected) - len(missing)} of {len(expected)} "
             f"cells finished): the numbers below cover the finished cells only. Run the same command again to "
             "resume it.")
+
+
+def _fewer_positions(run: RunData) -> str | None:
+    """A note for a run that used fewer positions than it asked for (``allow_fewer``: the corpus had no more)."""
+    short = [(kind, p) for kind, p in run.manifest.get("positions", {}).items() if p["n"] < p["requested"]]
+    if not short:
+        return None
+    names = {"single": "n", "progressive": "n_progressive"}
+    parts = [f"{names.get(kind, kind)} = {p['n']} positions per cell instead of the {p['requested']} asked for"
+             for kind, p in short]
+    return (f"**Fewer positions than asked for.** The corpus has no more valid positions, so this run used "
+            f"{' and '.join(parts)} (run with allow-fewer); the tests below have that n.")
 
 
 def _last_dtype(run: RunData) -> str | None:
