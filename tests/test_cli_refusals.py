@@ -327,3 +327,59 @@ def test_inspect_and_verify_refuse_in_one_line(tmp_path, command):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     refused(cli(*[a.format(path="builtin:tiny-moe") for a in command], "--corpus", "bad.txt", cwd=tmp_path),
             "is not valid utf-8", "pass --encoding")
+
+
+MAP_SMALL = {"layers": "1", "n": "6", "n_docs": "2", "max_length": "32", "min_length": "8", "device": "cpu"}
+
+
+def test_map_and_prune_eval_refuse_like_run(tmp_path):
+    """map and prune-eval share run's checks before any work: the device, the output path, the model's path, both
+    corpus files' text (naming --encoding), remote code asked for by a configuration file; nothing left behind."""
+    (tmp_path / "afile").write_text("not a directory")
+    (tmp_path / "latin1.txt").write_bytes("Un café au lait.\n\nDeux crème brûlée.\n".encode("latin-1"))
+    (tmp_path / "remote.toml").write_text('model = "builtin:tiny-moe"\ntrust_remote_code = true\n')
+    latin = f"corpus file '{tmp_path / 'latin1.txt'}' is not valid utf-8 (byte 0xe9 on line 1)"
+    cases = [
+        (["--device", "banana"], ["--device='banana' is not a device"]),
+        (["--encoding", "utf-9"], ["--encoding='utf-9' is not a text encoding"]),
+        (["--out", "afile"], ["--out='afile' is an existing file, not a directory"]),
+        (["--model", "./nope"], [f"no such directory ('{tmp_path / 'nope'}')"]),
+        (["--corpus", "latin1.txt"], [latin, "pass --encoding naming the file's encoding"]),
+        (["remote.toml"], ["trust_remote_code cannot be set in a configuration file", "--trust-remote-code"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], ["--device='cuda' but no CUDA GPU is usable here"]))
+    before = snapshot(tmp_path)
+    for command in ("map", "prune-eval"):
+        for args, fragments in cases:
+            out = ["--out", "run"] if "--out" not in args else []
+            refused(cli(command, *_flags(MAP_SMALL), *args, *out, cwd=tmp_path), *fragments)
+            assert snapshot(tmp_path) == before, (command, args)
+    refused(cli("prune-eval", *_flags(MAP_SMALL), "--eval-corpus", "latin1.txt", "--out", "run", cwd=tmp_path),
+            latin, "--encoding")
+    assert snapshot(tmp_path) == before
+
+
+def test_map_resume_with_another_model_is_refused(tmp_path, monkeypatch):
+    """A map run directory is bound to its model like an audit's: relative paths stored absolute, the weights
+    fingerprinted, a resume after the checkpoint changed refused before any work, the same model resumed."""
+    from moeaudit.pruning import MapConfig, importance_map
+
+    original = _checkpoint(tmp_path / "ckpt", seed=0)
+    monkeypatch.chdir(tmp_path)
+    config = MapConfig.from_mapping({**MAP_SMALL, "model": "ckpt"})
+    run = tmp_path / "map"
+    first = importance_map(config, run, report=False)
+    stored = json.loads((run / "manifest.json").read_text())
+    assert stored["config"]["model"] == str(original) and stored["model_identity"]["kind"] == "local"
+    assert "model.safetensors" in stored["model_identity"]["files"]
+    assert 'model = "' + str(original) + '"' in (run / "config.toml").read_text()
+    _checkpoint(original, seed=1)  # other weights, same sizes
+    before = snapshot(run)
+    refused(cli("map", *_flags({**MAP_SMALL, "model": "ckpt"}), "--no-report", "--out", str(run), cwd=tmp_path),
+            f"'{run}' was started with another model (model.safetensors changed (same size, other contents))",
+            "Run into another directory (--out)")
+    assert snapshot(run) == before
+    _checkpoint(original, seed=0)  # the original weights again: resumes without recomputing
+    again = importance_map(config, run, report=False)
+    pd.testing.assert_frame_equal(again.importance, first.importance)

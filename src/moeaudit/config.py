@@ -164,11 +164,6 @@ class RunConfig(FlatConfig):
         if not 0.0 < self.sesoi_d < 10.0:
             raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
                               "e.g. 0.2 (Cohen's small).")
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ConfigError(f"encoding={self.encoding!r} is not a text encoding Python knows; e.g. utf-8, "
-                              "latin-1, cp1252, utf-16.") from None
 
     @property
     def label(self) -> str:
@@ -184,9 +179,7 @@ class RunConfig(FlatConfig):
         against the current directory); hub ids, ``builtin:`` names and named corpora are unchanged."""
         from moeaudit._checkpoint import resolve_model_name
 
-        corpus = self.corpus
-        if corpus not in CORPUS_SOURCES:
-            corpus = str(Path(corpus).expanduser().resolve())
+        corpus = resolve_corpus(self.corpus)
         device_map = self.device_map
         if device_map is not None and device_map.endswith(".json"):
             device_map = str(Path(device_map).expanduser().resolve())
@@ -224,6 +217,16 @@ def check_common(config) -> None:
                           "than once; list each layer once.")
     if not config.model:
         raise ConfigError("model= is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
+    try:
+        codecs.lookup(config.encoding)
+    except LookupError:
+        raise ConfigError(f"encoding={config.encoding!r} is not a text encoding Python knows; e.g. utf-8, "
+                          "latin-1, cp1252, utf-16.") from None
+
+
+def resolve_corpus(corpus: str) -> str:
+    """A corpus file's absolute path (against the current directory); named corpora unchanged."""
+    return corpus if corpus in CORPUS_SOURCES else str(Path(corpus).expanduser().resolve())
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:

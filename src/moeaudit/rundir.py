@@ -290,7 +290,9 @@ class RunDirectory:
                 "" if k in own else " (the run predates this setting; it ran as the stored value)")
                 for k, a, b in differences)
             toml = self.path / "config.toml"
-            resume = (f", or resume it with its stored configuration: moeaudit run {str(toml)!r} --out "
+            tool = manifest.get("tool")
+            command = tool if isinstance(tool, str) and tool.startswith("moeaudit ") else "moeaudit run"
+            resume = (f", or resume it with its stored configuration: {command} {str(toml)!r} --out "
                       f"{str(self.path)!r}" if _holds_config(toml, stored) else "")
             older = any(k not in own for k, _, _ in differences)
             raise RunDirectoryError(

@@ -16,6 +16,7 @@ from moeaudit.cli._common import (
     escape,
     expected_errors,
     fail,
+    flag_names,
     interrupted,
     make_console,
     rich_table,
@@ -24,7 +25,15 @@ from moeaudit.cli._common import (
 _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
 
 
-def _run(call, out: Path, what: str):
+_ENCODING_HELP = "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252; default utf-8)"
+
+
+def _flags(cls) -> dict[str, str]:
+    return flag_names(*cls.__dataclass_fields__, "trust_remote_code", "out", "report", "save_pruned",
+                      "save_criterion", "save_fraction")
+
+
+def _run(call, out: Path, what: str, flags: dict[str, str]):
     console = make_console()
     start = time.perf_counter()
     console.print(f"[bold]moeaudit {what}[/bold] -> {escape(out)}", highlight=False)
@@ -32,7 +41,7 @@ def _run(call, out: Path, what: str):
         with RichProgress(console) as progress:
             result = call(progress)
     except expected_errors() as exc:
-        raise fail(exc) from None
+        raise fail(exc, flags) from None
     except KeyboardInterrupt as exc:
         raise interrupted(exc, out, "units") from None
     return console, result, time.perf_counter() - start
@@ -44,6 +53,7 @@ def map_cmd(
     model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
     corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
     text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    encoding: str = typer.Option(None, help=_ENCODING_HELP),
     n_docs: int = typer.Option(None, help="calibration documents (positions are sampled from them)"),
     max_length: int = typer.Option(None, help="tokens per document"),
     min_length: int = typer.Option(None, help="shorter documents are skipped"),
@@ -54,7 +64,9 @@ def map_cmd(
     min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
     dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
-    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    seed: int = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
+                                                         "read from a configuration file)"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>-map); re-running resumes it"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
 ) -> None:
@@ -62,10 +74,12 @@ def map_cmd(
     (layer, expert) into importance.parquet and a layer x expert heat map."""
     from moeaudit.pruning import MapConfig, importance_map
 
-    values = locals()
-    cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)})
+    values, flags = locals(), _flags(MapConfig)
+    cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-map"
-    console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report), target, "map")
+    console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report,
+                                                             trust_remote_code=trust_remote_code),
+                                    target, "map", flags)
     table = result.importance
     summary = (table.groupby("layer").agg(never_routed=("never_routed", "sum"), max_mean_delta=("mean_delta", "max"),
                                           ablations=("n_routed", "sum")).reset_index())
@@ -84,6 +98,7 @@ def prune_eval_cmd(
     eval_corpus: str = typer.Option(None, help="evaluation corpus (default: the documents of --corpus after the "
                                                "calibration ones)"),
     text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
+    encoding: str = typer.Option(None, help=_ENCODING_HELP),
     n_docs: int = typer.Option(None, help="calibration documents"),
     n_docs_eval: int = typer.Option(None, help="evaluation documents (disjoint from the calibration ones)"),
     max_length: int = typer.Option(None, help="tokens per document"),
@@ -107,7 +122,9 @@ def prune_eval_cmd(
     lm_eval_limit: int = typer.Option(None, help="at most this many documents per lm-eval task"),
     dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
     device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
-    seed: int = typer.Option(None), trust_remote_code: bool = typer.Option(None),
+    seed: int = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
+                                                         "read from a configuration file)"),
     out: Path = typer.Option(None, help="run directory (default: runs/<name>-prune); re-running resumes it"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
     save_pruned: Path = typer.Option(None, help="also write a loadable checkpoint with the experts of "
@@ -119,12 +136,14 @@ def prune_eval_cmd(
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
     from moeaudit.pruning import PruneConfig, prune_eval
 
-    values = locals()
-    cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)})
+    values, flags = locals(), _flags(PruneConfig)
+    cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)},
+                       flags)
     target = out or Path("runs") / f"{cfg.label}-prune"
     console, result, seconds = _run(
         lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
-                             save_criterion=save_criterion, save_fraction=save_fraction), target, "prune-eval")
+                             save_criterion=save_criterion, save_fraction=save_fraction,
+                             trust_remote_code=trust_remote_code), target, "prune-eval", flags)
     columns = ["criterion", "fraction", "mean_loss", "delta_random", "vs_random_docs", "vs_random", "delta_causal",
                "vs_causal"]
     if len(result.tests):

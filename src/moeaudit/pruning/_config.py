@@ -3,11 +3,13 @@ frozen, flat, built from defaults, a preset, a TOML file and flags exactly like 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
-from moeaudit.config import FlatConfig, check_common, model_label
+from moeaudit.config import FlatConfig, check_common, model_label, resolve_corpus
 from moeaudit.errors import ConfigError
 
 
@@ -20,6 +22,7 @@ class MapConfig(FlatConfig):
         name: Label of the model in tables and figures (default: derived from ``model``).
         corpus: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
         text_field: Field holding the text in ``.jsonl`` / ``.parquet`` corpora.
+        encoding: Text encoding of ``.txt`` / ``.jsonl`` corpora (``utf-8``, ``latin-1``, ``cp1252``, ...).
         n_docs: Documents of the calibration split (the first documents of ``corpus`` that pass the length filter).
         max_length: Tokens per document after truncation.
         min_length: Shorter documents are skipped.
@@ -32,13 +35,16 @@ class MapConfig(FlatConfig):
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         seed: Seed of the position sampling (and, for prune-eval, of tie-breaks, random rankings and resampling).
-        trust_remote_code: Run modelling code shipped with the checkpoint.
+
+    ``trust_remote_code`` is not a key (as for :class:`moeaudit.RunConfig`): only the caller enables it, per call
+    (``--trust-remote-code``, or ``importance_map(..., trust_remote_code=True)``).
     """
 
     model: str = "builtin:tiny-moe"
     name: str | None = None
     corpus: str = "builtin"
     text_field: str = "text"
+    encoding: str = "utf-8"
     n_docs: int = 32
     max_length: int = 512
     min_length: int = 32
@@ -50,10 +56,16 @@ class MapConfig(FlatConfig):
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
-    trust_remote_code: bool = False
 
     def _check(self) -> None:
         check_common(self)
+
+    def with_resolved_paths(self):
+        """A copy whose local model directory and corpus files are absolute paths (resolved against the current
+        directory), so the run directory's configuration means the same inputs from anywhere."""
+        from moeaudit._checkpoint import resolve_model_name
+
+        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=resolve_corpus(self.corpus))
 
     @property
     def label(self) -> str:
@@ -123,6 +135,14 @@ class PruneConfig(MapConfig):
                               "document of each task.")
         if self.lm_eval_include is not None and not self.lm_eval_tasks:
             raise ConfigError("lm_eval_include is set but lm_eval_tasks is empty; name the tasks to score.")
+
+    def with_resolved_paths(self) -> PruneConfig:
+        """:meth:`MapConfig.with_resolved_paths`, and the evaluation corpus and lm-eval task directory."""
+        resolved = super().with_resolved_paths()
+        include = self.lm_eval_include
+        return dataclasses.replace(
+            resolved, eval_corpus=None if self.eval_corpus is None else resolve_corpus(self.eval_corpus),
+            lm_eval_include=None if include is None else str(Path(include).expanduser().resolve()))
 
     def map_config(self) -> MapConfig:
         """The importance map this run computes on its calibration split."""

@@ -1,17 +1,23 @@
-"""Loading a map / prune-eval run: the model, the calibration split and the disjoint evaluation split, recorded in
-the run directory (``splits.json``, ``eval_tokens.parquet``) and checked against it on resume."""
+"""Loading a map / prune-eval run: the checks before any work (:func:`preflight_map`: paths, model, corpus files'
+text, device, the run directory's model), then the model, the calibration split and the disjoint evaluation split,
+recorded in the run directory (``splits.json``, ``eval_tokens.parquet``) and checked against it on resume."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from torch import nn
 
-from moeaudit.corpus import CorpusSequence, load_corpus
+from moeaudit._checkpoint import ModelSource, hub_identity, locate_model, model_identity
+from moeaudit._preflight import check_device, check_identity, resolve_device
+from moeaudit.config import CORPUS_SOURCES
+from moeaudit.corpus import CorpusSequence, load_corpus, read_documents
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError
-from moeaudit.pipeline import ProgressSink, corpus_fingerprint, resolve_device
+from moeaudit.pipeline import ProgressSink, corpus_fingerprint
 from moeaudit.pruning._config import MapConfig
 from moeaudit.pruning._plan import PruneGeometry, prune_geometry
 from moeaudit.rundir import RunDirectory
@@ -35,9 +41,62 @@ class Loaded:
             if self.evaluation else np.zeros(0, dtype=np.int64)
 
 
-def _take(source: str, tokenizer, config: MapConfig, n: int, what: str) -> list[CorpusSequence]:
+@dataclass(frozen=True)
+class MapPlan:
+    """What :func:`preflight_map` found, handed to the run.
+
+    Attributes:
+        config: The configuration with its local paths resolved (what the run directory stores).
+        source: Where the model is.
+        identity: The model's identity (:func:`moeaudit._checkpoint.model_identity`; a hub model's files are
+            fingerprinted once loading has cached them).
+        documents: Each corpus file's documents, read and decoded.
+        device: The checked device.
+        trust_remote_code: Run modelling code shipped with the checkpoint (per call, never from a configuration).
+    """
+
+    config: MapConfig
+    source: ModelSource
+    identity: dict[str, Any]
+    documents: dict[str, list[str]]
+    device: str
+    trust_remote_code: bool = False
+
+    def check_resume(self, run_dir, manifest: dict[str, Any]) -> None:
+        """Refuse to resume a run directory started with another model or holding damaged files (called under
+        the directory's lock, before this session writes anything)."""
+        check_identity(run_dir, manifest, self.identity)
+        run_dir.check_files()
+
+
+def preflight_map(config: MapConfig, out: str | Path, *, trust_remote_code: bool = False) -> MapPlan:
+    """Everything a map / prune-eval run can refuse before loading a model: ``out`` being a file, the model's
+    location, corpus files that do not exist or decode, the device.
+
+    Raises:
+        RunDirectoryError, ModelSourceError, CorpusError, ConfigError: One line naming the problem and the fix.
+    """
+    config = config.with_resolved_paths()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"out={str(out)!r} is an existing file, not a directory; pass a directory for the "
+                                "run (a new one, or a run directory to resume).")
+    source = locate_model(config.model)
+    corpora = {config.corpus, getattr(config, "eval_corpus", None) or config.corpus}
+    documents = {c: read_documents(c, text_field=config.text_field, encoding=config.encoding)
+                 for c in sorted(corpora - set(CORPUS_SOURCES))}
+    device = check_device(resolve_device(config.device))
+    identity = model_identity(source)
+    if source.kind == "hub":  # its cached files may be incomplete before loading: the commit decides until then
+        identity["files"] = None
+    return MapPlan(config, source, identity, documents, device, trust_remote_code)
+
+
+def _take(source: str, tokenizer, plan: MapPlan, n: int, what: str) -> list[CorpusSequence]:
+    config = plan.config
     sequences = load_corpus(source, tokenizer, n_samples=n, max_length=config.max_length,
-                            min_length=config.min_length, text_field=config.text_field)
+                            min_length=config.min_length, text_field=config.text_field, encoding=config.encoding,
+                            documents=plan.documents.get(source))
     if len(sequences) < n:
         raise CorpusError(f"{source!r} has only {len(sequences)} documents of at least min_length="
                           f"{config.min_length} tokens, but the run asks for {n} ({what}). Lower the document "
@@ -61,7 +120,7 @@ def _check_layers(config: MapConfig, geometry: PruneGeometry) -> tuple[int, ...]
     return tuple(sorted(config.layers))
 
 
-def load_splits(config: MapConfig, run_dir: RunDirectory, session, progress: ProgressSink, *,
+def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: ProgressSink, *,
                 evaluation: bool) -> Loaded:
     """Load the model and the splits; write (first session) or check (resume) ``splits.json`` and
     ``eval_tokens.parquet``.
@@ -70,16 +129,21 @@ def load_splits(config: MapConfig, run_dir: RunDirectory, session, progress: Pro
     evaluation split (prune-eval) the next ``n_docs_eval`` ones, or the first ``n_docs_eval`` of ``eval_corpus``
     when it names another corpus. Documents never appear in both.
     """
-    from moeaudit.models import describe, load_model
+    from moeaudit.models import describe, load_tokenizer, load_weights
 
-    device = resolve_device(config.device)
+    config, device = plan.config, plan.device
     progress.stage(f"loading {config.model}", None)
     with session.timer("load_model"):
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device,
-                                      trust_remote_code=config.trust_remote_code)
+        tokenizer = load_tokenizer(plan.source, trust_remote_code=plan.trust_remote_code)
+        model = load_weights(plan.source, dtype=config.dtype, device=device,
+                             trust_remote_code=plan.trust_remote_code)
     desc = describe(model)
     geometry = prune_geometry(model)
     layers = _check_layers(config, geometry)
+    if plan.source.kind == "hub":  # now that its files are cached: bind the run to them
+        identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
+        check_identity(run_dir, session.manifest, identity)
+        session.manifest["model_identity"] = identity
     session.entry.update(device=device, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     session.manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers,
                                  "moe_layers": list(desc.moe_layers), "n_experts": desc.n_experts,
@@ -89,14 +153,14 @@ def load_splits(config: MapConfig, run_dir: RunDirectory, session, progress: Pro
     with session.timer("load_corpus"):
         eval_source = getattr(config, "eval_corpus", None) or config.corpus
         if not evaluation:
-            calibration, held_out = _take(config.corpus, tokenizer, config, config.n_docs, "n_docs"), []
+            calibration, held_out = _take(config.corpus, tokenizer, plan, config.n_docs, "n_docs"), []
         elif eval_source == config.corpus:
             n_eval = config.n_docs_eval
-            both = _take(config.corpus, tokenizer, config, config.n_docs + n_eval, "n_docs + n_docs_eval")
+            both = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval, "n_docs + n_docs_eval")
             calibration, held_out = both[: config.n_docs], both[config.n_docs:]
         else:
-            calibration = _take(config.corpus, tokenizer, config, config.n_docs, "n_docs")
-            held_out = _take(eval_source, tokenizer, config, config.n_docs_eval, "n_docs_eval")
+            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, "n_docs")
+            held_out = _take(eval_source, tokenizer, plan, config.n_docs_eval, "n_docs_eval")
     splits = {"calibration": _split_record(config.corpus, calibration)}
     if evaluation:
         splits["evaluation"] = _split_record(eval_source, held_out)

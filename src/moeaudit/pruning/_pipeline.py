@@ -29,7 +29,7 @@ from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, Unsuppo
 from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
 from moeaudit.pruning._config import MapConfig, PruneConfig
 from moeaudit.pruning._importance import collect_pool, importance_table
-from moeaudit.pruning._loading import Loaded, load_splits
+from moeaudit.pruning._loading import Loaded, MapPlan, load_splits, preflight_map
 from moeaudit.pruning._plan import CAUSAL, NONE, RANDOM, n_removed
 from moeaudit.pruning._units import PruneUnit, build_units, pruned_table, resolve_criteria, sequence_losses
 from moeaudit.rundir import RunDirectory
@@ -65,15 +65,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _in_session(config: MapConfig, run_dir: RunDirectory, progress: ProgressSink, tool: str, work, writer,
+def _in_session(plan: MapPlan, run_dir: RunDirectory, progress: ProgressSink, tool: str, work, writer,
                 report: bool):
-    """Run ``work(session)`` inside a run session of ``run_dir``, mark the run complete, then write its report with
-    ``writer``. Bad input found before any result leaves no half-made directory behind."""
+    """Run ``work(session)`` inside a run session of ``run_dir`` bound to ``plan``'s configuration and model, mark
+    the run complete, then write its report with ``writer``. Bad input found before any result leaves no half-made
+    directory behind."""
+    config = plan.config
     fresh = not run_dir.path.exists()
     timer, entry = StageTimer(), {"started": _now(), "environment": environment()}
     try:
         with run_session(run_dir, config.to_dict(), config.to_toml(), entry=entry, timer=timer,
-                         progress=progress, tool=tool) as s:
+                         progress=progress, tool=tool, check=lambda manifest: plan.check_resume(run_dir, manifest),
+                         defaults=type(config)().to_dict()) as s:
+            if plan.source.kind != "hub":  # a hub model's identity is complete once its files are cached
+                s.manifest["model_identity"] = plan.identity
             result = work(s)
             s.complete()
             if report:  # after the manifest is final, so the report shows the finished run
@@ -90,28 +95,33 @@ def _in_session(config: MapConfig, run_dir: RunDirectory, progress: ProgressSink
 
 
 def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink | None = None,
-                   report: bool = True) -> MapResult:
+                   report: bool = True, trust_remote_code: bool = False) -> MapResult:
     """Compute (or resume) the causal importance map of ``config`` into the run directory ``out``.
 
     Every active expert is ablated singly at ``config.n`` sampled positions per layer of the ``n_docs`` documents
     (the single-expert pool), then aggregated per (layer, expert) into ``importance.parquet`` (see
     :data:`moeaudit.pruning.IMPORTANCE_COLUMNS`) and drawn as a layer x expert heat map in the report.
 
+    Relative model and corpus paths are stored absolute; ``trust_remote_code`` runs modelling code shipped with the
+    checkpoint (per call; a configuration cannot ask for it).
+
     Raises:
-        RunDirectoryError: ``out`` holds another run, or is in use.
+        RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
+        ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
         VerificationError: the verification suite failed; no data was collected.
     """
     from moeaudit.report._prune import write_map_report
 
     progress = progress or SilentProgress()
+    plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
     run_dir = RunDirectory(out)
 
     def work(s) -> MapResult:
-        loaded = load_splits(config, run_dir, s, progress, evaluation=False)
-        table, records = _importance(config, loaded, run_dir, s, progress)
+        loaded = load_splits(plan, run_dir, s, progress, evaluation=False)
+        table, records = _importance(plan.config, loaded, run_dir, s, progress)
         return MapResult(run_dir.path, table, records)
 
-    return _in_session(config, run_dir, progress, "moeaudit map", work, write_map_report, report)
+    return _in_session(plan, run_dir, progress, "moeaudit map", work, write_map_report, report)
 
 
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
@@ -158,7 +168,7 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
 
 def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,
                save_pruned: str | Path | None = None, save_criterion: str | None = None,
-               save_fraction: float | None = None) -> PruneResult:
+               save_fraction: float | None = None, trust_remote_code: bool = False) -> PruneResult:
     """Run (or resume) a prune-eval experiment into the run directory ``out``.
 
     For every criterion (``observe`` metrics on the calibration split, ``random`` with ``random_seeds`` seeds, and
@@ -175,8 +185,16 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         report: Write ``report.md`` / ``report.html`` / ``figures/``.
         save_pruned: Also write a loadable checkpoint with the experts of (``save_criterion``, ``save_fraction``)
             deleted to this directory (tokenizer included; ``random`` uses the run's first seed).
+        trust_remote_code: Run modelling code shipped with the checkpoint (per call; a configuration cannot ask
+            for it).
+
+    Raises:
+        RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
+        ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
     progress = progress or SilentProgress()
+    plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
+    config = plan.config
     run_dir = RunDirectory(out)
     criteria = resolve_criteria(config.criteria)
     if save_pruned is not None and (save_criterion is None or save_fraction is None):
@@ -191,7 +209,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
-        loaded = load_splits(config, run_dir, s, progress, evaluation=True)
+        loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
         removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
         if save_pruned is not None:
@@ -219,7 +237,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
 
     from moeaudit.report._prune import write_prune_report
 
-    return _in_session(config, run_dir, progress, "moeaudit prune-eval", work, write_prune_report, report)
+    return _in_session(plan, run_dir, progress, "moeaudit prune-eval", work, write_prune_report, report)
 
 
 def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
