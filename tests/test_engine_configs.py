@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,27 @@ def test_device_map_with_offloaded_layers(tmp_path):
         for r, want in zip(results, expected):
             assert r.ablated_loss == pytest.approx(want, abs=ATOL), (engine, r.ablation)
     assert max(abs(r.delta_loss) for r in results) > 100 * ATOL
+
+
+def test_observe_with_offloaded_layers_equals_the_undispatched_model(tmp_path):
+    """Every observe metric, weight-only ones included (their weights sit on ``meta`` outside a forward), and the
+    per-document statistics of a model whose layers accelerate offloaded to disk equal the plain model's."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    from moeaudit import observe
+
+    family = "deepseek_v2"
+    seqs = [random_ids(SEQ, seed=s) for s in range(3)]
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu",
+                  "lm_head": "disk"}
+    model = accelerate.dispatch_model(tiny_model(family), device_map, main_device="cpu", offload_dir=str(tmp_path))
+    assert model.model.layers[3].mlp.experts.down_proj.device.type == "meta"
+    want, got = observe(tiny_model(family), seqs), observe(model, seqs)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=0, atol=1e-9)
+    assert model.model.layers[3].mlp.experts.down_proj.device.type == "meta"  # offloaded again afterwards
+    halves = observe(model, seqs, per_document=True).table([0, 2])
+    pd.testing.assert_frame_equal(halves, observe(tiny_model(family), [seqs[0], seqs[2]]), check_exact=False,
+                                  rtol=0, atol=1e-9)
 
 
 def test_load_model_with_device_map(tmp_path):

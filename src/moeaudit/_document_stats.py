@@ -117,8 +117,9 @@ class DocumentStats:
     def from_observation(cls, model, layers, n_experts: int, doc_counts: dict, doc_state: dict,
                          chosen) -> DocumentStats:
         """What ``observe`` collected (``chosen``: its registered metrics), weight-only criteria evaluated once."""
-        weight_only = {m.name: np.stack([np.asarray(m.weight_only(model, layer, list(range(n_experts))),
-                                                    dtype=float).reshape(-1) for layer in layers])
+        from moeaudit._observe import weight_only_values
+
+        weight_only = {m.name: np.stack([weight_only_values(m, model, layer, n_experts) for layer in layers])
                        for m in chosen if m.weight_only is not None}
         return cls.from_batches(layers, n_experts, doc_counts, doc_state, weight_only,
                                 {m.name: m.reduce for m in chosen if m.per_token is not None},

@@ -21,7 +21,7 @@ from torch import nn
 from moeaudit._document_stats import DocumentStats, document_moments
 from moeaudit.errors import did_you_mean
 from moeaudit.intervene._state import capture_layer_outputs, capture_moe
-from moeaudit.models import MoEDescription, adapter_for, describe, moe_block
+from moeaudit.models import MoEDescription, adapter_for, decoder_layers, describe, materialized, moe_block
 from moeaudit.models._describe import model_device
 
 REDUCTIONS = ("mean", "sum", "std")
@@ -351,10 +351,12 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
         real = None if len(batch) == 1 else mask.reshape(-1).to(device)
         token_doc = torch.arange(len(batch)).repeat_interleave(lengths).to(device)  # document of each real token
         for layer in chosen_layers:
-            lb = _layer_batch(layer, moe[layer], outs[layer], real, desc.family, experts[layer], n_experts)
-            counts[layer] += torch.bincount(lb.expert, minlength=n_experts)
+            here = outs[layer].device  # the layer's own device (a device_map spreads layers over several)
+            lb = _layer_batch(layer, moe[layer], outs[layer], None if real is None else real.to(here), desc.family,
+                              experts[layer], n_experts)
+            counts[layer] += torch.bincount(lb.expert, minlength=n_experts).to(device)
             if per_document:
-                pair_doc = token_doc[lb.token]
+                pair_doc = token_doc.to(here)[lb.token]
                 doc_counts[layer].append(torch.bincount(pair_doc * n_experts + lb.expert, minlength=len(batch) *
                                                         n_experts).reshape(len(batch), n_experts).cpu().numpy())
             for m in per_token:
@@ -362,7 +364,8 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
                 groups = lb.expert if m.over == "routed" else None
                 if per_document:
                     doc_state.setdefault((layer, m.name), []).append(document_moments(
-                        values, groups, pair_doc if groups is not None else token_doc, len(batch), n_experts))
+                        values, groups, pair_doc if groups is not None else token_doc.to(here), len(batch),
+                        n_experts))
                 else:
                     state[layer, m.name] = _merge(state.get((layer, m.name)), _moments(values, groups, n_experts))
         n_sequences += len(batch)
@@ -377,7 +380,6 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
 
 def _frame(model: nn.Module, layers: list[int], n_experts: int, counts: dict, state: dict,
            chosen: list[Metric]) -> pd.DataFrame:
-    expert_ids = list(range(n_experts))
     columns: dict[str, np.ndarray] = {
         "layer": np.repeat(np.asarray(layers, dtype=np.int64), n_experts),
         "expert": np.tile(np.arange(n_experts, dtype=np.int64), len(layers)),
@@ -387,13 +389,19 @@ def _frame(model: nn.Module, layers: list[int], n_experts: int, counts: dict, st
         if m.per_token is not None:
             values = [_reduce(state[layer, m.name], m.reduce) for layer in layers]
         else:
-            values = [np.asarray(m.weight_only(model, layer, expert_ids), dtype=np.float64).reshape(-1)
-                      for layer in layers]
+            values = [weight_only_values(m, model, layer, n_experts) for layer in layers]
             if any(v.shape != (n_experts,) for v in values):
                 raise ValueError(f"weight-only metric {m.name!r} must return one value per expert "
                                  f"({n_experts}), got shapes {[v.shape for v in values]}.")
         columns[m.name] = np.concatenate(values).astype(np.float64)
     return pd.DataFrame(columns)
+
+
+def weight_only_values(metric: Metric, model: nn.Module, layer: int, n_experts: int) -> np.ndarray:
+    """A weight-only metric of every expert of ``layer`` (float64, one per expert), with weights that accelerate
+    offloaded brought to the layer's device for the call."""
+    with materialized(decoder_layers(model)[layer]):
+        return np.asarray(metric.weight_only(model, layer, list(range(n_experts))), dtype=np.float64).reshape(-1)
 
 
 def _register_builtins() -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from moeaudit.models._loading import (
     load_model,
     load_tokenizer,
     load_weights,
+    materialized,
     resolve_device_map,
     resolve_dtype,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "decoder_layers",
     "describe",
     "execution_device",
+    "materialized",
     "load_model",
     "load_tokenizer",
     "load_weights",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -89,6 +89,23 @@ def execution_device(module: torch.nn.Module) -> torch.device:
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
+
+
+@contextmanager
+def materialized(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the weights of ``module`` and every submodule that accelerate offloaded (to CPU RAM or
+    disk: ``meta`` until a forward) sit on their execution device, as during a forward; a no-op for a model
+    without offloading. For reading weights outside a forward (weight-only criteria, slicing)."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # accelerate absent: nothing can be offloaded
+        yield
+        return
+    with ExitStack() as stack:
+        for sub in module.modules():
+            if has_offloaded_params(sub):
+                stack.enter_context(align_module_device(sub))
+        yield
 
 
 def check_device(device: str | torch.device) -> str:
