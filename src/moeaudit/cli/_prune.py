@@ -21,11 +21,23 @@ from moeaudit.cli._common import (
     make_console,
     rich_table,
 )
+from moeaudit.pruning._config import MapConfig, PruneConfig
 
 _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
 
 
-_ENCODING_HELP = "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252; default utf-8)"
+_MAP, _PRUNE = MapConfig(), PruneConfig()  # the built-in defaults the help shows
+_ENCODING_HELP = "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252)"
+
+
+def _option(defaults, key: str, help: str | None, shown: str | None = None):
+    """A flag that overrides the configuration (``None`` when not given), showing the built-in default (a preset
+    or a TOML file may set another)."""
+    if shown is None:
+        value = getattr(defaults, key, None)
+        shown = ("unset" if value is None else ",".join(map(str, value)) if isinstance(value, tuple)
+                 else str(value))
+    return typer.Option(None, help=help, show_default=shown)
 
 
 def _flags(cls) -> dict[str, str]:
@@ -50,29 +62,30 @@ def _run(call, out: Path, what: str, flags: dict[str, str]):
 @app.command("map")
 def map_cmd(
     config: str = typer.Argument(None, help=_PRESET_HELP),
-    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
-    corpus: str = typer.Option(None, help="wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
-    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
-    encoding: str = typer.Option(None, help=_ENCODING_HELP),
-    n_docs: int = typer.Option(None, help="calibration documents (positions are sampled from them)"),
-    max_length: int = typer.Option(None, help="tokens per document"),
-    min_length: int = typer.Option(None, help="shorter documents are skipped"),
-    layers: str = typer.Option(None, help="comma-separated MoE layers, or 'all'"),
-    n: int = typer.Option(None, help="sampled positions per layer (every active expert is ablated at each)"),
-    scope: str = typer.Option(None, help="token or sequence"),
-    mode: str = typer.Option(None, help="reroute (default), zero or renormalize"),
-    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
-    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
-    seed: int = typer.Option(None),
+    model: str = _option(_MAP, "model", MODEL_HELP),
+    name: str = _option(_MAP, "name", "label in the report", "from the model"),
+    corpus: str = _option(_MAP, "corpus", "wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
+    text_field: str = _option(_MAP, "text_field", "field holding the text in .jsonl / .parquet corpora"),
+    encoding: str = _option(_MAP, "encoding", _ENCODING_HELP),
+    n_docs: int = _option(_MAP, "n_docs", "calibration documents (positions are sampled from them)"),
+    max_length: int = _option(_MAP, "max_length", "tokens per document"),
+    min_length: int = _option(_MAP, "min_length", "shorter documents are skipped"),
+    layers: str = _option(_MAP, "layers", "comma-separated MoE layers, or 'all'", "all"),
+    n: int = _option(_MAP, "n", "sampled positions per layer (every active expert is ablated at each)"),
+    scope: str = _option(_MAP, "scope", "token or sequence"),
+    mode: str = _option(_MAP, "mode", "reroute, zero or renormalize"),
+    min_context: int = _option(_MAP, "min_context", "positions need at least this many tokens of context"),
+    dtype: str = _option(_MAP, "dtype", "auto, float32, bfloat16, float16"),
+    device: str = _option(_MAP, "device", "auto, cpu, cuda, cuda:N, mps"),
+    seed: int = _option(_MAP, "seed", "seed of the position sampling (>= 0)"),
     trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
-                                                         "read from a configuration file)"),
-    out: Path = typer.Option(None, help="run directory (default: runs/<name>-map); re-running resumes it"),
+                                                       "read from a configuration file)"),
+    out: Path = _option(_MAP, "out", "run directory; re-running resumes it", "runs/<name>-map"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
 ) -> None:
     """The causal importance map: every active expert removed alone at n positions per layer, aggregated per
     (layer, expert) into importance.parquet and a layer x expert heat map."""
-    from moeaudit.pruning import MapConfig, importance_map
+    from moeaudit.pruning import importance_map
 
     values, flags = locals(), _flags(MapConfig)
     cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
@@ -93,48 +106,50 @@ def map_cmd(
 @app.command("prune-eval")
 def prune_eval_cmd(
     config: str = typer.Argument(None, help=_PRESET_HELP),
-    model: str = typer.Option(None, help=MODEL_HELP), name: str = typer.Option(None, help="label in the report"),
-    corpus: str = typer.Option(None, help="calibration corpus (and evaluation corpus unless --eval-corpus)"),
-    eval_corpus: str = typer.Option(None, help="evaluation corpus (default: the documents of --corpus after the "
-                                               "calibration ones)"),
-    text_field: str = typer.Option(None, help="field holding the text in .jsonl / .parquet corpora"),
-    encoding: str = typer.Option(None, help=_ENCODING_HELP),
-    n_docs: int = typer.Option(None, help="calibration documents"),
-    n_docs_eval: int = typer.Option(None, help="evaluation documents (disjoint from the calibration ones)"),
-    max_length: int = typer.Option(None, help="tokens per document"),
-    min_length: int = typer.Option(None, help="shorter documents are skipped"),
-    layers: str = typer.Option(None, help="comma-separated MoE layers to prune, or 'all'"),
-    criteria: str = typer.Option(None, help="comma-separated criteria: observe metrics, random, causal (default: "
-                                            "all)"),
-    fractions: str = typer.Option(None, help="comma-separated shares of each layer's experts to remove "
-                                             "(default 0.125,0.25,0.5)"),
-    random_seeds: int = typer.Option(None, help="seeds of the random band (default 5)"),
-    per_layer: bool = typer.Option(None, help="also prune one layer at a time"),
-    n: int = typer.Option(None, help="positions per layer of the causal importance map"),
-    scope: str = typer.Option(None, help="importance map ablation scope: token or sequence"),
-    mode: str = typer.Option(None, help="importance map ablation mode: reroute (default), zero or renormalize"),
-    min_context: int = typer.Option(None, help="positions need at least this many tokens of context"),
-    alpha: float = typer.Option(None, help="family-wise error rate of the paired tests (Holm)"),
-    n_boot: int = typer.Option(None, help="document bootstrap resamples"),
-    n_perm: int = typer.Option(None, help="document sign flips of the permutation test"),
-    lm_eval_tasks: str = typer.Option(None, help="comma-separated lm-evaluation-harness tasks (moeaudit[lmeval])"),
-    lm_eval_include: str = typer.Option(None, help="directory of extra lm-eval task YAMLs"),
-    lm_eval_limit: int = typer.Option(None, help="at most this many documents per lm-eval task"),
-    dtype: str = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps"),
-    seed: int = typer.Option(None),
+    model: str = _option(_PRUNE, "model", MODEL_HELP),
+    name: str = _option(_PRUNE, "name", "label in the report", "from the model"),
+    corpus: str = _option(_PRUNE, "corpus", "calibration corpus (and evaluation corpus unless --eval-corpus)"),
+    eval_corpus: str = _option(_PRUNE, "eval_corpus", "evaluation corpus", "the documents of --corpus after the "
+                                                                          "calibration ones"),
+    text_field: str = _option(_PRUNE, "text_field", "field holding the text in .jsonl / .parquet corpora"),
+    encoding: str = _option(_PRUNE, "encoding", _ENCODING_HELP),
+    n_docs: int = _option(_PRUNE, "n_docs", "calibration documents"),
+    n_docs_eval: int = _option(_PRUNE, "n_docs_eval", "evaluation documents (disjoint from the calibration ones)"),
+    max_length: int = _option(_PRUNE, "max_length", "tokens per document"),
+    min_length: int = _option(_PRUNE, "min_length", "shorter documents are skipped"),
+    layers: str = _option(_PRUNE, "layers", "comma-separated MoE layers to prune, or 'all'", "all"),
+    criteria: str = _option(_PRUNE, "criteria", "comma-separated criteria: observe metrics, random, causal", "all"),
+    fractions: str = _option(_PRUNE, "fractions", "comma-separated shares of each layer's experts to remove"),
+    random_seeds: int = _option(_PRUNE, "random_seeds", "seeds of the random band"),
+    per_layer: bool = _option(_PRUNE, "per_layer", "also prune one layer at a time"),
+    n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map"),
+    scope: str = _option(_PRUNE, "scope", "importance map ablation scope: token or sequence"),
+    mode: str = _option(_PRUNE, "mode", "importance map ablation mode: reroute, zero or renormalize"),
+    min_context: int = _option(_PRUNE, "min_context", "positions need at least this many tokens of context"),
+    alpha: float = _option(_PRUNE, "alpha", "family-wise error rate of the paired tests (Holm)"),
+    n_boot: int = _option(_PRUNE, "n_boot", "document bootstrap resamples"),
+    n_perm: int = _option(_PRUNE, "n_perm", "document sign flips of the permutation test"),
+    lm_eval_tasks: str = _option(_PRUNE, "lm_eval_tasks", "comma-separated lm-evaluation-harness tasks "
+                                                          "(needs moeaudit\\[lmeval])", "none"),
+    lm_eval_include: str = _option(_PRUNE, "lm_eval_include", "directory of extra lm-eval task YAMLs"),
+    lm_eval_limit: int = _option(_PRUNE, "lm_eval_limit", "at most this many documents per lm-eval task", "all"),
+    dtype: str = _option(_PRUNE, "dtype", "auto, float32, bfloat16, float16"),
+    device: str = _option(_PRUNE, "device", "auto, cpu, cuda, cuda:N, mps"),
+    seed: int = _option(_PRUNE, "seed", "seed of the positions, tie-breaks, random rankings and resampling (>= 0)"),
     trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
-                                                         "read from a configuration file)"),
-    out: Path = typer.Option(None, help="run directory (default: runs/<name>-prune); re-running resumes it"),
+                                                       "read from a configuration file)"),
+    out: Path = _option(_PRUNE, "out", "run directory; re-running resumes it", "runs/<name>-prune"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
-    save_pruned: Path = typer.Option(None, help="also write a loadable checkpoint with the experts of "
-                                                "--save-criterion at --save-fraction deleted to this directory"),
-    save_criterion: str = typer.Option(None, help="criterion of the checkpoint --save-pruned writes"),
-    save_fraction: float = typer.Option(None, help="fraction of the checkpoint --save-pruned writes"),
+    save_pruned: Path = _option(_PRUNE, "save_pruned", "also write a loadable checkpoint with the experts of "
+                                                       "--save-criterion at --save-fraction deleted to this directory"),
+    save_criterion: str = _option(_PRUNE, "save_criterion", "criterion of the checkpoint --save-pruned writes",
+                                  "the run's only criterion"),
+    save_fraction: float = _option(_PRUNE, "save_fraction", "fraction of the checkpoint --save-pruned writes",
+                                   "the run's only fraction"),
 ) -> None:
     """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
-    from moeaudit.pruning import PruneConfig, prune_eval
+    from moeaudit.pruning import prune_eval
 
     values, flags = locals(), _flags(PruneConfig)
     cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)},

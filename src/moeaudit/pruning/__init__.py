@@ -1,23 +1,78 @@
 """Pruning experts and measuring what it costs: which experts a criterion removes, in-memory pruning equal to a
-sliced checkpoint, the causal importance map, and the ``prune-eval`` experiment."""
+sliced checkpoint, the causal importance map, and the ``prune-eval`` experiment.
 
-from moeaudit.pruning._config import MAP_PRESETS, PRUNE_PRESETS, MapConfig, PruneConfig
-from moeaudit.pruning._hook import pruned
-from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
-from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
-from moeaudit.pruning._plan import (
-    CAUSAL,
-    NONE,
-    RANDOM,
-    PruneGeometry,
-    n_removed,
-    plan_removal,
-    prune_geometry,
-    rank_experts,
-    removal_masks,
-)
-from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
-from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
+The names are imported on first use (:pep:`562`), so the command line reads the configuration classes without
+importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moeaudit.pruning._config import MAP_PRESETS, PRUNE_PRESETS, MapConfig, PruneConfig
+    from moeaudit.pruning._hook import pruned
+    from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
+    from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
+    from moeaudit.pruning._plan import (
+        CAUSAL,
+        NONE,
+        RANDOM,
+        PruneGeometry,
+        n_removed,
+        plan_removal,
+        prune_geometry,
+        rank_experts,
+        removal_masks,
+    )
+    from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
+    from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
+
+#: Public name -> the private module defining it.
+_EXPORTS: dict[str, str] = {
+    "CAUSAL": "_plan",
+    "IMPORTANCE_COLUMNS": "_importance",
+    "MAP_PRESETS": "_config",
+    "MapConfig": "_config",
+    "MapResult": "_pipeline",
+    "NONE": "_plan",
+    "PRUNE_PRESETS": "_config",
+    "PRUNING_FILE": "_slice",
+    "PruneConfig": "_config",
+    "PruneGeometry": "_plan",
+    "PruneResult": "_pipeline",
+    "PruneUnit": "_units",
+    "RANDOM": "_plan",
+    "build_units": "_units",
+    "collect_pool": "_importance",
+    "importance_map": "_pipeline",
+    "importance_table": "_importance",
+    "n_removed": "_plan",
+    "plan_removal": "_plan",
+    "prune_eval": "_pipeline",
+    "prune_geometry": "_plan",
+    "pruned": "_hook",
+    "rank_experts": "_plan",
+    "removal_masks": "_plan",
+    "save_pruned": "_slice",
+    "sequence_losses": "_units",
+    "slice_experts": "_slice",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CAUSAL",
