@@ -362,5 +362,6 @@ def headline_table(runs) -> Table:
                                                 "equivalent (|d| < SESOI)", "max |d|", "detectable d (80%)",
                                                 "control: significant layers", "control: max |d|"], rows,
                  notes="Significant: the document-clustered tests of the mean and of the signed rank both survive "
-                       "Bonferroni correction and agree in direction. Detectable d: the effect the rule finds with "
-                       "80% power at the run's n and number of cells (independent positions).")
+                       "Bonferroni correction and agree in direction, and (audit cells) the metric's ranking beats "
+                       "random rankings of the layer's experts (p_perm, same correction). Detectable d: the effect "
+                       "the rule finds with 80% power at the run's n and number of cells (independent positions).")
