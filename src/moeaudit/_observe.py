@@ -1,17 +1,13 @@
-"""Observational per-expert metrics of an MoE model over a corpus (one streaming pass) and the metric registry.
+"""Observational per-expert metrics of an MoE model over a corpus, in one streaming pass.
 
-A *criterion* is registered once with :func:`register_metric` and becomes one column of :func:`observe`'s frame.
-Per-token criteria map a :class:`LayerBatch` (one MoE layer, one batch of real tokens) to a value per routed
-(token, expert) pair, or per (token, expert) over all tokens, which the engine reduces per expert by a streaming
-mean, sum or standard deviation; weight-only criteria map ``(model, layer, experts)`` to one value per expert.
-The built-in criteria go through the same registry; only ``routed_count`` (and the token count) is special.
+Every column but ``routed_count`` is a criterion of the registry (:mod:`moeaudit._metric_registry`, re-exported
+here: :func:`register_metric`, :data:`METRICS`, :class:`LayerBatch`): per-token criteria are computed on each
+layer's :class:`LayerBatch` and reduced per expert by streaming moments; weight-only criteria read the weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -19,116 +15,20 @@ import torch
 from torch import nn
 
 from moeaudit._document_stats import DocumentStats, document_moments
-from moeaudit.errors import did_you_mean
+from moeaudit._metric_registry import (
+    METRICS,
+    OVER,
+    REDUCTIONS,
+    LayerBatch,
+    Metric,
+    register_builtins,
+    register_metric,
+    registered,
+    unregister_metric,
+)
 from moeaudit.intervene._state import capture_layer_outputs, capture_moe
 from moeaudit.models import MoEDescription, adapter_for, decoder_layers, describe, materialized, moe_block
 from moeaudit.models._describe import model_device
-
-REDUCTIONS = ("mean", "sum", "std")
-OVER = ("routed", "all")
-
-
-@dataclass(frozen=True)
-class LayerBatch:
-    """What a per-token criterion sees: one MoE layer over the T real tokens of one batch (padding removed).
-
-    Attributes:
-        layer: Decoder-layer index of the MoE layer.
-        n_experts: Routed experts of the layer.
-        token: [P] row (0..T-1) of each routed (token, expert) pair; P = T * top_k.
-        expert: [P] int64 expert of each pair.
-        weight: [P] float64 routing weight multiplying the expert's output (the router's returned weight, after
-            the model's own renormalisation and routed scaling).
-        output: [P, d_model] the expert's unweighted output on the pair's token.
-        output_norm: [P] float64 L2 norm of ``output``.
-        x: [T, d_model] input of the MoE block.
-        logits: [T, n_experts] router pre-selection scores.
-        router_probs: [T, n_experts] float32 router probability of every expert (see :func:`router_probabilities`).
-        routed: [T, n_experts] float32, 1 where the expert is in the token's top-k.
-        moe_change: [T] float64 ``1 - cos(h, h + m)``: h the residual stream entering the MoE sub-layer, m the
-            whole MoE output (shared experts included).
-        routed_change: [T] float64 ``1 - cos(h, h + r)``, r the routed experts' output only,
-            ``sum_j g_j E_j(x)`` (EASY-EP's token contribution before its clamp at 0).
-
-    The cosines are taken in float64: 1 - cos reaches ~5e-5 on the builtin model, where float32 cancellation
-    would leave ~1e-3 relative error.
-    """
-
-    layer: int
-    n_experts: int
-    token: torch.Tensor
-    expert: torch.Tensor
-    weight: torch.Tensor
-    output: torch.Tensor
-    output_norm: torch.Tensor
-    x: torch.Tensor
-    logits: torch.Tensor
-    router_probs: torch.Tensor
-    routed: torch.Tensor
-    moe_change: torch.Tensor
-    routed_change: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One registered criterion (exactly one of ``per_token`` / ``weight_only`` is set).
-
-    Attributes:
-        name: Column name (snake_case).
-        doc: One line with the formula, shown by the CLI.
-        per_token: ``LayerBatch -> Tensor``: [P] per routed pair (``over="routed"``) or [T, n_experts]
-            (``over="all"``).
-        weight_only: ``(model, layer, experts) -> array [len(experts)]``.
-        reduce: ``mean``, ``sum`` or ``std`` (sample, ddof=1) of the per-token values, per expert.
-        over: ``routed``: the values of the pairs routed to the expert; ``all``: every real token.
-    """
-
-    name: str
-    doc: str
-    per_token: Callable[[LayerBatch], torch.Tensor] | None = None
-    weight_only: Callable[[nn.Module, int, Sequence[int]], np.ndarray] | None = None
-    reduce: str = "mean"
-    over: str = "routed"
-
-
-_REGISTRY: dict[str, Metric] = {}
-_DOCS: dict[str, str] = {}
-METRICS = MappingProxyType(_DOCS)  # name -> doc of every registered criterion, in column order
-BUILTIN_METRICS: tuple[str, ...] = ()
-
-
-def register_metric(name: str, *, doc: str, per_token: Callable[[LayerBatch], torch.Tensor] | None = None,
-                    weight_only: Callable[[nn.Module, int, Sequence[int]], np.ndarray] | None = None,
-                    reduce: str = "mean", over: str = "routed") -> Metric:
-    """Register a criterion; it becomes a column of :func:`observe` (after those registered before it).
-
-    Example::
-
-        register_metric("max_weight_x_norm", doc="mean of w * ||E(x)||^2",
-                        per_token=lambda b: b.weight * b.output_norm ** 2)
-    """
-    if (per_token is None) == (weight_only is None):
-        raise ValueError(f"metric {name!r}: pass exactly one of per_token= or weight_only=.")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce={reduce!r} is not valid; choose one of {', '.join(REDUCTIONS)}.")
-    if over not in OVER:
-        raise ValueError(f"over={over!r} is not valid; choose one of {', '.join(OVER)}.")
-    if name in _REGISTRY or name in ("layer", "expert", "routed_count"):
-        raise ValueError(f"metric {name!r} is already registered (or is a base column); pick another name or "
-                         "call unregister_metric first.")
-    metric = Metric(name, doc, per_token, weight_only, reduce, over)
-    _REGISTRY[name] = metric
-    _DOCS[name] = doc
-    return metric
-
-
-def unregister_metric(name: str) -> None:
-    """Remove a user-registered criterion (built-ins cannot be removed)."""
-    if name in BUILTIN_METRICS:
-        raise ValueError(f"{name!r} is a built-in metric and cannot be unregistered.")
-    if name not in _REGISTRY:
-        raise ValueError(f"no metric {name!r} is registered.{did_you_mean(name, _REGISTRY)}")
-    del _REGISTRY[name], _DOCS[name]
 
 
 def router_probabilities(family: str, logits: torch.Tensor) -> torch.Tensor:
@@ -195,17 +95,6 @@ def _check_layers(desc: MoEDescription, layers: Iterable[int] | None) -> list[in
         raise ValueError(f"layers={bad or asked} are not MoE layers of this {desc.n_layers}-layer model; "
                          f"valid MoE layers: {list(desc.moe_layers)}{dense}.")
     return chosen
-
-
-def _check_metrics(metrics: Iterable[str] | None) -> list[Metric]:
-    if metrics is None:
-        return list(_REGISTRY.values())
-    names = [metrics] if isinstance(metrics, str) else list(metrics)
-    for name in names:
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown metric {name!r}; valid: {', '.join(_REGISTRY)}."
-                             f"{did_you_mean(name, _REGISTRY)}")
-    return [m for m in _REGISTRY.values() if m.name in names]
 
 
 def _check_sequence(seq) -> torch.Tensor:
@@ -325,7 +214,7 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
     desc = describe(model)
     adapter = adapter_for(model)
     chosen_layers = _check_layers(desc, layers)
-    chosen = _check_metrics(metrics)
+    chosen = registered(metrics)
     per_token = [m for m in chosen if m.per_token is not None]
     device, n_experts = model_device(model), desc.n_experts
     pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -404,12 +293,7 @@ def weight_only_values(metric: Metric, model: nn.Module, layer: int, n_experts: 
         return np.asarray(metric.weight_only(model, layer, list(range(n_experts))), dtype=np.float64).reshape(-1)
 
 
-def _register_builtins() -> tuple[str, ...]:
-    from moeaudit._criteria import BUILTIN_CRITERIA
+BUILTIN_METRICS = register_builtins()
 
-    for name, doc, kwargs in BUILTIN_CRITERIA:
-        register_metric(name, doc=doc, **kwargs)
-    return tuple(name for name, _, _ in BUILTIN_CRITERIA)
-
-
-BUILTIN_METRICS = _register_builtins()
+__all__ = ["BUILTIN_METRICS", "METRICS", "OVER", "REDUCTIONS", "LayerBatch", "Metric", "observe", "register_metric",
+           "router_probabilities", "unregister_metric", "weight_only_values"]
