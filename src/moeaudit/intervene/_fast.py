@@ -111,25 +111,35 @@ def run_fast(model: nn.Module, state: CleanState, ablations: Sequence[Ablation],
 
 def _plan_blocks(ctx: Context, layer: int, ablations: Sequence[Ablation], idxs: list[int],
                  results: list) -> list[_Block]:
-    """Blocks of the ablations that change something; the others get their (clean) result directly."""
+    """Blocks of the ablations that change something; the others get their (clean) result directly. Vectorised
+    over the layer's ablations: on a GPU this host-side planning runs while the device waits."""
     indices, weights = ctx.state.moe[layer].host_routing()
     losses = ctx.state.host_losses()
     seq_len, top_k = indices.shape
     # first[e]: the first position where expert e is routed (seq_len when never).
     first = np.full(ctx.desc.n_experts, seq_len, dtype=np.int64)
     np.minimum.at(first, indices.ravel(), np.repeat(np.arange(seq_len), top_k))
+    chosen = [ablations[i] for i in idxs]
+    counts = np.fromiter((len(ab.experts) for ab in chosen), dtype=np.int64, count=len(chosen))
+    experts = np.full((len(chosen), int(counts.max())), -1, dtype=np.int64)  # padded with -1 (no expert)
+    experts[np.arange(len(chosen)).repeat(counts), np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts,
+                                                                                     counts)] = \
+        np.fromiter((e for ab in chosen for e in ab.experts), dtype=np.int64, count=int(counts.sum()))
+    positions = np.fromiter((ab.position for ab in chosen), dtype=np.int64, count=len(chosen))
+    routed_here = (indices[positions][:, :, None] == experts[:, None, :]).any(axis=2)  # [N, top_k]
+    removed_weight = np.where(routed_here, weights[positions], np.float32(0)).sum(axis=1, dtype=np.float32)
+    sequence = np.fromiter((ab.scope != "token" for ab in chosen), dtype=bool, count=len(chosen))
+    first_routed = np.where(experts >= 0, first[experts.clip(min=0)], seq_len).min(axis=1)
+    starts = np.where(sequence, first_routed, positions)
+    unchanged = (~sequence & ~routed_here.any(axis=1)) | (starts > positions)
     blocks = []
-    for i in idxs:
-        ab = ablations[i]
-        t = ab.position
-        routed_here = np.isin(indices[t], ab.experts)
-        removed_weight = float(weights[t][routed_here].sum(dtype=np.float32))
-        start = t if ab.scope == "token" else int(first[list(ab.experts)].min())
-        if (ab.scope == "token" and not routed_here.any()) or start > t:
+    for i, ab, t, start, weight, same in zip(idxs, chosen, positions.tolist(), starts.tolist(),
+                                             removed_weight.tolist(), unchanged.tolist()):
+        if same:
             clean = float(losses[t])
-            results[i] = AblationResult(ab, clean, clean, 0.0, 0.0, 0.0, removed_weight)
-            continue
-        blocks.append(_Block(i, start, t, removed_weight))
+            results[i] = AblationResult(ab, clean, clean, 0.0, 0.0, 0.0, weight)
+        else:
+            blocks.append(_Block(i, start, t, weight))
     return blocks
 
 
@@ -181,6 +191,7 @@ def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[A
             results: list) -> set[_Block]:
     """Record a successful chunk: results of the ablations it finished (returned), carried keys of the others."""
     host, new_keys = out
+    rows = host.tolist() if host is not None else []  # Python floats, converted once per chunk
     finished: set[_Block] = set()
     losses = ctx.state.host_losses()
     k = 0
@@ -194,7 +205,7 @@ def _commit(ctx: Context, chunk: list[_Piece], out: tuple, ablations: Sequence[A
             continue
         ab = ablations[block.index]
         clean = float(losses[ab.position])
-        ablated, gap, final_gap = (float(v) for v in host[k])
+        ablated, gap, final_gap = rows[k]
         k += 1
         results[block.index] = AblationResult(ab, clean, ablated, ablated - clean, gap, final_gap,
                                               block.removed_weight)
@@ -232,19 +243,25 @@ def _run_chunk(ctx: Context, layer: int, chunk: list[_Piece], ablations: Sequenc
     """
     state = ctx.state
     device = ctx.devices[layer]
-    lengths = [p.last - p.first + 1 for p in chunk]
-    pos_list = [t for p in chunk for t in range(p.first, p.last + 1)]
-    piece_of_row = [k for k, n in enumerate(lengths) for _ in range(n)]
-    ends = np.cumsum(lengths) - 1
+    n = len(chunk)
+    firsts = np.fromiter((p.first for p in chunk), dtype=np.int64, count=n)
+    lengths = np.fromiter((p.last for p in chunk), dtype=np.int64, count=n) - firsts + 1
+    offsets = np.cumsum(lengths) - lengths
+    piece_of_row = np.repeat(np.arange(n), lengths)
+    pos_np = firsts[piece_of_row] + np.arange(int(lengths.sum())) - offsets[piece_of_row]
+    ends = offsets + lengths - 1
     finals = [k for k, p in enumerate(chunk) if p.final]
     # The plan goes to the device once per chunk: positions, block ids and starts, removal masks.
-    pos = torch.tensor(pos_list, device=device)
-    row_piece = torch.tensor(piece_of_row, device=device)
-    starts = torch.tensor([p.block.start for p in chunk], device=device)[row_piece]
-    removed = torch.zeros(len(chunk), ctx.desc.n_experts, dtype=torch.bool)
-    for k, p in enumerate(chunk):
-        removed[k, list(ablations[p.block.index].experts)] = True
-    removed = removed.to(device)
+    experts = [ablations[p.block.index].experts for p in chunk]
+    counts = np.fromiter((len(e) for e in experts), dtype=np.int64, count=n)
+    removed_np = np.zeros((n, ctx.desc.n_experts), dtype=bool)
+    removed_np[np.repeat(np.arange(n), counts),
+               np.fromiter((e for ex in experts for e in ex), dtype=np.int64, count=int(counts.sum()))] = True
+    pos = torch.from_numpy(pos_np).to(device)
+    row_piece = torch.from_numpy(piece_of_row).to(device)
+    starts = torch.from_numpy(np.fromiter((p.block.start for p in chunk), dtype=np.int64, count=n)).to(
+        device)[row_piece]
+    removed = torch.from_numpy(removed_np).to(device)
 
     clean_out = state.layer_out[layer]
     delta = _chunk_deltas(ctx, layer, pos, row_piece, removed, mode)
