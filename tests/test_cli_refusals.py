@@ -358,6 +358,18 @@ def test_map_and_prune_eval_refuse_like_run(tmp_path):
     refused(cli("prune-eval", *_flags(MAP_SMALL), "--eval-corpus", "latin1.txt", "--out", "run", cwd=tmp_path),
             latin, "--encoding")
     assert snapshot(tmp_path) == before
+    # refusals that need the model's geometry or the tokenised corpus: still before any ablation, still flag names
+    needs_model = [
+        ("map", ["--layers", "99"], ["--layers=99: 99 not MoE layer(s) of 'builtin:tiny-moe'", "leave --layers unset"]),
+        ("prune-eval", ["--fractions", "0.99"], ["--fractions=0.99 removes 16 of 16 experts",
+                                                 "Use a fraction of at most 0.75"]),
+        ("prune-eval", ["--criteria", "bogus,reap"], ["--criteria=bogus,reap: 'bogus' is not a criterion"]),
+        ("prune-eval", ["--n-docs-eval", "1000"], ["asks for 1002 (--n-docs=2 + --n-docs-eval=1000)",
+                                                   "Lower --n-docs or --n-docs-eval or --min-length"]),
+    ]
+    for command, args, fragments in needs_model:
+        refused(cli(command, *_flags(MAP_SMALL), *args, "--out", "run", cwd=tmp_path), *fragments)
+        assert snapshot(tmp_path) == before, (command, args)
 
 
 def test_map_resume_with_another_model_is_refused(tmp_path, monkeypatch):

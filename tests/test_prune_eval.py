@@ -150,9 +150,9 @@ def test_verdict_sentences_are_the_decisions():
 def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):
     for values, fragment in [({"fractions": [0.0, 0.5]}, r"not in \(0, 1\)"), ({"fractions": [0.5, 0.5]}, "repeat"),
                              ({"random_seeds": 1}, "at least 2"), ({"n_docs_eval": 1}, "at least 2"),
-                             ({"alpha": 1.5}, "alpha"), ({"criteria": []}, "criteria is empty"),
+                             ({"alpha": 1.5}, "alpha"), ({"criteria": []}, "criteria= is empty"),
                              ({"mode": "rerout"}, "Did you mean 'reroute'"), ({"fraction": 0.5}, "'fractions'"),
-                             ({"lm_eval_include": "x"}, "lm_eval_tasks is empty")]:
+                             ({"lm_eval_include": "x"}, "lm_eval_tasks= is empty")]:
         with pytest.raises(ConfigError, match=fragment):
             PruneConfig.from_mapping(values)
     for name, cfg in PruneConfig._PRESETS.items():

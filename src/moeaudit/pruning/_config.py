@@ -109,17 +109,17 @@ class PruneConfig(MapConfig):
     def _check(self) -> None:
         check_common(self)
         if not self.fractions:
-            raise ConfigError("fractions is empty; give at least one share of experts to remove, e.g. 0.25.")
+            raise ConfigError("fractions= is empty; give at least one share of experts to remove, e.g. 0.25.")
         bad = [f for f in self.fractions if not 0 < f < 1]
         if bad:
-            raise ConfigError(f"fractions {bad} are not in (0, 1); give shares of each layer's experts to remove, "
+            raise ConfigError(f"fractions={','.join(map(str, self.fractions))}: {bad} are not in (0, 1); give shares of each layer's experts to remove, "
                               "e.g. fractions = [0.125, 0.25, 0.5].")
         if len(set(self.fractions)) < len(self.fractions):
-            raise ConfigError(f"fractions {list(self.fractions)} repeat a value; give each fraction once.")
+            raise ConfigError(f"fractions={','.join(map(str, self.fractions))} repeats a value; give each fraction once.")
         if self.criteria is not None and not self.criteria:
-            raise ConfigError("criteria is empty; name at least one criterion, or leave it unset for all of them.")
+            raise ConfigError("criteria= is empty; name at least one criterion, or leave criteria= unset for all of them.")
         if self.criteria is not None and len(set(self.criteria)) < len(self.criteria):
-            raise ConfigError(f"criteria {list(self.criteria)} repeat a name; give each criterion once.")
+            raise ConfigError(f"criteria={','.join(self.criteria)} repeats a name; give each criterion once.")
         if self.random_seeds < 2 and (self.criteria is None or "random" in self.criteria):
             raise ConfigError(f"random_seeds={self.random_seeds}: the random band and its test need at least 2 "
                               "seeds (default 5).")
@@ -134,7 +134,7 @@ class PruneConfig(MapConfig):
             raise ConfigError(f"lm_eval_limit={self.lm_eval_limit}: use at least 1, or leave it unset for every "
                               "document of each task.")
         if self.lm_eval_include is not None and not self.lm_eval_tasks:
-            raise ConfigError("lm_eval_include is set but lm_eval_tasks is empty; name the tasks to score.")
+            raise ConfigError("lm_eval_include= is set but lm_eval_tasks= is empty; name the tasks to score.")
 
     def with_resolved_paths(self) -> PruneConfig:
         """:meth:`MapConfig.with_resolved_paths`, and the evaluation corpus and lm-eval task directory."""

@@ -34,7 +34,7 @@ def _task_manager(include: str | None, tasks: tuple[str, ...]):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise ConfigError(f"lm_eval_tasks needs lm-evaluation-harness, which is not installed: {_INSTALL}.") \
+        raise ConfigError(f"lm_eval_tasks= needs lm-evaluation-harness, which is not installed: {_INSTALL}.") \
             from exc
     if include:
         local = TaskManager(include_path=include, include_defaults=False)
@@ -49,13 +49,14 @@ def check_lm_eval(config: PruneConfig) -> None:
     from pathlib import Path
 
     if config.lm_eval_include is not None and not Path(config.lm_eval_include).is_dir():
-        raise ConfigError(f"lm_eval_include {config.lm_eval_include!r} is not a directory; pass the directory that "
+        raise ConfigError(f"lm_eval_include={config.lm_eval_include!r} is not a directory; pass the directory that "
                           "holds your task YAML files.")
     known = _task_manager(config.lm_eval_include, tuple(config.lm_eval_tasks)).all_tasks
     for task in config.lm_eval_tasks:
         if task not in known:
-            raise ConfigError(f"lm_eval_tasks: {task!r} is not an lm-eval task{did_you_mean(task, known)} (for a "
-                              "local task, pass the directory of its YAML as lm_eval_include).")
+            raise ConfigError(f"lm_eval_tasks={','.join(config.lm_eval_tasks)}: {task!r} is not an lm-eval task"
+                              f"{did_you_mean(task, known)} (for a local task, pass the directory of its YAML as "
+                              "lm_eval_include=).")
 
 
 def lm_eval_scores(model: nn.Module, tokenizer, tasks: Sequence[str], *, removal: dict | None = None,

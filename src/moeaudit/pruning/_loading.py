@@ -4,6 +4,7 @@ recorded in the run directory (``splits.json``, ``eval_tokens.parquet``) and che
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ import pandas as pd
 from torch import nn
 
 from moeaudit._checkpoint import ModelSource, hub_identity, locate_model, model_identity
-from moeaudit._preflight import check_device, check_identity, resolve_device
+from moeaudit._preflight import check_device, check_identity, check_layers, resolve_device
 from moeaudit.config import CORPUS_SOURCES
 from moeaudit.corpus import CorpusSequence, load_corpus, read_documents
-from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError
+from moeaudit.errors import CorpusError, RunDirectoryError
 from moeaudit.pipeline import ProgressSink, corpus_fingerprint
 from moeaudit.pruning._config import MapConfig
 from moeaudit.pruning._plan import PruneGeometry, prune_geometry
@@ -99,8 +100,8 @@ def _take(source: str, tokenizer, plan: MapPlan, n: int, what: str) -> list[Corp
                             documents=plan.documents.get(source))
     if len(sequences) < n:
         raise CorpusError(f"{source!r} has only {len(sequences)} documents of at least min_length="
-                          f"{config.min_length} tokens, but the run asks for {n} ({what}). Lower the document "
-                          "counts (n_docs, n_docs_eval) or min_length, or use a larger corpus.")
+                          f"{config.min_length} tokens, but the run asks for {n} ({what}). Lower "
+                          f"{' or '.join(re.findall(r'[a-z_]+=', what))} or min_length=, or use a larger corpus.")
     return sequences
 
 
@@ -108,16 +109,6 @@ def _split_record(source: str, sequences: list[CorpusSequence]) -> dict:
     return {"source": source, "n_docs": len(sequences), "doc_ids": [q.doc_index for q in sequences],
             "n_tokens": int(sum(len(q) for q in sequences)),
             "n_predicted_tokens": int(sum(len(q) - 1 for q in sequences)), "sha256": corpus_fingerprint(sequences)}
-
-
-def _check_layers(config: MapConfig, geometry: PruneGeometry) -> tuple[int, ...]:
-    if config.layers is None:
-        return geometry.moe_layers
-    bad = [layer for layer in config.layers if layer not in geometry.moe_layers]
-    if bad or len(set(config.layers)) < len(config.layers):
-        raise ConfigError(f"layers {list(config.layers)}: {bad or 'repeated'} are not (distinct) MoE layers of "
-                          f"this model; MoE layers: {', '.join(map(str, geometry.moe_layers))}.")
-    return tuple(sorted(config.layers))
 
 
 def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: ProgressSink, *,
@@ -139,7 +130,7 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
                              trust_remote_code=plan.trust_remote_code)
     desc = describe(model)
     geometry = prune_geometry(model)
-    layers = _check_layers(config, geometry)
+    layers = tuple(sorted(check_layers(config, desc)))  # refused before anything is computed
     if plan.source.kind == "hub":  # now that its files are cached: bind the run to them
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
         check_identity(run_dir, session.manifest, identity)
@@ -153,14 +144,16 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     with session.timer("load_corpus"):
         eval_source = getattr(config, "eval_corpus", None) or config.corpus
         if not evaluation:
-            calibration, held_out = _take(config.corpus, tokenizer, plan, config.n_docs, "n_docs"), []
+            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}")
+            held_out = []
         elif eval_source == config.corpus:
             n_eval = config.n_docs_eval
-            both = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval, "n_docs + n_docs_eval")
+            both = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval,
+                         f"n_docs={config.n_docs} + n_docs_eval={n_eval}")
             calibration, held_out = both[: config.n_docs], both[config.n_docs:]
         else:
-            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, "n_docs")
-            held_out = _take(eval_source, tokenizer, plan, config.n_docs_eval, "n_docs_eval")
+            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}")
+            held_out = _take(eval_source, tokenizer, plan, config.n_docs_eval, f"n_docs_eval={config.n_docs_eval}")
     splits = {"calibration": _split_record(config.corpus, calibration)}
     if evaluation:
         splits["evaluation"] = _split_record(eval_source, held_out)

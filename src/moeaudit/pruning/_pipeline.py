@@ -163,7 +163,7 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
                           f"{', '.join(map(str, config.fractions))}.")
     if tuple(layers) != tuple(geometry.moe_layers):
         raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
-                          "layers); leave layers unset.")
+                          "layers); leave layers= unset.")
 
 
 def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,

@@ -91,25 +91,25 @@ def n_removed(geometry: PruneGeometry, fraction: float) -> int:
     """
     E, k, g = geometry.n_experts, geometry.top_k, geometry.groups
     if not 0 < fraction < 1:
-        raise ConfigError(f"fraction {fraction} is not in (0, 1); give the share of each layer's experts to remove, "
+        raise ConfigError(f"fractions={fraction}: not in (0, 1); give the share of each layer's experts to remove, "
                           "e.g. 0.25.")
     m = _half_up(fraction * E)
     if g is not None:
         m = _half_up(m / g.n_group) * g.n_group
     if m == 0:
         unit = f"{g.n_group} (one per routing group)" if g else "1"
-        raise ConfigError(f"fraction {fraction} removes no expert of {E} (round({fraction} x {E}) = 0"
+        raise ConfigError(f"fractions={fraction} removes no expert of {E} (round({fraction} x {E}) = 0"
                           f"{' after rounding to whole groups' if g else ''}); the smallest pruning removes {unit}: "
                           f"use a fraction of at least {(g.n_group if g else 1) / E:.4g}.")
     if E - m < k:
-        raise ConfigError(f"fraction {fraction} removes {m} of {E} experts, leaving {E - m} < top_k = {k}: the "
+        raise ConfigError(f"fractions={fraction} removes {m} of {E} experts, leaving {E - m} < top_k = {k}: the "
                           f"router could not choose {k} experts. Use a fraction of at most {(E - k) / E:.4g}.")
     if g is not None:
         remaining = geometry.per_group - m // g.n_group
         need = max(g.min_per_group, math.ceil(k / g.topk_group))
         if remaining < need:
             raise ConfigError(
-                f"fraction {fraction} removes {m // g.n_group} of the {geometry.per_group} experts of each of the "
+                f"fractions={fraction} removes {m // g.n_group} of the {geometry.per_group} experts of each of the "
                 f"{g.n_group} routing groups (group-balanced), leaving {remaining} per group; the group-limited rule "
                 f"(top {g.topk_group} groups, top_k = {k}) needs at least {need} per group. Use a smaller fraction.")
     return m

@@ -65,7 +65,8 @@ def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
         return valid
     for c in criteria:
         if c not in valid:
-            raise ConfigError(f"criteria: {c!r} is not a criterion; valid: {', '.join(valid)}.{did_you_mean(c, valid)}")
+            raise ConfigError(f"criteria={','.join(criteria)}: {c!r} is not a criterion; valid: {', '.join(valid)}."
+                              f"{did_you_mean(c, valid)}")
     return list(criteria)
 
 
