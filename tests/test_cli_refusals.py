@@ -395,3 +395,10 @@ def test_map_resume_with_another_model_is_refused(tmp_path, monkeypatch):
     _checkpoint(original, seed=0)  # the original weights again: resumes without recomputing
     again = importance_map(config, run, report=False)
     pd.testing.assert_frame_equal(again.importance, first.importance)
+    # a directory holds one kind of run: an audit or a prune-eval into a map directory is refused as such
+    before = snapshot(run)
+    for command in ("run", "prune-eval"):
+        refused(cli(command, *_flags({**MAP_SMALL, "model": "ckpt"}), "--out", str(run), cwd=tmp_path),
+                f"'{run}' holds a `moeaudit map` run, not a `moeaudit {command}` one",
+                "Choose another run directory (--out), or resume it with `moeaudit map`")
+    assert snapshot(run) == before

@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fa
     import pandas as pd
 
 FORMAT_VERSION = 1
+#: ``manifest["tool"]`` of an audit run directory (``moeaudit run`` / ``demo`` / ``merge``); ``moeaudit map`` and
+#: ``moeaudit prune-eval`` write their own command.
+RUN_TOOL = "moeaudit"
 MANIFEST = "manifest.json"
 RECORDS = "records"
 CELL_KINDS: tuple[str, ...] = ("single", "progressive")
@@ -255,7 +258,7 @@ class RunDirectory:
         """
         if self.exists():
             manifest = self.manifest()
-            self.check_config(manifest, config, defaults=defaults)
+            self.check_config(manifest, config, defaults=defaults, tool=new_manifest.get("tool", RUN_TOOL))
             manifest["config"] = config
             return manifest, True
         if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
@@ -266,15 +269,24 @@ class RunDirectory:
         return new_manifest, False
 
     def check_config(self, manifest: dict[str, Any], config: dict[str, Any], *,
-                     defaults: dict[str, Any] | None = None) -> None:
-        """Refuse to resume when the manifest's configuration differs from ``config`` (both plain dicts). A key the
-        stored configuration lacks (written by a version without it) counts as its value in ``defaults``; a legacy
-        key the requested configuration no longer has (:data:`moeaudit.config.LEGACY_KEYS`) is ignored.
+                     defaults: dict[str, Any] | None = None, tool: str = RUN_TOOL) -> None:
+        """Refuse to resume when the directory holds another command's run (``manifest["tool"]`` is not ``tool``)
+        or the manifest's configuration differs from ``config`` (both plain dicts). A key the stored configuration
+        lacks (written by a version without it) counts as its value in ``defaults``; a legacy key the requested
+        configuration no longer has (:data:`moeaudit.config.LEGACY_KEYS`) is ignored.
 
         Raises:
-            RunDirectoryError: A key moeaudit does not have, or values that differ (each named).
+            RunDirectoryError: Another command's run, a key moeaudit does not have, or values that differ (each
+                named).
         """
         from moeaudit.config import LEGACY_KEYS
+
+        stored_tool = manifest.get("tool")
+        if isinstance(stored_tool, str) and stored_tool != tool:
+            raise RunDirectoryError(
+                f"{str(self.path)!r} holds a `{_command(stored_tool)}` run, not a `{_command(tool)}` one; a "
+                f"directory holds one kind of run. Choose another run directory (out=), or resume it with "
+                f"`{_command(stored_tool)}`.")
 
         own = {k: v for k, v in manifest["config"].items() if k in config or k not in LEGACY_KEYS}
         stored = {**(defaults or {}), **own}
@@ -290,9 +302,7 @@ class RunDirectory:
                 "" if k in own else " (the run predates this setting; it ran as the stored value)")
                 for k, a, b in differences)
             toml = self.path / "config.toml"
-            tool = manifest.get("tool")
-            command = tool if isinstance(tool, str) and tool.startswith("moeaudit ") else "moeaudit run"
-            resume = (f", or resume it with its stored configuration: {command} {str(toml)!r} --out "
+            resume = (f", or resume it with its stored configuration: moeaudit run {str(toml)!r} --out "
                       f"{str(self.path)!r}" if _holds_config(toml, stored) else "")
             older = any(k not in own for k, _, _ in differences)
             raise RunDirectoryError(
@@ -325,6 +335,11 @@ class RunDirectory:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _command(tool: str) -> str:
+    """The command that writes run directories of ``tool``."""
+    return "moeaudit run" if tool == RUN_TOOL else tool
 
 
 def _holds_config(toml: Path, stored: dict[str, Any]) -> bool:
