@@ -229,8 +229,8 @@ def progressive_table(progressive: pd.DataFrame, model: str) -> Table | None:
                  ["layer", "order", "n", *[f"k={k}" for k in ks]], rows,
                  notes="k: number of active experts removed together at one position, in the order named (by "
                        "routing weight, or a seeded random order per position); every order at the same "
-                       "positions. A P95 far above the median marks a heavy upper tail: most tokens barely move, "
-                       "a few break.", align_left=2)
+                       "positions. A P95 far above the median marks a heavy upper tail: a few tokens carry much of "
+                       "the mean.", align_left=2)
 
 
 def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:

@@ -244,8 +244,9 @@ def progressive_verdict(progressive: pd.DataFrame) -> str | None:
             f"ones together) changes the mean loss by {mild['mean']:+.3f} nats at L{mild['layer']} (the mildest "
             f"layer) up to {worst['mean']:+.3f} at L{worst['layer']}. ")
     if heavy["p95"] > 5 * max(abs(heavy["median"]), 1e-3):
-        text += (f"The heaviest upper tail is at L{heavy['layer']}: median {heavy['median']:+.3f} but P95 "
-                 f"{heavy['p95']:+.3f}, so most tokens barely move while a few break.")
+        text += (f"The heaviest upper tail is at L{heavy['layer']}: half of the tokens change by at most "
+                 f"{heavy['median']:+.3f} nats but 5% by {heavy['p95']:+.3f} or more, so a few tokens carry much of "
+                 "the mean.")
     else:
         text += "No layer shows a heavy upper tail (everywhere P95 ≤ 5 × max(|median|, 0.001) nats)."
     return text
