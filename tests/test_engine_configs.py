@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -225,6 +227,35 @@ def test_observe_with_offloaded_layers_equals_the_undispatched_model(tmp_path):
     halves = observe(model, seqs, per_document=True).table([0, 2])
     pd.testing.assert_frame_equal(halves, observe(tiny_model(family), [seqs[0], seqs[2]]), check_exact=False,
                                   rtol=0, atol=1e-9)
+
+
+def test_run_with_layers_offloaded_to_disk_equals_the_plain_run(tmp_path, monkeypatch):
+    """A device map that sends MoE layers to disk needs an offload folder (transformers re-saves the fused experts
+    there): moeaudit makes a temporary one, and deletes it with the model. The audit's records equal the plain
+    run's."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    import gc
+    import json
+    import tempfile
+
+    from moeaudit import RunConfig, run_audit
+
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
+    layers = {f"model.layers.{i}": "disk" if i in (1, 7) else "cpu" for i in range(8)}
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", **layers, "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    base = RunConfig.preset("demo").replace(layers=[1, 7], n=12, n_docs=2, experiments=["audit"], device="auto")
+    spread = run_audit(base.replace(device_map=str(tmp_path / "map.json")), tmp_path / "spread", report=False)
+    plain = run_audit(base, tmp_path / "plain", report=False)
+    manifest = json.loads((tmp_path / "spread" / "manifest.json").read_text())
+    assert manifest["sessions"][-1]["device_map"]["model.layers.7"] == "disk"
+    assert len(spread.records) == len(plain.records) > 0
+    assert np.allclose(spread.records["delta"], plain.records["delta"], atol=1e-5)
+    gc.collect()
+    offload = [p for p in made if "moeaudit-offload-" in p]
+    assert len(offload) == 1 and not Path(offload[0]).exists()  # the offload folder went with the model
 
 
 def test_load_model_with_device_map(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -173,8 +176,9 @@ def load_model(
             (GPUs first, then CPU RAM, then disk), or a manual ``{module: device}`` map (a dict or a ``.json``
             file). The engines move hidden states, masks, rotary embeddings and cached keys/values to each layer's
             device.
-        offload_folder: Where accelerate may put weights that fit on no device (``device_map`` only; transformers
-            asks for it when a map sends modules to ``disk``).
+        offload_folder: Where accelerate puts weights that fit on no device (``device_map`` only). Default: a new
+            temporary directory (under ``$TMPDIR``), deleted with the model; MoE checkpoints need one whenever a
+            layer goes to ``disk``, since their fused expert weights are re-saved there.
 
     Returns:
         ``(model, tokenizer)`` as plain transformers objects.
@@ -216,14 +220,32 @@ def load_weights(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
             raise ImportError("device_map needs accelerate: pip install 'moeaudit[accelerate]' (or pip install "
                               "accelerate), or load the model on one device with device=...") from None
         kwargs["device_map"] = device_map
-        if offload_folder is not None:
-            kwargs["offload_folder"] = str(offload_folder)
+        temporary = None
+        if offload_folder is None:  # MoE checkpoints' fused experts are re-saved when offloaded to disk
+            temporary = tempfile.mkdtemp(prefix="moeaudit-offload-")
+        kwargs["offload_folder"] = str(offload_folder or temporary)
     with _load_errors(source, trust_remote_code):
-        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+        except BaseException:
+            if device_map is not None and temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
     if device_map is None:
         model.to(device)
+    elif temporary is not None:
+        _remove_with(model, temporary)
     model.eval()
     return model
+
+
+def _remove_with(model: torch.nn.Module, folder: str) -> None:
+    """Delete ``folder`` (weights accelerate offloaded to disk) when ``model`` is garbage-collected, or at exit; an
+    empty folder (nothing went to disk) is deleted at once."""
+    if not any(Path(folder).iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    weakref.finalize(model, shutil.rmtree, folder, True)
 
 
 @contextmanager
