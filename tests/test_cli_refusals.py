@@ -9,6 +9,7 @@ weights use the embedded model or a tiny saved checkpoint.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -85,6 +86,10 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path):
         (["--corpus", str(markup.relative_to(tmp_path))], [f"corpus file '{markup}' does not exist",
                                                            "Pass an existing .txt"]),
     ]
+    if importlib.util.find_spec("ray") is not None:
+        cases.append((["--device", "auto", "--device-map", "auto", "--executor", "ray"],
+                      ["--executor ray loads the whole model on one device per actor, but --device-map='auto'",
+                       "run with --executor local, and split the work over machines with --shard I/N"]))
     before = snapshot(tmp_path)
     for args, fragments in cases:
         out = ["--out", "run"] if "--out" not in args else []

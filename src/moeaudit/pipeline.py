@@ -146,7 +146,7 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
     with sigterm_as_interrupt():
         plan = preflight(config, run_dir.path)
         check_metrics(config.metrics)
-        check_executor(execution)
+        check_executor(execution, plan.config)
         device = check_device(resolve_device(plan.config.device))
         timer = StageTimer()
         session: dict[str, Any] = {"started": now(), "environment": environment()}

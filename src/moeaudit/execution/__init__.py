@@ -30,11 +30,19 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def check_executor(execution: Execution) -> None:
-    """Refuse an executor whose package is missing, before anything is loaded."""
+def check_executor(execution: Execution, config=None) -> None:
+    """Refuse an executor whose package is missing, or that cannot honour ``config``, before anything is loaded.
+
+    Ray actors each load the whole model on one device (one GPU each), so a configuration whose ``device_map``
+    spreads the model over several devices is refused for Ray rather than silently loaded whole per actor.
+    """
     if execution.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("--executor ray needs Ray, which is not installed here: pip install 'moeaudit[ray]' "
                           "(or 'ray>=2.40'), or run with --executor local.")
+    if execution.executor == "ray" and getattr(config, "device_map", None) is not None:
+        raise ConfigError(f"--executor ray loads the whole model on one device per actor, but device_map="
+                          f"{config.device_map!r} spreads it over several; for a model that needs a device map, "
+                          "run with --executor local, and split the work over machines with --shard I/N.")
 
 
 def release_device_memory() -> None:
@@ -52,7 +60,7 @@ def make_executor(execution: Execution, *, config, model: nn.Module,
                   trust_remote_code: bool = False) -> CellExecutor:
     """The executor ``execution`` names (``model`` serves the local one; Ray actors load their own, running the
     checkpoint's code only when the caller allowed it: ``trust_remote_code`` is not configuration)."""
-    check_executor(execution)
+    check_executor(execution, config)
     if execution.executor == "ray":
         from moeaudit.execution._ray import RayExecutor
 
