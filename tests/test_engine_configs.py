@@ -253,6 +253,9 @@ def test_run_with_layers_offloaded_to_disk_equals_the_plain_run(tmp_path, monkey
     assert manifest["sessions"][-1]["device_map"]["model.layers.7"] == "disk"
     assert len(spread.records) == len(plain.records) > 0
     assert np.allclose(spread.records["delta"], plain.records["delta"], atol=1e-5)
+    # the placement is not part of what a run computes: resumed on one device, every cell is read back
+    again = run_audit(base, tmp_path / "spread", report=False)
+    assert again.computed_cells == [] and len(again.resumed_cells) == 2
     gc.collect()
     offload = [p for p in made if "moeaudit-offload-" in p]
     assert len(offload) == 1 and not Path(offload[0]).exists()  # the offload folder went with the model

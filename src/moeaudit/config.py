@@ -57,6 +57,9 @@ DEVICES = "auto, cpu, cuda, cuda:N, mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: Keys that configuration files of earlier versions hold and that no longer configure a :class:`RunConfig`.
 LEGACY_KEYS: tuple[str, ...] = ("trust_remote_code",)
+#: Keys that place the computation without changing its numbers beyond rounding: a run may be resumed (and shards
+#: merged) with other values of these (each session records its own placement in the manifest).
+PLACEMENT_KEYS: tuple[str, ...] = ("device_map",)
 #: Corpus names that are not files (kept in step with :data:`moeaudit.corpus.NAMED_SOURCES`, tested).
 CORPUS_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
 

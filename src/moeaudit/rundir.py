@@ -371,8 +371,11 @@ def _damaged(path: Path, exc: Exception) -> RunDirectoryError:
 
 
 def config_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, stored, requested)`` for every key whose values differ."""
-    keys = list(dict.fromkeys([*stored, *requested]))
+    """``(key, stored, requested)`` for every key whose values differ, placement keys
+    (:data:`moeaudit.config.PLACEMENT_KEYS`, e.g. ``device_map``) aside."""
+    from moeaudit.config import PLACEMENT_KEYS
+
+    keys = [k for k in dict.fromkeys([*stored, *requested]) if k not in PLACEMENT_KEYS]
     return [(k, stored.get(k), requested.get(k)) for k in keys if stored.get(k) != requested.get(k)]
 
 
