@@ -240,3 +240,27 @@ def test_every_config_key_has_a_flag():
         result = runner.invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200"})
         for f in dataclasses.fields(cls):
             assert f"--{f.name.replace('_', '-')}" in result.output, (command, f.name)
+
+
+@pytest.mark.slow
+def test_prune_eval_with_layers_offloaded_to_disk_equals_the_plain_run(tmp_path):
+    """prune-eval (importance map, observe criteria, in-memory pruning, held-out losses) on a model whose layers 1
+    and 7 accelerate keeps on disk gives the plain run's numbers; saving a sliced checkpoint needs the whole model
+    and is refused before any work."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    layers = {f"model.layers.{i}": "disk" if i in (1, 7) else "cpu" for i in range(8)}
+    (tmp_path / "map.json").write_text(json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", **layers,
+                                                   "model.norm": "cpu", "lm_head": "cpu"}))
+    config = PruneConfig(**{**SMALL, "device": "auto"})
+    plain = prune_eval(config, tmp_path / "plain", report=False)
+    spread_config = dataclasses.replace(config, device_map=str(tmp_path / "map.json"))
+    spread = prune_eval(spread_config, tmp_path / "spread", report=False)
+    pd.testing.assert_frame_equal(spread.pruned, plain.pruned)
+    assert np.allclose(spread.prune["mean_loss"], plain.prune["mean_loss"], atol=1e-5)
+    assert np.allclose(spread.importance["mean_delta"], plain.importance["mean_delta"], atol=1e-5, equal_nan=True)
+    session = json.loads((tmp_path / "spread" / "manifest.json").read_text())["sessions"][-1]
+    assert session["device_map"]["model.layers.7"] == "disk"
+    with pytest.raises(ConfigError, match="--save-pruned slices the checkpoint from the loaded model"):
+        prune_eval(spread_config, tmp_path / "refused", save_pruned=tmp_path / "out", save_criterion="reap",
+                   save_fraction=0.5)
+    assert not (tmp_path / "refused").exists()

@@ -152,18 +152,6 @@ class RunConfig(FlatConfig):
         for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
-        if self.device_map in ("", "none"):
-            object.__setattr__(self, "device_map", None)
-        if self.device_map is not None:
-            from moeaudit.models._loading import DEVICE_MAPS
-
-            if self.device_map not in DEVICE_MAPS and not self.device_map.endswith(".json"):
-                _choice("device_map", self.device_map, DEVICE_MAPS)
-            if self.device != "auto":
-                raise ConfigError(f"device={self.device!r} and device_map={self.device_map!r} both place the model: "
-                                  "device puts all of it on one device, device_map spreads its layers over every "
-                                  "visible device (then CPU, then disk). Set one of them (leave device at 'auto' "
-                                  "with a device_map).")
         if not 0.0 < self.sesoi_d < 10.0:
             raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
                               "e.g. 0.2 (Cohen's small).")
@@ -183,10 +171,8 @@ class RunConfig(FlatConfig):
         from moeaudit._checkpoint import resolve_model_name
 
         corpus = resolve_corpus(self.corpus)
-        device_map = self.device_map
-        if device_map is not None and device_map.endswith(".json"):
-            device_map = str(Path(device_map).expanduser().resolve())
-        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=corpus, device_map=device_map)
+        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=corpus,
+                                   device_map=resolve_device_map_path(self.device_map))
 
 
 def model_label(model: str, name: str | None = None) -> str:
@@ -220,11 +206,36 @@ def check_common(config) -> None:
                           "than once; list each layer once.")
     if not config.model:
         raise ConfigError("model= is empty; give a hub id, a checkpoint directory or builtin:tiny-moe.")
+    if hasattr(config, "device_map"):
+        _check_device_map(config)
     try:
         codecs.lookup(config.encoding)
     except LookupError:
         raise ConfigError(f"encoding={config.encoding!r} is not a text encoding Python knows; e.g. utf-8, "
                           "latin-1, cp1252, utf-16.") from None
+
+
+def _check_device_map(config) -> None:
+    if config.device_map in ("", "none"):
+        object.__setattr__(config, "device_map", None)
+    if config.device_map is None:
+        return
+    from moeaudit.models._loading import DEVICE_MAPS
+
+    if config.device_map not in DEVICE_MAPS and not config.device_map.endswith(".json"):
+        _choice("device_map", config.device_map, DEVICE_MAPS)
+    if config.device != "auto":
+        raise ConfigError(f"device={config.device!r} and device_map={config.device_map!r} both place the model: "
+                          "device puts all of it on one device, device_map spreads its layers over every visible "
+                          "device (then CPU, then disk). Set one of them (leave device at 'auto' with a "
+                          "device_map).")
+
+
+def resolve_device_map_path(device_map: str | None) -> str | None:
+    """A ``.json`` device map's absolute path (against the current directory); named strategies unchanged."""
+    if device_map is not None and device_map.endswith(".json"):
+        return str(Path(device_map).expanduser().resolve())
+    return device_map
 
 
 def resolve_corpus(corpus: str) -> str:

@@ -77,6 +77,8 @@ def map_cmd(
     min_context: int = _option(_MAP, "min_context", "positions need at least this many tokens of context"),
     dtype: str = _option(_MAP, "dtype", "auto, float32, bfloat16, float16"),
     device: str = _option(_MAP, "device", "auto, cpu, cuda, cuda:N, mps"),
+    device_map: str = _option(_MAP, "device_map", "spread the model over several devices with accelerate: auto, "
+                                                   "balanced, balanced_low_0, sequential, or a .json map"),
     seed: int = _option(_MAP, "seed", "seed of the position sampling (>= 0)"),
     trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
                                                        "read from a configuration file)"),
@@ -135,6 +137,8 @@ def prune_eval_cmd(
     lm_eval_limit: int = _option(_PRUNE, "lm_eval_limit", "at most this many documents per lm-eval task", "all"),
     dtype: str = _option(_PRUNE, "dtype", "auto, float32, bfloat16, float16"),
     device: str = _option(_PRUNE, "device", "auto, cpu, cuda, cuda:N, mps"),
+    device_map: str = _option(_PRUNE, "device_map", "spread the model over several devices with accelerate: auto, "
+                                                   "balanced, balanced_low_0, sequential, or a .json map"),
     seed: int = _option(_PRUNE, "seed", "seed of the positions, tie-breaks, random rankings and resampling (>= 0)"),
     trust_remote_code: bool = typer.Option(False, help="run modelling code shipped with the checkpoint (never "
                                                        "read from a configuration file)"),

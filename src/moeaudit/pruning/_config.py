@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from moeaudit.config import FlatConfig, check_common, model_label, resolve_corpus
+from moeaudit.config import FlatConfig, check_common, model_label, resolve_corpus, resolve_device_map_path
 from moeaudit.errors import ConfigError
 
 
@@ -34,6 +34,8 @@ class MapConfig(FlatConfig):
         min_context: Positions need at least this many tokens of context.
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        device_map: Spread the model over several devices with accelerate, as :class:`moeaudit.RunConfig`'s (a
+            placement: a run may be resumed with another one).
         seed: Seed of the position sampling (and, for prune-eval, of tie-breaks, random rankings and resampling).
 
     ``trust_remote_code`` is not a key (as for :class:`moeaudit.RunConfig`): only the caller enables it, per call
@@ -55,6 +57,7 @@ class MapConfig(FlatConfig):
     min_context: int = 1
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None
     seed: int = 0
 
     def _check(self) -> None:
@@ -65,7 +68,8 @@ class MapConfig(FlatConfig):
         directory), so the run directory's configuration means the same inputs from anywhere."""
         from moeaudit._checkpoint import resolve_model_name
 
-        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=resolve_corpus(self.corpus))
+        return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=resolve_corpus(self.corpus),
+                                   device_map=resolve_device_map_path(self.device_map))
 
     @property
     def label(self) -> str:

@@ -127,7 +127,7 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     with session.timer("load_model"):
         tokenizer = load_tokenizer(plan.source, trust_remote_code=plan.trust_remote_code)
         model = load_weights(plan.source, dtype=config.dtype, device=device,
-                             trust_remote_code=plan.trust_remote_code)
+                             trust_remote_code=plan.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
     geometry = prune_geometry(model)
     layers = tuple(sorted(check_layers(config, desc)))  # refused before anything is computed
@@ -135,7 +135,11 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
         check_identity(run_dir, session.manifest, identity)
         session.manifest["model_identity"] = identity
-    session.entry.update(device=device, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    placement = getattr(model, "hf_device_map", None) if config.device_map else None
+    session.entry.update(device=device if placement is None else f"device_map={config.device_map}",
+                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    if placement is not None:
+        session.entry["device_map"] = {k: str(v) for k, v in placement.items()}
     session.manifest["model"] = {"family": desc.family, "n_layers": desc.n_layers,
                                  "moe_layers": list(desc.moe_layers), "n_experts": desc.n_experts,
                                  "top_k": desc.top_k, "n_shared_experts": desc.n_shared_experts,

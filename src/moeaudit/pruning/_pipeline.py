@@ -203,6 +203,11 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         else:
             raise ConfigError("--save-pruned needs --save-criterion and --save-fraction: the run prunes by "
                               f"{len(criteria)} criteria at {len(config.fractions)} fractions.")
+    if save_pruned is not None and config.device_map is not None:
+        raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
+                          f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "
+                          "without device_map= to write the pruned checkpoint (pruned.parquet lists the removed "
+                          "experts of every pruned model).")
     if config.lm_eval_tasks:
         from moeaudit.pruning._lmeval import check_lm_eval
 
