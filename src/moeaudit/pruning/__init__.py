@@ -11,14 +11,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moeaudit.pruning._config import MAP_PRESETS, PRUNE_PRESETS, MapConfig, PruneConfig
+    from moeaudit.pruning._config import CAUSAL, MAP_PRESETS, NONE, PRUNE_PRESETS, RANDOM, MapConfig, PruneConfig
     from moeaudit.pruning._hook import pruned
     from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
     from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
     from moeaudit.pruning._plan import (
-        CAUSAL,
-        NONE,
-        RANDOM,
         PruneGeometry,
         n_removed,
         plan_removal,
@@ -31,19 +28,19 @@ if TYPE_CHECKING:
 
 #: Public name -> the private module defining it.
 _EXPORTS: dict[str, str] = {
-    "CAUSAL": "_plan",
+    "CAUSAL": "_config",
     "IMPORTANCE_COLUMNS": "_importance",
     "MAP_PRESETS": "_config",
     "MapConfig": "_config",
     "MapResult": "_pipeline",
-    "NONE": "_plan",
+    "NONE": "_config",
     "PRUNE_PRESETS": "_config",
     "PRUNING_FILE": "_slice",
     "PruneConfig": "_config",
     "PruneGeometry": "_plan",
     "PruneResult": "_pipeline",
     "PruneUnit": "_units",
-    "RANDOM": "_plan",
+    "RANDOM": "_config",
     "build_units": "_units",
     "collect_pool": "_importance",
     "importance_map": "_pipeline",

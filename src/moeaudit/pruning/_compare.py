@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from moeaudit.pruning._plan import CAUSAL, NONE, RANDOM
+from moeaudit.pruning._config import CAUSAL, NONE, RANDOM
 from moeaudit.pruning._units import PruneUnit
 from moeaudit.stats import clustered_difference, clustered_mean, correct, prediction_test
 

@@ -12,6 +12,13 @@ from types import MappingProxyType
 from moeaudit.config import FlatConfig, check_common, model_label, resolve_corpus, resolve_device_map_path
 from moeaudit.errors import ConfigError
 
+#: Criterion ranking experts by a seeded random permutation (the baseline band).
+RANDOM = "random"
+#: Criterion ranking experts by their mean ΔL in the causal importance map (the reference).
+CAUSAL = "causal"
+#: The unpruned model's row in the result tables.
+NONE = "none"
+
 
 @dataclass(frozen=True)
 class MapConfig(FlatConfig):

@@ -20,19 +20,20 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
-from moeaudit.pruning._config import MapConfig, PruneConfig
-from moeaudit.pruning._importance import collect_pool, importance_table
-from moeaudit.pruning._loading import Loaded, MapPlan, load_splits, preflight_map
-from moeaudit.pruning._plan import CAUSAL, NONE, RANDOM, n_removed
-from moeaudit.pruning._units import PruneUnit, build_units, pruned_table, resolve_criteria, sequence_losses
+from moeaudit.pruning._config import CAUSAL, RANDOM, MapConfig, PruneConfig
+from moeaudit.pruning._preflight import MapPlan, preflight_map
 from moeaudit.rundir import RunDirectory
+
+if TYPE_CHECKING:  # the modules that need torch are imported once the checks before any work have passed
+    from moeaudit.pruning._loading import Loaded
+    from moeaudit.pruning._units import PruneUnit
 
 
 @dataclass
@@ -110,13 +111,14 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
         VerificationError: the verification suite failed; no data was collected.
     """
-    from moeaudit.report._prune import write_map_report
-
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
+    from moeaudit.report._prune import write_map_report  # after the checks: it imports torch and matplotlib
     run_dir = RunDirectory(out)
 
     def work(s) -> MapResult:
+        from moeaudit.pruning._loading import load_splits
+
         loaded = load_splits(plan, run_dir, s, progress, evaluation=False)
         table, records = _importance(plan.config, loaded, run_dir, s, progress)
         return MapResult(run_dir.path, table, records)
@@ -127,6 +129,7 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
     from moeaudit._verify import verify
     from moeaudit.experiments import CleanStates, ExperimentSettings
+    from moeaudit.pruning._importance import collect_pool, importance_table
 
     settings = ExperimentSettings(layers=config.layers, n=config.n, seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
@@ -196,6 +199,8 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
     config = plan.config
     run_dir = RunDirectory(out)
+    from moeaudit.pruning._units import resolve_criteria
+
     criteria = resolve_criteria(config.criteria)
     if save_pruned is not None and (save_criterion is None or save_fraction is None):
         if len(criteria) == 1 and len(config.fractions) == 1:
@@ -214,6 +219,10 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
+        from moeaudit.pruning._loading import load_splits
+        from moeaudit.pruning._plan import n_removed
+        from moeaudit.pruning._units import build_units
+
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
         removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
@@ -263,6 +272,7 @@ def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, c
 def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
               progress: ProgressSink) -> PruneResult:
     from moeaudit.pruning._compare import loss_tables, paired_tests, per_layer_effects
+    from moeaudit.pruning._units import pruned_table, sequence_losses
 
     run_dir.write_parquet("pruned.parquet", pruned_table(units))
     n_tokens = int(loaded.eval_docs.size)
@@ -311,4 +321,4 @@ def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, crit
     return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)
 
 
-__all__ = ["NONE", "MapResult", "PruneResult", "importance_map", "prune_eval"]
+__all__ = ["MapResult", "PruneResult", "importance_map", "prune_eval"]

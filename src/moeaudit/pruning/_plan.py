@@ -36,13 +36,6 @@ from torch import nn
 from moeaudit.errors import ConfigError
 from moeaudit.models import RoutingGroups, adapter_for, describe, router
 
-#: Criterion ranking experts by a seeded random permutation (the baseline band).
-RANDOM = "random"
-#: Criterion ranking experts by their mean ΔL in the causal importance map (the reference).
-CAUSAL = "causal"
-#: The unpruned model's row in the result tables.
-NONE = "none"
-
 Removal = Mapping[int, Sequence[int]]  # MoE layer -> experts removed there
 
 

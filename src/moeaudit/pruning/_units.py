@@ -17,8 +17,9 @@ from torch import nn
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.intervene._state import token_losses
 from moeaudit.models._describe import model_device
+from moeaudit.pruning._config import CAUSAL, NONE, RANDOM
 from moeaudit.pruning._hook import pruned
-from moeaudit.pruning._plan import CAUSAL, NONE, RANDOM, PruneGeometry, plan_removal, random_values
+from moeaudit.pruning._plan import PruneGeometry, plan_removal, random_values
 
 
 @dataclass(frozen=True)
