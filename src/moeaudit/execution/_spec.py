@@ -87,6 +87,7 @@ class Shard:
         return [c for j, c in enumerate(cells) if j % self.count == self.index]
 
     def to_dict(self) -> dict[str, int]:
+        """The shard as the manifest records it: ``{"index": i, "count": n}``."""
         return {"index": self.index, "count": self.count}
 
 

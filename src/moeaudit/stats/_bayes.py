@@ -8,11 +8,11 @@ import numpy as np
 from scipy import integrate as _integrate
 from scipy import special as _special
 
-#: Prior scale of the JZS Bayes factor ("medium", the BayesFactor / JASP default).
 JZS_PRIOR_SCALE = float(np.sqrt(2.0) / 2.0)
-#: Prior scales of the sensitivity analysis of the one-sided Bayes factor (``bf0plus_r02``, ``bf0plus_r05``,
-#: ``bf0plus`` at r = sqrt(2)/2).
+"""Prior scale of the JZS Bayes factor ("medium", the BayesFactor / JASP default)."""
 PRIOR_SCALES: tuple[float, ...] = (0.2, 0.5, JZS_PRIOR_SCALE)
+"""Prior scales of the sensitivity analysis of the one-sided Bayes factor (``bf0plus_r02``, ``bf0plus_r05``,
+``bf0plus`` at r = sqrt(2)/2)."""
 
 
 def jzs_bf10(t: float, n: int, r: float = JZS_PRIOR_SCALE) -> float:

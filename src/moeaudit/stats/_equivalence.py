@@ -15,8 +15,8 @@ from moeaudit.stats._checks import _finite_1d, _groups
 from moeaudit.stats._clustered import clustered_mean
 from moeaudit.stats._intervals import near_constant
 
-#: Default smallest effect size of interest, in units of d_z (Cohen's "small").
 SESOI_D = 0.2
+"""Default smallest effect size of interest, in units of d_z (Cohen's "small")."""
 #: Asymptotic relative efficiency of the signed-rank test to the t-test for normal data (Hodges & Lehmann 1956).
 ARE_NORMAL = 3.0 / math.pi
 

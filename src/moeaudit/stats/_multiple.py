@@ -9,8 +9,8 @@ import numpy as np
 
 from moeaudit.errors import did_you_mean
 
-#: Multiple-comparison methods accepted by :func:`correct`.
 CORRECTION_METHODS = ("bonferroni", "holm", "fdr_bh")
+"""Multiple-comparison methods accepted by ``correct``."""
 
 
 @dataclass(frozen=True)

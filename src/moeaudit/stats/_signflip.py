@@ -10,8 +10,8 @@ import numpy as np
 from moeaudit.stats._checks import _finite_1d, _groups
 from moeaudit.stats._intervals import average_ranks
 
-#: Default number of random sign vectors; with the +1 correction the smallest attainable p-value is 1 / 10000.
 N_PERM = 9999
+"""Default number of random sign vectors; with the +1 correction the smallest attainable p-value is 1 / 10000."""
 
 # Sign vectors are drawn in blocks of about this many elements (memory ~32 MB whatever the cluster count).
 _BLOCK_ELEMENTS = 1 << 22
