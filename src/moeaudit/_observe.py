@@ -202,8 +202,9 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
             the model.
 
     Returns:
-        One row per (layer, expert): ``layer, expert, routed_count`` (int64), then one float64 column per metric
-        in registration order (with ``per_document``: a ``DocumentStats``).
+        table (pandas.DataFrame | DocumentStats): One row per (layer, expert): ``layer, expert, routed_count``
+            (int64), then one float64 column per metric in registration order (with ``per_document``: a
+            ``DocumentStats``).
 
     Raises:
         ValueError: no sequence, a sequence that is not 1-D / not integer / empty, layers that are not MoE layers,

@@ -170,7 +170,7 @@ def load_corpus(
 
     Args:
         source: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
-        tokenizer: A transformers tokenizer.
+        tokenizer (PreTrainedTokenizerBase): A transformers tokenizer.
         n_samples: Keep the first ``n_samples`` documents that pass the length filter (all when ``None``).
         max_length: Truncate each sequence to this many tokens (the paper: 512).
         min_length: Drop documents shorter than this many tokens (after truncation).

@@ -128,7 +128,7 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
     and ``out`` appears whole (it is assembled under a temporary name and renamed).
 
     Returns:
-        A :class:`moeaudit.pipeline.RunResult` (records, tables, report paths).
+        result (RunResult): A :class:`moeaudit.pipeline.RunResult` (records, tables, report paths).
 
     Raises:
         RunDirectoryError: A directory is not a shard, the shards differ, or they do not cover every cell exactly

@@ -76,7 +76,7 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
         settings: Layers, metrics, n, seed, scope, mode (see :class:`ExperimentSettings`).
         experiments: Any of ``audit``, ``control``, ``rank_validity``, ``progressive``, ``redistribution``.
         metric_table: The ``observe`` table ranking the experts; computed on ``sequences`` when ``None``.
-        verification: A passed :class:`~moeaudit._verify.VerificationReport`; run here when ``None``.
+        verification (VerificationReport | None): A passed :class:`~moeaudit._verify.VerificationReport`; run here when ``None``.
         progress: Called with the number of positions finished.
         on_layer: Called with (``"single"`` or ``"progressive"``, layer, records) as each unit finishes.
         clean_cache_bytes: Bytes of clean passes kept for reuse across layers (``None``: half the free memory of

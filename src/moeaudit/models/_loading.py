@@ -181,7 +181,7 @@ def load_model(
             layer goes to ``disk``, since their fused expert weights are re-saved there.
 
     Returns:
-        ``(model, tokenizer)`` as plain transformers objects.
+        model_and_tokenizer (tuple[PreTrainedModel, PreTrainedTokenizerBase]): ``(model, tokenizer)`` as plain transformers objects.
 
     Raises:
         ModelSourceError: No such directory, a hub id that cannot be reached or is not cached, or weights that
