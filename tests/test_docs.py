@@ -66,7 +66,6 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
 
 
 def test_cli_reference_is_generated_from_the_typer_app():
-    import click
     import typer
 
     from moeaudit.cli import app
@@ -75,9 +74,12 @@ def test_cli_reference_is_generated_from_the_typer_app():
     group = typer.main.get_command(app)
     for name, command in group.commands.items():
         assert f"## `moeaudit {name}`" in markdown
+        options = [p for p in command.params if p.param_type_name == "option" and not p.hidden]
+        assert options, f"moeaudit {name} has no option: the reference would be empty"
         for param in command.params:
-            if isinstance(param, click.Option) and not param.hidden:
-                assert f"`{param.opts[0]}" in markdown, f"moeaudit {name} {param.opts[0]} is missing"
+            if param in options or param.param_type_name == "argument":
+                assert f"| `{param.opts[0] if param in options else param.name}" in markdown, (
+                    f"moeaudit {name} {param.opts[0]} is missing")
 
 
 def test_hook_names_public_api_that_is_not_rendered():

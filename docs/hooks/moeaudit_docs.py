@@ -30,25 +30,23 @@ def _cell(text: str) -> str:
 
 
 def _command_markdown(group, name: str) -> str:
-    import click
-
     command = group.commands[name]
-    root = click.Context(group, info_name="moeaudit")
-    ctx = click.Context(command, info_name=name, parent=root)
+    root = group.context_class(group, info_name="moeaudit")
+    ctx = command.context_class(command, info_name=name, parent=root)
     usage = command.get_usage(ctx).removeprefix("Usage: ")
     lines = [f"## `moeaudit {name}`", "", "```text", usage, "```", ""]
     if command.help:
         help_text = command.help.replace("\b\n", "")
         lines += [help_text.strip(), ""]
-    arguments = [p for p in command.params if isinstance(p, click.Argument)]
-    options = [p for p in command.params if not isinstance(p, click.Argument) and not p.hidden]
+    # typer ships its own copy of click, so parameters are told apart by kind, not by click's classes
+    arguments = [p for p in command.params if p.param_type_name == "argument"]
+    options = [p for p in command.params if p.param_type_name == "option" and not getattr(p, "hidden", False)]
     if arguments:
         lines += ["| argument | description |", "|---|---|"]
         for p in arguments:
             record = p.get_help_record(ctx)
             meta, text = record if record else (p.make_metavar(ctx), "")
-            required = " (required)" if p.required else ""
-            lines.append(f"| `{_cell(meta)}` | {_cell(text)}{required} |")
+            lines.append(f"| `{_cell(meta)}` | {_cell(text)} |")
         lines.append("")
     if options:
         lines += ["| option | description |", "|---|---|"]
