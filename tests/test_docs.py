@@ -105,3 +105,14 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_rst_in_docstrings_is_rendered_as_markdown():
+    spec = importlib.util.spec_from_file_location("griffe_rst", DOCS / "hooks" / "griffe_rst.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = ("Test of :math:`d_z`, see :func:`~moeaudit.stats.tost_d` and :class:`Tost`.\n\n"
+            "    .. math::\n\n        p = \\max(p_l, p_u),\n        q = 1\n\n    with se the error.\n")
+    assert module.rst_to_markdown(text) == (
+        "Test of \\(d_z\\), see `tost_d` and `Tost`.\n\n"
+        "    \\[\n    p = \\max(p_l, p_u),\n    q = 1\n    \\]\n\n    with se the error.\n")
