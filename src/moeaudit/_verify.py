@@ -96,6 +96,14 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
     5. ``engines_agree``: the fast engine equals the naive engine on a random sample of ablations, in every mode
        of ``modes`` (1e-4 in float32; in half precision see :data:`ENGINE_TOLERANCE`: rounding there is as large as
        small effects, so only float32 checks the engine's logic exactly).
+
+    Args:
+        model: The transformers MoE causal LM to check.
+        tokenizer (PreTrainedTokenizerBase): Its tokenizer (used for sequences given as text).
+        sequences: Token sequences (``CorpusSequence``, 1-D tensors or arrays of at least 3 tokens) or texts.
+        n_engine_checks: Ablations per mode on which the fast and naive engines are compared.
+        seed: Seed of the sampled positions, experts and ablations.
+        modes: Ablation modes whose engines are compared (``zero``, ``renormalize``, ``reroute``).
     """
     ids_list = _as_ids(sequences, tokenizer)
     desc = describe(model)

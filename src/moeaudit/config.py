@@ -267,5 +267,10 @@ RunConfig._PRESETS = PRESETS
 
 
 def preset(name: str) -> RunConfig:
-    """The named preset (see :data:`PRESETS`)."""
+    """The named preset (see :data:`PRESETS`).
+
+    Args:
+        name: ``demo`` (the embedded model and corpus), or ``paper-olmoe``, ``paper-qwen``, ``paper-deepseek`` (the
+            paper's checkpoints, layers, precision and WikiText-2 geometry).
+    """
     return RunConfig.preset(name)

@@ -221,6 +221,13 @@ def valid_positions(seq_len: int, min_context: int = 1) -> np.ndarray:
 
     The loss at ``t`` predicts token ``t + 1`` from tokens ``0..t`` (``t + 1`` tokens of context), so ``t`` is valid
     when ``t <= seq_len - 2`` (not the last token) and ``t + 1 >= min_context``.
+
+    Args:
+        seq_len: Tokens in the sequence.
+        min_context: Tokens of context a position needs, itself included (at least 1).
+
+    Returns:
+        positions (numpy.ndarray): The valid positions, ascending (int64).
     """
     if min_context < 1:
         raise ValueError(f"min_context={min_context}: at least the token itself (1) is always context.")

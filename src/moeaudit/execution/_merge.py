@@ -127,6 +127,11 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
     and a manifest marked ``merged`` with every shard's sessions. Nothing is written unless every check passes,
     and ``out`` appears whole (it is assembled under a temporary name and renamed).
 
+    Args:
+        shards: The run directories of the shards (each written by ``run_audit`` with a ``Shard``).
+        out: The merged run directory; must not exist yet.
+        report: Write the report (``report.md``, ``report.html``, figures) of the merged run.
+
     Returns:
         result (RunResult): A :class:`moeaudit.pipeline.RunResult` (records, tables, report paths).
 

@@ -96,7 +96,12 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 
 def moe_layers(model: nn.Module, *, adapter: FamilyAdapter | None = None) -> list[int]:
-    """Indices of the decoder layers whose MLP is a routed MoE block (dense layers excluded)."""
+    """Indices of the decoder layers whose MLP is a routed MoE block (dense layers excluded).
+
+    Args:
+        model: A transformers causal LM of a supported MoE family.
+        adapter: The family's adapter; found from the model when ``None``.
+    """
     if adapter is None:
         adapter = adapter_for(model)
     return [
@@ -119,6 +124,13 @@ def router(model: nn.Module, layer: int, adapter: FamilyAdapter | None = None) -
 
 def describe(model: nn.Module) -> MoEDescription:
     """Describe the MoE structure of a transformers model.
+
+    Args:
+        model: A transformers causal LM of a supported MoE family (for example from ``moeaudit.load_model``).
+
+    Returns:
+        description (MoEDescription): The family, decoder and MoE layers, experts, top-k, shared experts, routing
+            flags, model width and vocabulary size.
 
     Raises:
         UnsupportedModelError: for a dense model or an MoE family without adapter.
