@@ -249,7 +249,7 @@ def test_jackknife_d_z_equals_leave_one_out():
 
 def test_bca_covers_heavy_tailed_skewed_d_better_than_percentile():
     """Skewed heavy-tailed D (centred lognormal, sigma 1.2: skewness ~ 9) with n = 200: the percentile interval of d_z
-    under-covers; BCa covers more often on the same resamples (the README gives the large simulation)."""
+    under-covers; BCa covers more often on the same resamples (the docs give the large simulation)."""
     rng = np.random.default_rng(9)
     sigma = 1.2
     mean, sd = np.exp(sigma**2 / 2), np.sqrt((np.exp(sigma**2) - 1) * np.exp(sigma**2))

@@ -109,7 +109,7 @@ def paired_test(
     * Effect size: Cohen's d_z (Cohen 1988, eq. 2.3.5) with a BCa bootstrap interval (:func:`bca_interval`):
       ``n_boot`` resamples of positions with replacement or, with ``clusters``, of whole clusters with all their
       positions, the acceleration from the leave-one-cluster-out jackknife. On heavy-tailed D the percentile
-      interval under-covers; BCa covers better (README: measured coverage). D whose spread is below 1e-12 of its
+      interval under-covers; BCa covers better (docs: Statistics, Calibration). D whose spread is below 1e-12 of its
       magnitude is treated as constant: d_z, t and the Bayes factors are NaN, and ``note`` says so.
     * Paired t-test: ``scipy.stats.ttest_rel(high, low)``, two-sided; positions treated as independent.
     * Wilcoxon signed-rank test (Wilcoxon 1945): ``scipy.stats.wilcoxon(high, low)`` with scipy's defaults:
