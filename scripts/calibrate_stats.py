@@ -1,4 +1,4 @@
-"""Calibration of the audit's statistics by simulation with a known truth (the README's figures).
+"""Calibration of the audit's statistics by simulation with a known truth (the docs' figures).
 
 Run:  PYTHONPATH=src python scripts/calibrate_stats.py [--draws 2000] [--demo RUN_DIR]
 

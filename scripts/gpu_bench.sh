@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's real-geometry GPU benchmark (issue 12): the three paper presets at full depth, bfloat16 then float32,
+# The docs' real-geometry GPU benchmark (issue 12): the three paper presets at full depth, bfloat16 then float32,
 # one `moeaudit bench` each, JSON results and stderr under $OUT, a summary table last.
 #   OUT=bench-out bash scripts/gpu_bench.sh                 # on a CUDA machine
 #   DEVICE=cpu EXTRA="--num-hidden-layers 2" bash scripts/gpu_bench.sh   # a dry run of the script itself
