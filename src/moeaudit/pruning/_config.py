@@ -16,8 +16,17 @@ from moeaudit.errors import ConfigError
 RANDOM = "random"
 #: Criterion ranking experts by their mean ΔL in the causal importance map (the reference).
 CAUSAL = "causal"
+#: Criterion ranking experts by their exact single-removal cost (``reference="loo"``: each removed alone).
+CAUSAL_LOO = "causal_loo"
 #: The unpruned model's row in the result tables.
 NONE = "none"
+#: How the total number of removed experts is spread over the pruned layers (see :mod:`moeaudit.pruning._plan`).
+ALLOCATIONS: tuple[str, ...] = ("uniform", "global", "causal")
+#: What replaces a removed expert; ``delete`` removes its router slot (the only method of this module; the
+#: ``method`` key column of every table leaves room for others).
+DELETE = "delete"
+#: Causal references: ``removal_cost`` (from the importance map) and ``loo`` (also the exact single-removal cost).
+REFERENCES: tuple[str, ...] = ("removal_cost", "loo")
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,22 @@ class PruneConfig(MapConfig):
     """Everything that determines a prune-eval run: the map's keys (computed on the calibration split) and:
 
     Attributes:
-        eval_corpus: Corpus of the evaluation split; ``None``: the documents of ``corpus`` after the ``n_docs``
-            calibration documents (disjoint by document).
-        n_docs_eval: Documents of the evaluation split.
+        eval_corpus: Corpus of the evaluation split; ``None``: documents of ``corpus`` disjoint from the
+            calibration ones (``folds=1`` only; cross-fitting needs one corpus).
+        n_docs_eval: Documents of the evaluation split. With ``folds >= 2`` the run draws ``n_docs + n_docs_eval``
+            documents of ``corpus`` and deals them into ``folds`` folds instead.
+        split_seed: Seed of the document shuffle that makes the splits (the corpus's order never decides them).
+        stratify_field: Field of a ``.jsonl`` / ``.parquet`` corpus whose values stratify the splits (every value in
+            every split, in proportion); the builtin corpus is stratified by its domains without it.
+        folds: Cross-fitting folds K: each fold evaluates its documents with criteria computed on the other
+            folds' documents, so every document is evaluated once; ``1`` is one split (``n_docs`` calibration,
+            ``n_docs_eval`` evaluation documents).
+        allocation: How the removed experts are spread over layers at the same total: ``uniform`` (m per layer),
+            ``global`` (one ranking of every layer's experts by the criterion's raw value) and ``causal`` (per-layer
+            counts where the calibration split's removal costs are lowest, the criterion picking within layers).
+        reference: ``removal_cost`` (the causal reference ranks experts by their removal cost, estimated from the
+            importance map) or ``loo`` (also the exact single-removal cost of every expert, criterion
+            ``causal_loo``: E x layers evaluations of the calibration split).
         criteria: Criteria to prune by: ``observe`` metrics, ``random`` and ``causal``; ``None``: all of them.
         fractions: Shares of each layer's experts to remove.
         random_seeds: Seeds of the ``random`` criterion (its band).
@@ -106,9 +128,14 @@ class PruneConfig(MapConfig):
 
     eval_corpus: str | None = None
     n_docs_eval: int = 32
+    split_seed: int = 0
+    stratify_field: str | None = None
+    folds: int = 2
+    allocation: tuple[str, ...] = ("uniform",)
+    reference: str = "removal_cost"
     criteria: tuple[str, ...] | None = None
     fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
-    random_seeds: int = 5
+    random_seeds: int = 20
     per_layer: bool = False
     alpha: float = 0.05
     n_boot: int = 2000
@@ -133,7 +160,26 @@ class PruneConfig(MapConfig):
             raise ConfigError(f"criteria={','.join(self.criteria)} repeats a name; give each criterion once.")
         if self.random_seeds < 2 and (self.criteria is None or "random" in self.criteria):
             raise ConfigError(f"random_seeds={self.random_seeds}: the random band and its test need at least 2 "
-                              "seeds (default 5).")
+                              "seeds (default 20).")
+        if self.folds < 1:
+            raise ConfigError(f"folds={self.folds}: use 1 (one split) or more (cross-fitting; default 2).")
+        if self.folds > 1 and self.eval_corpus is not None:
+            raise ConfigError(f"folds={self.folds} swaps calibration and evaluation documents, which needs one "
+                              f"corpus, but eval_corpus={self.eval_corpus!r} names another; set folds=1 with "
+                              "eval_corpus=, or drop eval_corpus= to cross-fit.")
+        if self.folds > 1 and self.n_docs + self.n_docs_eval < 2 * self.folds:
+            raise ConfigError(f"folds={self.folds} needs at least 2 documents per fold, but n_docs + n_docs_eval = "
+                              f"{self.n_docs + self.n_docs_eval}; raise n_docs / n_docs_eval or lower folds.")
+        if self.split_seed < 0:
+            raise ConfigError(f"split_seed={self.split_seed} is negative; use a seed >= 0.")
+        if not self.allocation:
+            raise ConfigError("allocation= is empty; give one or more of " + ", ".join(ALLOCATIONS) + ".")
+        bad = [a for a in self.allocation if a not in ALLOCATIONS]
+        if bad or len(set(self.allocation)) < len(self.allocation):
+            raise ConfigError(f"allocation={','.join(self.allocation)}: each of "
+                              f"{', '.join(ALLOCATIONS)} at most once (e.g. allocation=uniform,causal).")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference={self.reference!r}; valid: {', '.join(REFERENCES)}.")
         if self.n_docs_eval < 2:
             raise ConfigError(f"n_docs_eval={self.n_docs_eval}: the document-level tests need at least 2 "
                               "evaluation documents (more give them power; default 32).")
@@ -179,7 +225,7 @@ MAP_PRESETS: Mapping[str, MapConfig] = MappingProxyType(
 #: Presets of ``moeaudit prune-eval``: WikiText-2's test split has about 60 articles, so the paper presets
 #: calibrate on 30 and evaluate on the next 30.
 PRUNE_PRESETS: Mapping[str, PruneConfig] = MappingProxyType(
-    {"demo": PruneConfig(**_DEMO, n_docs_eval=32),
+    {"demo": PruneConfig(**_DEMO, n_docs_eval=32, random_seeds=20),
      **{k: PruneConfig(**v, n_docs_eval=30) for k, v in _PAPER.items()}})
 MapConfig._PRESETS = MAP_PRESETS
 PruneConfig._PRESETS = PRUNE_PRESETS

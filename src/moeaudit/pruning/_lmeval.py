@@ -23,7 +23,7 @@ from moeaudit.pruning._config import PruneConfig
 from moeaudit.pruning._hook import pruned
 from moeaudit.pruning._units import PruneUnit
 
-LM_EVAL_COLUMNS = ["criterion", "fraction", "seed", "task", "metric", "value", "stderr"]
+LM_EVAL_COLUMNS = ["criterion", "fraction", "seed", "fold", "allocation", "method", "task", "metric", "value", "stderr"]
 _INSTALL = "pip install 'moeaudit[lmeval]' (lm-evaluation-harness)"
 
 
@@ -107,7 +107,8 @@ def score_units(config: PruneConfig, loaded, units: Sequence[PruneUnit], run_dir
         run_dir.write_json(f"lm_eval/{key}.json", rows)
         stored[key] = rows
         progress.advance(1)
-    table = pd.DataFrame([{"criterion": u.criterion, "fraction": u.fraction, "seed": u.seed, **row}
+    table = pd.DataFrame([{"criterion": u.criterion, "fraction": u.fraction, "seed": u.seed, "fold": u.fold,
+                           "allocation": u.allocation, "method": u.method, **row}
                           for u in targets for row in stored[u.key]], columns=LM_EVAL_COLUMNS)
     run_dir.write_text("lm_eval.csv", table.to_csv(index=False))
     return table

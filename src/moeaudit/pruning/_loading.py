@@ -13,22 +13,20 @@ from torch import nn
 
 from moeaudit._checkpoint import hub_identity
 from moeaudit._preflight import check_identity, check_layers
-from moeaudit.corpus import CorpusSequence, load_corpus
+from moeaudit.corpus import CorpusSequence, load_corpus, read_documents
 from moeaudit.errors import CorpusError, RunDirectoryError
 from moeaudit.pipeline import ProgressSink, corpus_fingerprint
 from moeaudit.pruning._plan import PruneGeometry, prune_geometry
 from moeaudit.pruning._preflight import MapPlan
+from moeaudit.pruning._splits import composition, document_labels, make_folds
 from moeaudit.rundir import RunDirectory
 
 
 @dataclass
-class Loaded:
-    """The model and the splits of a run."""
+class FoldData:
+    """One fold's documents: criteria are computed on ``calibration``, pruned models evaluated on ``evaluation``."""
 
-    model: nn.Module
-    tokenizer: object
-    geometry: PruneGeometry
-    layers: tuple[int, ...]
+    fold: int
     calibration: list[CorpusSequence]
     evaluation: list[CorpusSequence]
 
@@ -39,16 +37,73 @@ class Loaded:
             if self.evaluation else np.zeros(0, dtype=np.int64)
 
 
-def _take(source: str, tokenizer, plan: MapPlan, n: int, what: str) -> list[CorpusSequence]:
+@dataclass
+class Loaded:
+    """The model and the splits of a run (one :class:`FoldData` per cross-fitting fold)."""
+
+    model: nn.Module
+    tokenizer: object
+    geometry: PruneGeometry
+    layers: tuple[int, ...]
+    folds: list[FoldData]
+
+    @property
+    def calibration(self) -> list[CorpusSequence]:
+        return self.folds[0].calibration
+
+    @property
+    def evaluation(self) -> list[CorpusSequence]:
+        return self.folds[0].evaluation
+
+    @property
+    def eval_docs(self) -> np.ndarray:
+        return self.folds[0].eval_docs
+
+
+def _take(source: str, tokenizer, plan: MapPlan, n: int, what: str, shuffle_seed: int | None = None
+          ) -> list[CorpusSequence]:
     config = plan.config
     sequences = load_corpus(source, tokenizer, n_samples=n, max_length=config.max_length,
                             min_length=config.min_length, text_field=config.text_field, encoding=config.encoding,
-                            documents=plan.documents.get(source))
+                            documents=plan.documents.get(source), shuffle_seed=shuffle_seed)
     if len(sequences) < n:
         raise CorpusError(f"{source!r} has only {len(sequences)} documents of at least min_length="
                           f"{config.min_length} tokens, but the run asks for {n} ({what}). Lower "
                           f"{' or '.join(re.findall(r'[a-z_]+=', what))} or min_length=, or use a larger corpus.")
     return sequences
+
+
+def _labels(config, source: str, n_documents: int) -> list[str] | None:
+    labels = document_labels(source, getattr(config, "stratify_field", None), config.text_field, config.encoding)
+    if labels is not None and len(labels) != n_documents:
+        raise CorpusError(f"stratify_field={config.stratify_field!r}: {source!r} reads as {n_documents} documents "
+                          f"but has {len(labels)} labelled rows (a WikiText-style export groups rows into "
+                          "articles); leave stratify_field= unset for it.")
+    return labels
+
+
+def _prune_folds(config, tokenizer, plan: MapPlan) -> tuple[list[FoldData], list[str] | None, str]:
+    """The folds of a prune-eval run (see :mod:`moeaudit.pruning._splits`), the labels and the evaluation source."""
+    eval_source = config.eval_corpus or config.corpus
+    seed = config.split_seed
+    if eval_source != config.corpus:
+        calibration = _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}", seed)
+        held_out = _take(eval_source, tokenizer, plan, config.n_docs_eval, f"n_docs_eval={config.n_docs_eval}",
+                         seed)
+        return [FoldData(0, calibration, held_out)], None, eval_source
+    n_eval = config.n_docs_eval
+    pool = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval,
+                 f"n_docs={config.n_docs} + n_docs_eval={n_eval}", seed)
+    documents = plan.documents.get(config.corpus)
+    if documents is None:
+        documents = read_documents(config.corpus, text_field=config.text_field, encoding=config.encoding)
+    labels = _labels(config, config.corpus, len(documents))
+    by_id = {q.doc_index: q for q in pool}
+    ids = [q.doc_index for q in pool]
+    folds = make_folds(ids, None if labels is None else [labels[d] for d in ids], folds=config.folds,
+                       n_calibration=config.n_docs)
+    return [FoldData(f.fold, [by_id[d] for d in f.calibration], [by_id[d] for d in f.evaluation])
+            for f in folds], labels, eval_source
 
 
 def _split_record(source: str, sequences: list[CorpusSequence]) -> dict:
@@ -62,9 +117,10 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     """Load the model and the splits; write (first session) or check (resume) ``splits.json`` and
     ``eval_tokens.parquet``.
 
-    The calibration split is the first ``n_docs`` documents of ``corpus`` that pass the length filter; the
-    evaluation split (prune-eval) the next ``n_docs_eval`` ones, or the first ``n_docs_eval`` of ``eval_corpus``
-    when it names another corpus. Documents never appear in both.
+    A map's calibration split is the first ``n_docs`` documents of ``corpus`` that pass the length filter. A
+    prune-eval's documents are shuffled with ``split_seed``, stratified and dealt into folds
+    (:mod:`moeaudit.pruning._splits`); with ``eval_corpus`` (one fold) the calibration and evaluation documents are
+    each a seeded sample of their corpus. Within a fold documents never appear in both.
     """
     from moeaudit.models import describe, load_tokenizer, load_weights
 
@@ -92,23 +148,26 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
                                  "revision": getattr(model.config, "_commit_hash", None)}
     progress.stage(f"tokenising {config.corpus}", None)
     with session.timer("load_corpus"):
-        eval_source = getattr(config, "eval_corpus", None) or config.corpus
         if not evaluation:
-            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}")
-            held_out = []
-        elif eval_source == config.corpus:
-            n_eval = config.n_docs_eval
-            both = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval,
-                         f"n_docs={config.n_docs} + n_docs_eval={n_eval}")
-            calibration, held_out = both[: config.n_docs], both[config.n_docs:]
+            folds = [FoldData(0, _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}"),
+                              [])]
+            labels, eval_source = None, config.corpus
         else:
-            calibration = _take(config.corpus, tokenizer, plan, config.n_docs, f"n_docs={config.n_docs}")
-            held_out = _take(eval_source, tokenizer, plan, config.n_docs_eval, f"n_docs_eval={config.n_docs_eval}")
-    splits = {"calibration": _split_record(config.corpus, calibration)}
+            folds, labels, eval_source = _prune_folds(config, tokenizer, plan)
+    splits = {"calibration": _split_record(config.corpus, folds[0].calibration)}
     if evaluation:
-        splits["evaluation"] = _split_record(eval_source, held_out)
-        splits["disjoint"] = ("by document (consecutive documents of one corpus)" if eval_source == config.corpus
-                              else "by source (two corpora)")
+        splits = {"folds": [{"fold": f.fold, "calibration": [q.doc_index for q in f.calibration],
+                             "evaluation": [q.doc_index for q in f.evaluation],
+                             "composition": {"calibration": composition([q.doc_index for q in f.calibration], labels),
+                                             "evaluation": composition([q.doc_index for q in f.evaluation], labels)},
+                             "calibration_sha256": corpus_fingerprint(f.calibration),
+                             "evaluation_sha256": corpus_fingerprint(f.evaluation)} for f in folds],
+                  "split_seed": config.split_seed, "n_folds": len(folds),
+                  "stratified_by": None if labels is None else (config.stratify_field or "domain"),
+                  "calibration": _split_record(config.corpus, folds[0].calibration),
+                  "evaluation": _split_record(eval_source, [q for f in folds for q in f.evaluation]),
+                  "disjoint": ("by document: each fold evaluates documents its criteria never saw"
+                               if eval_source == config.corpus else "by source (two corpora)")}
     stored = run_dir.read_json("splits.json")
     if stored is not None and stored != splits:
         raise RunDirectoryError(f"the corpus tokenises differently from when {run_dir.path} was started (its "
@@ -117,9 +176,9 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     if stored is None:
         run_dir.write_json("splits.json", splits)
         if evaluation:
-            run_dir.write_parquet("eval_tokens.parquet", pd.DataFrame(
-                {"doc_id": [q.doc_index for q in held_out], "input_ids": [q.input_ids.tolist() for q in held_out]}))
+            rows = [(q.doc_index, f.fold, q.input_ids.tolist()) for f in folds for q in f.evaluation]
+            run_dir.write_parquet("eval_tokens.parquet", pd.DataFrame(rows, columns=["doc_id", "fold", "input_ids"]))
     session.manifest["corpus"] = {k: {kk: vv for kk, vv in v.items() if kk != "doc_ids"} if isinstance(v, dict)
-                                  else v for k, v in splits.items()}
+                                  else v for k, v in splits.items() if k != "folds"}
     session.write()
-    return Loaded(model, tokenizer, geometry, layers, calibration, held_out)
+    return Loaded(model, tokenizer, geometry, layers, folds)

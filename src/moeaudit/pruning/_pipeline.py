@@ -4,13 +4,17 @@ one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.pipeline.run_s
 Layout of a prune-eval directory (a map directory holds the first part)::
 
     manifest.json, config.toml, verification.json
-    records/L004-single.parquet ...   single-expert pool of the calibration split, one file per layer
-    importance.parquet                 the causal importance map (per layer x expert)
-    splits.json, eval_tokens.parquet   calibration / evaluation documents; the evaluation tokens (doc_id, input_ids)
-    metrics.parquet                    every observe criterion on the calibration split
-    pruned.parquet                     exactly the experts each (criterion, fraction, seed) removes
-    losses/<model key>.parquet         per-token held-out losses of each distinct pruned model (one file per unit)
-    prune.csv, prune_per_layer.csv, tests.csv, per_layer.csv, lm_eval.csv
+    records/L004-single.parquet ...   (map) single-expert pool of the calibration split, one file per layer
+    fold<k>/records/..., fold<k>/importance.parquet, fold<k>/metrics.parquet, fold<k>/loo.parquet
+                                       (prune-eval) the same per cross-fitting fold, on that fold's calibration split
+    importance.parquet                 the causal importance map (per layer x expert; per fold with a fold column)
+    splits.json, eval_tokens.parquet   the folds' documents; the evaluation tokens (doc_id, fold, input_ids)
+    metrics.parquet                    every observe criterion on each fold's calibration split
+    pruned.parquet                     exactly the experts each (criterion, fraction, seed, fold, allocation, method)
+                                       removes
+    losses/f<k>-<model key>.parquet    per-token held-out losses of each distinct pruned model on fold k
+    answer.csv                         pooled over folds: one row per (criterion, fraction, allocation, method)
+    prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv
     report.md, report.html, figures/
 """
 
@@ -27,7 +31,7 @@ import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
-from moeaudit.pruning._config import CAUSAL, RANDOM, MapConfig, PruneConfig
+from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
 from moeaudit.pruning._preflight import MapPlan, preflight_map
 from moeaudit.rundir import RunDirectory
 
@@ -52,7 +56,7 @@ class PruneResult:
 
     directory: Path
     prune: pd.DataFrame
-    tests: pd.DataFrame
+    tests: pd.DataFrame  # answer.csv: pooled over folds, one row per (criterion, fraction, allocation, method)
     pruned: pd.DataFrame
     importance: pd.DataFrame | None
     per_layer: pd.DataFrame | None = None  # prune_per_layer.csv: one row per one-layer pruning
@@ -60,6 +64,7 @@ class PruneResult:
     lm_eval: pd.DataFrame | None = None
     report: dict[str, Path] = field(default_factory=dict)
     saved: Path | None = None
+    agreement: pd.DataFrame | None = None  # fold_agreement.csv
 
 
 def _now() -> str:
@@ -164,6 +169,11 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
     if save_fraction not in config.fractions:
         raise ConfigError(f"--save-fraction {save_fraction} is not a fraction of this run; choose one of "
                           f"{', '.join(map(str, config.fractions))}.")
+    if "uniform" not in config.allocation:
+        raise ConfigError(f"--save-pruned writes a standard checkpoint, whose config has one expert count for every "
+                          f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
+                          "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
+                          "pruned.parquet lists every other pruning's removed experts).")
     if tuple(layers) != tuple(geometry.moe_layers):
         raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
                           "layers); leave layers= unset.")
@@ -226,19 +236,40 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
         removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
+        if geometry.groups is not None and set(config.allocation) - {"uniform"}:
+            raise ConfigError(f"allocation={','.join(config.allocation)}: the router is group-limited, so every "
+                              "group and layer must lose the same number of experts; use allocation=uniform.")
         if save_pruned is not None:
             _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
         s.manifest["pruning"] = {
             "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
+            "allocation": list(config.allocation), "folds": len(loaded.folds),
             "group_balanced": None if geometry.groups is None else
             {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
         s.write()
-        importance = _importance(config.map_config(), loaded, run_dir, s, progress)[0] \
-            if CAUSAL in criteria else None
-        metrics = _metrics(loaded, run_dir, s, progress, criteria)
-        units = build_units(criteria, config.fractions, random_seeds=config.random_seeds, seed=config.seed,
-                            geometry=geometry, layers=layers, metrics=metrics, importance=importance,
-                            per_layer=config.per_layer)
+        need_map = CAUSAL in criteria or CAUSAL_LOO in criteria or "causal" in config.allocation
+        units, maps, tables = [], [], []
+        for fold in loaded.folds:
+            fold_dir = RunDirectory(run_dir.path / f"fold{fold.fold}")
+            view = _FoldView(loaded, fold)
+            importance = _importance(config.map_config(), view, fold_dir, s, progress)[0] if need_map else None
+            if importance is not None and (config.reference == "loo" or CAUSAL_LOO in criteria):
+                importance = importance.merge(_loo(view, fold_dir, s, progress), on=["layer", "expert"])
+            metrics = _metrics(view, fold_dir, s, progress, criteria)
+            units += build_units([*criteria, *([CAUSAL_LOO] if config.reference == "loo" and CAUSAL_LOO not in
+                                               criteria else [])],
+                                 config.fractions, random_seeds=config.random_seeds, seed=config.seed,
+                                 geometry=geometry, layers=layers, metrics=metrics, importance=importance,
+                                 per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation)
+            if importance is not None:
+                maps.append(importance.assign(fold=fold.fold))
+            if metrics is not None:
+                tables.append(metrics.assign(fold=fold.fold))
+        importance = pd.concat(maps, ignore_index=True) if maps else None
+        if importance is not None:
+            run_dir.write_parquet("importance.parquet", importance)
+        if tables:
+            run_dir.write_parquet("metrics.parquet", pd.concat(tables, ignore_index=True))
         result = _evaluate(config, loaded, units, run_dir, s, progress)
         result.importance = importance
         if config.lm_eval_tasks:
@@ -254,10 +285,44 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     return _in_session(plan, run_dir, progress, "moeaudit prune-eval", work, write_prune_report, report)
 
 
+@dataclass
+class _FoldView:
+    """A :class:`Loaded` seen through one fold: ``calibration`` / ``evaluation`` are that fold's."""
+
+    loaded: Loaded
+    fold: Any
+
+    def __getattr__(self, name: str):
+        return getattr(self.fold if name in ("calibration", "evaluation", "eval_docs") else self.loaded, name)
+
+
+def _loo(loaded, run_dir: RunDirectory, s, progress: ProgressSink) -> pd.DataFrame:
+    """The exact single-removal cost of every expert: the calibration split's mean loss with the expert removed
+    alone (every other expert kept, the router choosing among the rest) minus the unpruned model's."""
+    from moeaudit.pruning._units import sequence_losses
+
+    table = run_dir.read_parquet("loo.parquet")
+    if table is not None:
+        return table
+    layers, E = loaded.layers, loaded.geometry.n_experts
+    progress.stage(f"exact single-removal costs ({len(layers) * E} removals)", len(layers) * E)
+    with s.timer("loo"):
+        base = sequence_losses(loaded.model, loaded.calibration).mean()
+        rows = []
+        for layer in layers:
+            for e in range(E):
+                loss = sequence_losses(loaded.model, loaded.calibration, {layer: (e,)})
+                rows.append((layer, e, float(loss.mean() - base)))
+                progress.advance(1)
+    table = pd.DataFrame(rows, columns=["layer", "expert", "loo_cost"])
+    run_dir.write_parquet("loo.parquet", table)
+    return table
+
+
 def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
     from moeaudit._observe import observe
 
-    if not [c for c in criteria if c not in (CAUSAL, RANDOM)]:
+    if not [c for c in criteria if c not in (CAUSAL, RANDOM, CAUSAL_LOO)]:
         return None
     table = run_dir.read_parquet("metrics.parquet")
     if table is None:
@@ -271,15 +336,16 @@ def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, c
 
 def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
               progress: ProgressSink) -> PruneResult:
-    from moeaudit.pruning._compare import loss_tables, paired_tests, per_layer_effects
+    from moeaudit.pruning._compare import answer_table, fold_agreement, loss_tables, per_layer_effects
     from moeaudit.pruning._units import pruned_table, sequence_losses
 
     run_dir.write_parquet("pruned.parquet", pruned_table(units))
-    n_tokens = int(loaded.eval_docs.size)
-    distinct = {u.key: u for u in units}
+    folds = {f.fold: f for f in loaded.folds}
+    distinct = {u.loss_key: u for u in units}
     losses: dict[str, np.ndarray] = {}
     pending = []
-    for key in distinct:
+    for key, unit in distinct.items():
+        n_tokens = int(folds[unit.fold].eval_docs.size)
         stored = run_dir.read_parquet(f"losses/{key}.parquet")
         if stored is not None and len(stored) == n_tokens:
             losses[key] = stored["loss"].to_numpy(dtype=np.float64)
@@ -289,34 +355,41 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
         else:
             pending.append(key)
     progress.stage(f"evaluating {len(pending)} pruned models ({len(distinct) - len(pending)} resumed, "
-                   f"{len(units)} units)", len(pending) * len(loaded.evaluation))
+                   f"{len(units)} units, {len(folds)} folds)",
+                   sum(len(folds[distinct[k].fold].evaluation) for k in pending))
     for key in pending:
+        unit = distinct[key]
         with s.timer("evaluate"):
-            loss = sequence_losses(loaded.model, loaded.evaluation, distinct[key].removal or None,
+            loss = sequence_losses(loaded.model, folds[unit.fold].evaluation, unit.removal or None,
                                    progress=progress.advance)
         run_dir.write_parquet(f"losses/{key}.parquet", pd.DataFrame({"loss": loss}))
         losses[key] = loss
     progress.stage("paired tests", None)
+    eval_docs = {k: f.eval_docs for k, f in folds.items()}
     with s.timer("tests"):
         prune, per_layer = loss_tables(units, losses)
-        tests = paired_tests(units, losses, loaded.eval_docs, alpha=config.alpha, n_perm=config.n_perm,
-                             n_boot=config.n_boot, seed=config.seed)
-        effects = per_layer_effects(units, losses, loaded.eval_docs) if config.per_layer else None
+        answer = answer_table(units, losses, eval_docs, alpha=config.alpha, n_perm=config.n_perm,
+                              n_boot=config.n_boot, seed=config.seed)
+        agreement = fold_agreement(prune, answer)
+        effects = per_layer_effects(units, losses, eval_docs) if config.per_layer else None
     run_dir.write_text("prune.csv", prune.to_csv(index=False))
-    run_dir.write_text("tests.csv", tests.to_csv(index=False))
+    run_dir.write_text("answer.csv", answer.to_csv(index=False))
+    run_dir.write_text("fold_agreement.csv", agreement.to_csv(index=False))
     if config.per_layer:
         run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
-    return PruneResult(run_dir.path, prune, tests, pruned_table(units), None,
-                       per_layer if config.per_layer else None, effects)
+    return PruneResult(run_dir.path, prune, answer, pruned_table(units), None,
+                       per_layer if config.per_layer else None, effects, agreement=agreement)
 
 
 def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, criterion: str, fraction: float,
           run_dir: RunDirectory) -> Path:
     from moeaudit.pruning._slice import save_pruned as save
 
-    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None)
+    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None
+                and u.allocation == "uniform" and u.fold == 0)
     provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
+                                  "fold": 0, "allocation": "uniform", "method": unit.method,
                                   "source_model": config.model, "run_directory": str(run_dir.path)}
     return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)
 

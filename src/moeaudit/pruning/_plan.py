@@ -18,6 +18,14 @@ Rules (the same for every criterion):
   regroups the remaining ones contiguously (``view(n_group, E' / n_group)``), so only a pruning that removes the same
   number from every group keeps the routing rule. m is rounded to a multiple of n_group (m / n_group per group, round
   half up) and the m / n_group lowest-ranked experts of each group are removed.
+- Allocation over layers, at the same total M = m x (pruned layers): ``uniform`` removes m at every layer;
+  ``global`` ranks every pruned layer's experts together by the criterion's raw value (each criterion is the same
+  quantity at every layer, so its unit is shared: the layers where it is smallest lose most, as in llm-compressor's
+  ``ranking_scope="model"``) and removes the M lowest; ``causal`` takes per-layer counts from the calibration
+  split's removal costs (the M cheapest experts over all layers, in nats) and lets the criterion choose which m_l
+  experts of each layer go. A layer keeps at least top_k experts (the global order skips a full layer's experts);
+  ties across layers are broken by a seeded permutation (``numpy.random.default_rng([seed, 2])``). Non-uniform
+  allocations are refused for group-limited routers (a checkpoint needs the same count in every group and layer).
 - Refused: a fraction that removes no expert, one that leaves fewer than top_k experts, and (group-limited) one that
   leaves a group with fewer experts than the rule needs (``topk_group * remaining_per_group >= top_k``, and two per
   group for DeepSeek-V3's top-2 group score). Shared experts are never pruned (they are not routed).
@@ -144,6 +152,53 @@ def plan_removal(scores: Mapping[int, np.ndarray], fraction: float, geometry: Pr
     """Per layer of ``scores`` (layer -> [E] criterion values), the experts a fraction removes."""
     m = n_removed(geometry, fraction)
     return {layer: choose_removed(values, m, geometry, seed=seed, layer=layer) for layer, values in scores.items()}
+
+
+def global_lowest(values: Mapping[int, np.ndarray], total: int, geometry: PruneGeometry, *,
+                  seed: int) -> dict[int, tuple[int, ...]]:
+    """The ``total`` lowest (layer, expert) pairs of ``values`` (layer -> [E]) ranked together (NaN lowest, ties by
+    a seeded permutation), keeping at least top_k experts in every layer; layer -> removed experts (sorted)."""
+    if geometry.groups is not None:
+        raise ConfigError("allocation=global / causal: the router is group-limited, so a pruning must remove the same "
+                          "number of experts from every group and layer; use allocation=uniform.")
+    layers = sorted(values)
+    flat = np.concatenate([np.asarray(values[layer], dtype=np.float64) for layer in layers])
+    pairs = [(layer, e) for layer in layers for e in range(geometry.n_experts)]
+    cap = geometry.n_experts - geometry.top_k
+    if total > cap * len(layers):
+        raise ConfigError(f"removing {total} experts over {len(layers)} layers leaves fewer than top_k = "
+                          f"{geometry.top_k} in some layer; use a smaller fraction.")
+    tiebreak = np.random.default_rng([int(seed), 2]).permutation(len(pairs))
+    order = rank_experts(flat, tiebreak)
+    chosen: dict[int, list[int]] = {layer: [] for layer in layers}
+    taken = 0
+    for i in order:
+        layer, e = pairs[int(i)]
+        if taken == total:
+            break
+        if len(chosen[layer]) < cap:
+            chosen[layer].append(e)
+            taken += 1
+    return {layer: tuple(sorted(chosen[layer])) for layer in layers}
+
+
+def plan_allocation(scores: Mapping[int, np.ndarray], fraction: float, geometry: PruneGeometry, *, seed: int,
+                    allocation: str = "uniform", costs: Mapping[int, np.ndarray] | None = None
+                    ) -> dict[int, tuple[int, ...]]:
+    """Per layer, the experts a fraction removes under ``allocation`` (module docstring); ``costs`` (layer -> [E]
+    removal costs of the calibration split) sets the per-layer counts of ``causal``."""
+    if allocation == "uniform":
+        return plan_removal(scores, fraction, geometry, seed=seed)
+    total = n_removed(geometry, fraction) * len(scores)
+    if allocation == "global":
+        return global_lowest(scores, total, geometry, seed=seed)
+    if allocation == "causal":
+        if costs is None:
+            raise ValueError("allocation='causal' needs the removal costs of the calibration split.")
+        counts = {layer: len(e) for layer, e in global_lowest(costs, total, geometry, seed=seed).items()}
+        return {layer: choose_removed(values, counts[layer], geometry, seed=seed, layer=layer) if counts[layer]
+                else () for layer, values in scores.items()}
+    raise ValueError(f"allocation={allocation!r}; valid: uniform, global, causal.")
 
 
 def removal_masks(geometry: PruneGeometry, removed: Removal) -> dict[int, torch.Tensor]:

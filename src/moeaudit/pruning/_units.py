@@ -1,5 +1,5 @@
-"""The pruned models of a prune-eval run (one unit per criterion x fraction x seed x pruned layers), their
-per-token held-out losses, and the table of exactly which experts each removes."""
+"""The pruned models of a prune-eval run (one unit per fold x criterion x fraction x seed x allocation x method x
+pruned layers), their per-token held-out losses, and the table of exactly which experts each removes."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from torch import nn
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.intervene._state import token_losses
 from moeaudit.models._describe import model_device
-from moeaudit.pruning._config import CAUSAL, NONE, RANDOM
+from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, DELETE, NONE, RANDOM
 from moeaudit.pruning._hook import pruned
-from moeaudit.pruning._plan import PruneGeometry, plan_removal, random_values
+from moeaudit.pruning._plan import PruneGeometry, plan_allocation, random_values
+
+#: Key columns of ``prune.csv`` / ``pruned.parquet`` (one pruned model evaluated on one fold).
+KEY_COLUMNS = ["criterion", "fraction", "seed", "fold", "allocation", "method"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class PruneUnit:
         seed: Seed of the ranking's random part (the ``random`` draw, or the tie-break of other criteria).
         layer: The one pruned layer (``--per-layer``), or ``None`` when every pruned layer is pruned.
         removed: Pairs ``(layer, experts)``, the experts removed at each layer (original ids).
+        fold: The cross-fitting fold whose calibration split ranked the experts and whose evaluation split
+            measures the pruned model.
+        allocation: ``uniform``, ``global`` or ``causal`` (how the removed experts spread over layers).
+        method: What replaces a removed expert (``delete``).
     """
 
     criterion: str
@@ -39,6 +46,9 @@ class PruneUnit:
     seed: int
     layer: int | None
     removed: tuple[tuple[int, tuple[int, ...]], ...]
+    fold: int = 0
+    allocation: str = "uniform"
+    method: str = DELETE
 
     @property
     def removal(self) -> dict[int, tuple[int, ...]]:
@@ -52,6 +62,11 @@ class PruneUnit:
         text = json.dumps([[layer, list(experts)] for layer, experts in self.removed])
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
+    @property
+    def loss_key(self) -> str:
+        """Identity of the pruned model on its fold's evaluation documents (``losses/<loss_key>.parquet``)."""
+        return f"f{self.fold}-{self.key}"
+
 
 def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
     """The criteria a run prunes by (``None``: every registered ``observe`` metric, then ``causal`` and ``random``).
@@ -61,9 +76,9 @@ def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
     """
     from moeaudit._observe import METRICS
 
-    valid = [*METRICS, CAUSAL, RANDOM]
+    valid = [*METRICS, CAUSAL, RANDOM, CAUSAL_LOO]
     if criteria is None:
-        return valid
+        return valid[:-1]
     for c in criteria:
         if c not in valid:
             raise ConfigError(f"criteria={','.join(criteria)}: {c!r} is not a criterion; valid: {', '.join(valid)}."
@@ -76,12 +91,13 @@ def criterion_scores(criterion: str, layers: Sequence[int], *, metrics: pd.DataF
     """Layer -> [E] values ranking the experts (higher = more important; the lowest are removed)."""
     if criterion == RANDOM:
         return {layer: random_values(geometry, seed, layer) for layer in layers}
-    table, column = (importance, "mean_delta") if criterion == CAUSAL else (metrics, criterion)
+    table, column = ((importance, "removal_cost") if criterion == CAUSAL else (importance, "loo_cost")
+                     if criterion == CAUSAL_LOO else (metrics, criterion))
     out = {}
     for layer in layers:
         sub = table[table["layer"] == layer].sort_values("expert")
         if len(sub) != geometry.n_experts:
-            raise ValueError(f"the {'importance map' if criterion == CAUSAL else 'metric table'} has "
+            raise ValueError(f"the {'importance map' if criterion in (CAUSAL, CAUSAL_LOO) else 'metric table'} has "
                              f"{len(sub)} experts at layer {layer}, expected {geometry.n_experts}.")
         out[layer] = sub[column].to_numpy(dtype=float)
     return out
@@ -89,30 +105,43 @@ def criterion_scores(criterion: str, layers: Sequence[int], *, metrics: pd.DataF
 
 def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_seeds: int, seed: int,
                 geometry: PruneGeometry, layers: Sequence[int], metrics: pd.DataFrame | None,
-                importance: pd.DataFrame | None, per_layer: bool) -> list[PruneUnit]:
-    """Every pruned model of a run, the unpruned model first."""
-    units = [PruneUnit(NONE, 0.0, seed, None, ())]
+                importance: pd.DataFrame | None, per_layer: bool, fold: int = 0,
+                allocations: Sequence[str] = ("uniform",), methods: Sequence[str] = (DELETE,)) -> list[PruneUnit]:
+    """Every pruned model of one fold, the unpruned model first. ``importance`` carries ``removal_cost`` (the
+    ``causal`` criterion and the ``causal`` allocation's per-layer counts) and, with ``reference="loo"``,
+    ``loo_cost``."""
+    units = [PruneUnit(NONE, 0.0, seed, None, (), fold)]
+    costs = None
+    if "causal" in allocations:
+        if importance is None:
+            raise ValueError("allocation='causal' needs the importance map (its removal costs).")
+        costs = criterion_scores(CAUSAL, layers, metrics=None, importance=importance, geometry=geometry, seed=seed)
     for fraction in fractions:
         for criterion in criteria:
             seeds = [seed + i for i in range(random_seeds)] if criterion == RANDOM else [seed]
             for s in seeds:
                 scores = criterion_scores(criterion, layers, metrics=metrics, importance=importance,
                                           geometry=geometry, seed=s)
-                plan = plan_removal(scores, fraction, geometry, seed=s)
-                units.append(PruneUnit(criterion, float(fraction), s, None, tuple(sorted(plan.items()))))
-                if per_layer:
-                    units += [PruneUnit(criterion, float(fraction), s, layer, ((layer, plan[layer]),))
-                              for layer in layers]
+                for allocation in allocations:
+                    plan = plan_allocation(scores, fraction, geometry, seed=s, allocation=allocation, costs=costs)
+                    for method in methods:
+                        units.append(PruneUnit(criterion, float(fraction), s, None, tuple(sorted(plan.items())),
+                                               fold, allocation, method))
+                        if per_layer and allocation == "uniform":
+                            units += [PruneUnit(criterion, float(fraction), s, layer, ((layer, plan[layer]),), fold,
+                                                allocation, method) for layer in layers]
     return units
 
 
 def pruned_table(units: Sequence[PruneUnit]) -> pd.DataFrame:
-    """``pruned.parquet``: one row per (criterion, fraction, seed, layer, expert) removed when every pruned layer
-    is pruned (a ``--per-layer`` unit removes at its layer exactly the experts listed for that layer)."""
-    rows = [(u.criterion, u.fraction, u.seed, layer, e) for u in units if u.layer is None
-            for layer, experts in u.removed for e in experts]
-    frame = pd.DataFrame(rows, columns=["criterion", "fraction", "seed", "layer", "expert"])
-    return frame.astype({"fraction": "float64", "seed": "int64", "layer": "int64", "expert": "int64"})
+    """``pruned.parquet``: one row per (criterion, fraction, seed, fold, allocation, method, layer, expert)
+    removed when every pruned layer is pruned (a ``--per-layer`` unit removes at its layer exactly the experts
+    listed for that layer)."""
+    rows = [(u.criterion, u.fraction, u.seed, u.fold, u.allocation, u.method, layer, e) for u in units
+            if u.layer is None for layer, experts in u.removed for e in experts]
+    frame = pd.DataFrame(rows, columns=[*KEY_COLUMNS, "layer", "expert"])
+    return frame.astype({"fraction": "float64", "seed": "int64", "fold": "int64", "layer": "int64",
+                         "expert": "int64"})
 
 
 @torch.no_grad()
