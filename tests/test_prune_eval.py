@@ -29,7 +29,8 @@ from moeaudit.pruning import (
     prune_geometry,
     sequence_losses,
 )
-from moeaudit.pruning._compare import paired_tests
+from moeaudit.pruning._compare import answer_table, fold_agreement, loss_tables
+from moeaudit.report._style import metric_label
 
 
 def test_sequence_losses_are_the_models_own_loss_per_token():
@@ -87,64 +88,71 @@ def test_units_cover_every_criterion_fraction_seed_and_layer():
     assert len({u.key for u in units}) == len(units), "distinct removals have distinct keys"
 
 
-def _synthetic(shift_a: float, n_docs: int = 30, seeds: int = 5, seed: int = 0):
-    """Per-token losses of criterion 'a' (shifted), a causal reference and random seeds, with document effects."""
+def _synthetic(shift_a: float, n_docs: int = 30, seeds: int = 20, seed: int = 0, folds: int = 2):
+    """Per-token losses of criterion 'a' (shifted), a causal reference and random seeds, with document effects and
+    right-skewed seed effects, split into ``folds`` folds of documents."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(20, 60, n_docs)
-    docs = np.repeat(np.arange(n_docs), sizes)
-    doc_effect = rng.normal(0, 0.5, n_docs)[docs]
-    base = 2.0 + doc_effect + rng.normal(0, 0.3, docs.size)
-    units = [PruneUnit("none", 0.0, 0, None, ())]
-    losses = {"none": base}
+    doc_of = np.repeat(np.arange(n_docs), sizes)
+    base_all = 2.0 + rng.normal(0, 0.5, n_docs)[doc_of] + rng.normal(0, 0.3, doc_of.size)
+    seed_effects = 0.5 + rng.lognormal(-2.5, 0.8, seeds)
+    fold_of_doc = np.arange(n_docs) % folds
+    units, losses, eval_docs = [], {}, {}
+    for fold in range(folds):
+        mask = fold_of_doc[doc_of] == fold
+        docs, base = doc_of[mask], base_all[mask]
+        eval_docs[fold] = docs
 
-    def add(criterion, s, values):
-        unit = PruneUnit(criterion, 0.25, s, None, ((0, (s, 100 + len(units))),))
-        units.append(unit)
-        losses[unit.key] = values
+        def add(criterion, s, values, removed, fold=fold):
+            unit = PruneUnit(criterion, 0.25, s, None, removed, fold)
+            units.append(unit)
+            losses[unit.loss_key] = values
 
-    for s in range(seeds):  # random prunings differ by a seed effect
-        add("random", s, base + 0.5 + rng.normal(0, 0.05) + rng.normal(0, 0.05, docs.size))
-    add("causal", 0, base + 0.5 + rng.normal(0, 0.05, docs.size))
-    add("a", 0, base + 0.5 + shift_a + rng.normal(0, 0.05, docs.size))
-    return units, losses, docs
-
-
-def test_decisions_follow_the_numbers():
-    units, losses, docs = _synthetic(-0.4)
-    tests = paired_tests(units, losses, docs, n_perm=2000, n_boot=200)
-    a = tests.set_index("criterion").loc["a"]
-    assert a["vs_random"] == "better" and a["vs_causal"] == "better" and a["delta_random"] < 0
-    band = np.mean([losses[u.key] for u in units if u.criterion == "random"], axis=0)
-    assert a["delta_random"] == pytest.approx(float((losses[units[-1].key] - band).mean()))
-    assert a["p_t_random_holm"] == pytest.approx(min(1.0, 2 * a["p_t_random"]))  # two rows: a and causal
-    units, losses, docs = _synthetic(0.0)
-    same = paired_tests(units, losses, docs, n_perm=2000, n_boot=200).set_index("criterion").loc["a"]
-    assert same["vs_random"] == "inconclusive" and same["vs_causal"] == "inconclusive"
+        add("none", 0, base, ())
+        for s in range(seeds):
+            add("random", s, base + seed_effects[s] + rng.normal(0, 0.05, docs.size), ((0, (s, 100)),))
+        add("causal", 0, base + 0.5 + rng.normal(0, 0.05, docs.size), ((0, (1, 2)),))
+        add("a", 0, base + 0.5 + shift_a + rng.normal(0, 0.05, docs.size), ((0, (3, 4)),))
+    return units, losses, eval_docs
 
 
-def test_verdict_sentences_are_the_decisions():
-    from moeaudit.report._prune import prune_verdict
+def test_decisions_follow_the_numbers_and_share_is_a_count_from_prune_csv():
+    units, losses, eval_docs = _synthetic(-0.4)
+    answer = answer_table(units, losses, eval_docs, n_perm=2000, n_boot=200).set_index("criterion")
+    a = answer.loc["a"]
+    assert a["decision_random"] == "better" and a["decision_causal"] == "better" and a["delta_causal"] < 0
+    # independent: pool prune.csv over folds by hand and count the random prunings at least as good
+    prune, _ = loss_tables(units, losses)
+    prune["total"] = prune["mean_loss"] * prune["n_tokens"]
+    pooled = prune.groupby(["criterion", "seed"])[["total", "n_tokens"]].sum()
+    pooled = pooled["total"] / pooled["n_tokens"]
+    for name in ("a", "causal"):
+        count = int((pooled.loc["random"] <= pooled.loc[(name, 0)]).sum())
+        assert answer.loc[name, "share_random_better"] == pytest.approx(count / 20)
+        assert answer.loc[name, "mean_loss"] == pytest.approx(pooled.loc[(name, 0)], abs=1e-12)
+    assert a["delta_causal"] == pytest.approx(pooled.loc[("a", 0)] - pooled.loc[("causal", 0)], abs=1e-12)
+    assert answer.loc["random", "mean_loss"] == pytest.approx(float(np.median(pooled.loc["random"])), abs=1e-12)
+    units, losses, eval_docs = _synthetic(0.0, seed=3)
+    same = answer_table(units, losses, eval_docs, n_perm=2000, n_boot=200).set_index("criterion").loc["a"]
+    assert same["decision_causal"] == "inconclusive" and same["group"] == 1
 
-    prune = pd.DataFrame({"criterion": ["none", "random", "random", "a", "a", "a", "b", "b", "b"],
-                          "fraction": [0.0, 0.25, 0.25, 0.125, 0.25, 0.5, 0.125, 0.25, 0.5], "seed": 0,
-                          "n_tokens": 100, "mean_loss": [1.0, 1.5, 1.7, 1.1, 1.2, 1.3, 1.1, 1.2, 1.3],
-                          "perplexity": 1.0})
-    tests = pd.DataFrame({
-        "criterion": ["a", "a", "a", "b", "b", "b"], "fraction": [0.125, 0.25, 0.5] * 2,
-        "delta_random": [-0.2, -0.3, 0.4, -0.1, -0.1, -0.1],
-        "vs_random_docs": ["better", "better", "worse", "better", "inconclusive", "inconclusive"],
-        "vs_random": ["better", "better", "inconclusive", "inconclusive", "inconclusive", "inconclusive"],
-        "delta_causal": [0.01, 0.02, 0.5, 0.0, 0.0, 0.0],
-        "vs_causal": ["inconclusive", "inconclusive", "worse", "inconclusive", "inconclusive", "inconclusive"]})
-    text = "\n".join(prune_verdict(prune, tests, 0.05))
-    assert ("**a** is better than random at f ≤ 0.25 (δ = -0.200, -0.300 nats); worse than the mean of these "
-            "random prunings at f = 0.5 (δ = +0.400 nats) but not outside their spread") in text
-    assert "worse than the causal reference at f = 0.5 (δ = +0.500 nats)" in text
-    assert ("**b** is better than the mean of these random prunings at f = 0.125 (δ = -0.100 nats) but not outside "
-            "their spread (seed-level test inconclusive); inconclusive against random at f ≥ 0.25; inconclusive "
-            "against the causal reference at every fraction.") in text
-    assert "Better than random at every fraction: no criterion." in text
-    assert "Better than the causal reference at some fraction: no criterion." in text
+
+def test_fold_agreement_and_recommendation_sentences():
+    from moeaudit.report._prune_answer import recommendations, verdict
+
+    units, losses, eval_docs = _synthetic(-0.4)
+    answer = answer_table(units, losses, eval_docs, n_perm=500, n_boot=200)
+    prune, _ = loss_tables(units, losses)
+    agreement = fold_agreement(prune, answer)
+    row = agreement.iloc[0]
+    assert row["best"] == "a" and row["best_per_fold"] == "a,a" and row["holds_vs_random"]
+    (text,) = recommendations(answer, None, 0.05)
+    a = answer.set_index("criterion").loc["a"]
+    assert text.startswith(f"At f = 0.25: {metric_label('a')} ({a['mean_loss']:.3f} nats), δ = "
+                           f"{a['delta_causal']:+.3f}")
+    assert "beating 100% [" in text and "(better than random)" in text
+    sentences = verdict(answer, agreement, prune, 0.05)
+    assert len(sentences) <= 10 and any("2 of 2 at f = 0.25" in s for s in sentences)
 
 
 def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):

@@ -116,7 +116,16 @@ def prune_eval_cmd(
     text_field: str = _option(_PRUNE, "text_field", "field holding the text in .jsonl / .parquet corpora"),
     encoding: str = _option(_PRUNE, "encoding", _ENCODING_HELP),
     n_docs: int = _option(_PRUNE, "n_docs", "calibration documents"),
-    n_docs_eval: int = _option(_PRUNE, "n_docs_eval", "evaluation documents (disjoint from the calibration ones)"),
+    n_docs_eval: int = _option(_PRUNE, "n_docs_eval", "evaluation documents (with --folds >= 2, n_docs + n_docs_eval "
+                                                      "documents are dealt into folds)"),
+    split_seed: int = _option(_PRUNE, "split_seed", "seed of the document shuffle that makes the splits"),
+    stratify_field: str = _option(_PRUNE, "stratify_field", "field of a .jsonl/.parquet corpus to stratify the "
+                                                            "splits by", "builtin: its domains; else none"),
+    folds: int = _option(_PRUNE, "folds", "cross-fitting folds (calibration and evaluation swap); 1: one split"),
+    allocation: str = _option(_PRUNE, "allocation", "comma-separated: uniform, global, causal (how the removed "
+                                                    "experts spread over layers, same total)"),
+    reference: str = _option(_PRUNE, "reference", "causal reference: removal_cost, or loo (also the exact "
+                                                  "single-removal cost of every expert)"),
     max_length: int = _option(_PRUNE, "max_length", "tokens per document"),
     min_length: int = _option(_PRUNE, "min_length", "shorter documents are skipped"),
     layers: str = _option(_PRUNE, "layers", "comma-separated MoE layers to prune, or 'all'", "all"),
@@ -163,10 +172,11 @@ def prune_eval_cmd(
         lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
                              save_criterion=save_criterion, save_fraction=save_fraction,
                              trust_remote_code=trust_remote_code), target, "prune-eval", flags)
-    columns = ["criterion", "fraction", "mean_loss", "delta_random", "vs_random_docs", "vs_random", "delta_causal",
-               "vs_causal"]
+    columns = ["criterion", "fraction", "allocation", "method", "mean_loss", "group", "delta_causal",
+               "share_random_better", "decision_random"]
     if len(result.tests):
-        console.print(rich_table("pruning against random and the causal reference", result.tests, columns))
+        console.print(rich_table("answer (pooled over folds): criteria against random and the causal reference",
+                                 result.tests, columns))
     one_layer = 0 if result.per_layer is None else len(result.per_layer)
     console.print(f"{len(result.prune)} pruned models" + (f" and {one_layer} one-layer prunings" if one_layer else "")
                   + f" evaluated in {seconds:.1f} s -> {escape(target)}", highlight=False)

@@ -218,6 +218,8 @@ _PAPER = {
 }
 _DEMO = dict(model="builtin:tiny-moe", name="tiny-moe", corpus="builtin", n_docs=32, n=200, dtype="float32",
              device="cpu")
+#: prune-eval's demo: 1,000 of the calibration split's ~6,000 positions per layer for the removal costs.
+_DEMO_PRUNE = {**_DEMO, "n": 1000}
 
 #: Presets of ``moeaudit map``: the embedded model (``demo``) and the paper's three checkpoints on WikiText-2.
 MAP_PRESETS: Mapping[str, MapConfig] = MappingProxyType(
@@ -225,7 +227,7 @@ MAP_PRESETS: Mapping[str, MapConfig] = MappingProxyType(
 #: Presets of ``moeaudit prune-eval``: WikiText-2's test split has about 60 articles, so the paper presets
 #: calibrate on 30 and evaluate on the next 30.
 PRUNE_PRESETS: Mapping[str, PruneConfig] = MappingProxyType(
-    {"demo": PruneConfig(**_DEMO, n_docs_eval=32, random_seeds=20),
+    {"demo": PruneConfig(**_DEMO_PRUNE, n_docs_eval=32, random_seeds=20),
      **{k: PruneConfig(**v, n_docs_eval=30) for k, v in _PAPER.items()}})
 MapConfig._PRESETS = MAP_PRESETS
 PruneConfig._PRESETS = PRUNE_PRESETS

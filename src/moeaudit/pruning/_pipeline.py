@@ -336,7 +336,13 @@ def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, c
 
 def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
               progress: ProgressSink) -> PruneResult:
-    from moeaudit.pruning._compare import answer_table, fold_agreement, loss_tables, per_layer_effects
+    from moeaudit.pruning._compare import (
+        allocation_table,
+        answer_table,
+        fold_agreement,
+        loss_tables,
+        per_layer_effects,
+    )
     from moeaudit.pruning._units import pruned_table, sequence_losses
 
     run_dir.write_parquet("pruned.parquet", pruned_table(units))
@@ -371,10 +377,14 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
         answer = answer_table(units, losses, eval_docs, alpha=config.alpha, n_perm=config.n_perm,
                               n_boot=config.n_boot, seed=config.seed)
         agreement = fold_agreement(prune, answer)
+        allocations = allocation_table(units, losses, eval_docs, n_perm=config.n_perm, n_boot=config.n_boot,
+                                       seed=config.seed) if len(config.allocation) > 1 else None
         effects = per_layer_effects(units, losses, eval_docs) if config.per_layer else None
     run_dir.write_text("prune.csv", prune.to_csv(index=False))
     run_dir.write_text("answer.csv", answer.to_csv(index=False))
     run_dir.write_text("fold_agreement.csv", agreement.to_csv(index=False))
+    if allocations is not None:
+        run_dir.write_text("allocation.csv", allocations.to_csv(index=False))
     if config.per_layer:
         run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))

@@ -6,10 +6,10 @@ Rules:
 - The pool is the corpus's documents that pass the length filter, visited in the order of a permutation seeded by
   ``split_seed`` (the first ``n_docs + n_docs_eval`` of that order), so the corpus's own order (often by domain or
   source) never decides the split.
-- Stratification: the pool is interleaved so that every label's documents are spread evenly: the i-th of a label's
-  n documents gets the key (i + 1/2) / n, and documents are ordered by key (ties by label order). Systematic
-  assignment along that order gives each split its labels in proportion (within one document per label).
-- ``folds = K >= 2``: the document at interleaved position p belongs to fold p mod K; fold k evaluates its own
+- Stratification: the pool is grouped by label (labels in order of first appearance, each label's documents in
+  shuffled order) and assigned systematically along that order, so each label's documents are dealt over the splits
+  in turn and every split gets each label in proportion (within one document per label).
+- ``folds = K >= 2``: the document at grouped position p belongs to fold p mod K; fold k evaluates its own
   documents with criteria calibrated on the other folds', so every document is evaluated exactly once.
 - ``folds = 1``: one split; position p calibrates when floor((p + 1) c / N) > floor(p c / N) with c = ``n_docs``
   of N = ``n_docs + n_docs_eval`` documents, else it evaluates.
@@ -35,26 +35,18 @@ class Fold:
     evaluation: tuple[int, ...]
 
 
-def interleave(labels: Sequence[str]) -> np.ndarray:
-    """Positions of ``labels`` (already in shuffled order) reordered so every label is spread evenly (module
-    docstring); without labels (all equal) the order is unchanged."""
-    labels = list(labels)
+def grouped(labels: Sequence[str]) -> np.ndarray:
+    """Positions of ``labels`` (already in shuffled order) grouped by label, labels in order of first appearance,
+    each label's documents kept in order (a stable sort); without labels (all equal) the order is unchanged."""
     order = {label: i for i, label in enumerate(dict.fromkeys(labels))}
-    counts = {label: labels.count(label) for label in order}
-    seen: dict[str, int] = {}
-    keys = []
-    for p, label in enumerate(labels):
-        i = seen.get(label, 0)
-        seen[label] = i + 1
-        keys.append(((i + 0.5) / counts[label], order[label], p))
-    return np.array([k[2] for k in sorted(keys)], dtype=np.int64)
+    return np.array(sorted(range(len(labels)), key=lambda p: (order[labels[p]], p)), dtype=np.int64)
 
 
 def make_folds(doc_ids: Sequence[int], labels: Sequence[str] | None, *, folds: int, n_calibration: int) -> list[Fold]:
     """Deal the pool ``doc_ids`` (in shuffled order, with their ``labels`` or ``None``) into folds (module
     docstring). ``n_calibration`` is used for ``folds == 1`` only."""
     ids = np.asarray(doc_ids, dtype=np.int64)
-    order = ids[interleave(list(labels) if labels is not None else [""] * len(ids))]
+    order = ids[grouped(list(labels) if labels is not None else [""] * len(ids))]
     if folds == 1:
         n, c = len(order), n_calibration
         cal = np.array([(p + 1) * c // n > p * c // n for p in range(n)])

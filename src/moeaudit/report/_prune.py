@@ -7,13 +7,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from moeaudit.report import _prune_figures as F
 from moeaudit.report._document import Block, Heading, Paragraph, Table, figure_block, write_document
 from moeaudit.report._style import metric_label
-from moeaudit.report._tables import fmt, fmt_ci, fmt_p
+from moeaudit.report._tables import fmt, fmt_ci
 from moeaudit.rundir import RunDirectory
 
 RANDOM, CAUSAL, NONE = "random", "causal", "none"
@@ -97,98 +96,8 @@ def write_map_report(path: str | Path, out: str | Path | None = None) -> dict[st
 
 # ---- prune-eval --------------------------------------------------------------------------------------------------
 
-def _fractions_text(fractions: list[float], all_fractions: list[float]) -> str:
-    fractions, every = sorted(fractions), sorted(all_fractions)
-    if fractions == every:
-        return "every fraction" if len(every) > 1 else f"f = {every[0]:g}"
-    if len(fractions) > 1 and fractions == [f for f in every if f <= fractions[-1]]:
-        return f"f ≤ {fractions[-1]:g}"
-    if len(fractions) > 1 and fractions == [f for f in every if f >= fractions[0]]:
-        return f"f ≥ {fractions[0]:g}"
-    return "f = " + ", ".join(f"{f:g}" for f in fractions)
-
-
-def _clause(part: pd.DataFrame, decision_col: str, delta_col: str, all_fractions: list[float],
-            what: str) -> list[str]:
-    out = []
-    decided = set()
-    for decision, word in (("better", "better than"), ("worse", "worse than")):
-        hit = part[part[decision_col] == decision].sort_values("fraction")
-        if len(hit):
-            decided |= set(hit["fraction"])
-            deltas = ", ".join(f"{d:+.3f}" for d in hit[delta_col])
-            out.append(f"{word} {what} at {_fractions_text(list(hit['fraction']), all_fractions)} "
-                       f"(δ = {deltas} nats)")
-        if decision_col == "vs_random" and "vs_random_docs" in part:
-            docs = part[(part["vs_random_docs"] == decision) & (part[decision_col] != decision)]
-            if len(docs):
-                decided |= set(docs["fraction"])
-                deltas = ", ".join(f"{d:+.3f}" for d in docs[delta_col])
-                out.append(f"{word} the mean of these random prunings at "
-                           f"{_fractions_text(list(docs['fraction']), all_fractions)} (δ = {deltas} nats) but not "
-                           "outside their spread (seed-level test inconclusive)")
-    rest = part[~part["fraction"].isin(decided) & (part[decision_col] != "n/a")]
-    if len(rest):
-        out.append(f"inconclusive against {what} at {_fractions_text(list(rest['fraction']), all_fractions)}")
-    return out
-
-
-def _names(criteria: list[str]) -> str:
-    names = [f"**{metric_label(c)}**" if c != CAUSAL else "the causal reference" for c in criteria]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def prune_verdict(prune: pd.DataFrame, tests: pd.DataFrame, alpha: float) -> list[str]:
-    """Plain-language sentences, each one a test's decision or a description of measured mean losses; criteria
-    with the same decisions share a sentence."""
-    out = []
-    base = prune[prune["criterion"] == NONE]
-    fractions = sorted(prune.loc[prune["criterion"] != NONE, "fraction"].unique())
-    if len(base):
-        b = base.iloc[0]
-        out.append(f"Unpruned, the model's held-out mean loss is {b['mean_loss']:.3f} nats (perplexity "
-                   f"{b['perplexity']:.2f}) over {int(b['n_tokens']):,} predicted tokens.")
-    random = prune[prune["criterion"] == RANDOM]
-    if len(random):
-        desc = "; ".join(f"f = {f:g}: {g['mean_loss'].mean():.3f} nats (seeds {g['mean_loss'].min():.3f}–"
-                         f"{g['mean_loss'].max():.3f})" for f, g in random.groupby("fraction"))
-        out.append(f"Random pruning ({random['seed'].nunique()} seeds) measured {desc}.")
-    pruned = prune[~prune["criterion"].isin([NONE, RANDOM])]
-    if len(pruned):
-        best = [f"f = {f:g}: {metric_label(g.loc[g['mean_loss'].idxmin(), 'criterion'])} "
-                f"({g['mean_loss'].min():.3f} nats)" for f, g in pruned.groupby("fraction")]
-        out.append("Lowest held-out loss among the criteria: " + "; ".join(best) + ".")
-    if tests is None or tests.empty:
-        return out
-    sentences: dict[str, list[str]] = {}
-    for criterion, part in tests.groupby("criterion", sort=False):
-        clauses = []
-        if "vs_random" in part:
-            clauses += _clause(part, "vs_random", "delta_random", fractions, "random")
-        if "vs_causal" in part and criterion != CAUSAL:
-            clauses += _clause(part, "vs_causal", "delta_causal", fractions, "the causal reference")
-        if clauses:
-            sentences.setdefault("; ".join(clauses), []).append(criterion)
-    for tail, criteria in sentences.items():
-        verb = "is" if len(criteria) == 1 else "are"
-        text = f"{_names(criteria)} {verb} {tail}."
-        out.append(text[0].upper() + text[1:])
-    if "vs_random" in tests:
-        beat = [c for c, p in tests.groupby("criterion", sort=False)
-                if c != CAUSAL and (p["vs_random"] == "better").all()]
-        out.append(f"Better than random at every fraction: {_names(beat) if beat else 'no criterion'}.")
-    if "vs_causal" in tests:
-        over = list(pd.unique(tests.loc[tests["vs_causal"] == "better", "criterion"]))
-        out.append("Better than the causal reference at some fraction: "
-                   f"{_names(over) if over else 'no criterion'}.")
-    out.append(f"Claims hold at a family-wise α = {alpha:g} (Holm over criteria × fractions); 'better than random' "
-               "needs the document-level tests (cluster-robust t and sign-flip) and the seed-level test to agree, so "
-               "'inconclusive' also covers a criterion inside the spread of random prunings, which few seeds "
-               "estimate poorly.")
-    return out
-
-
-def _results_table(prune: pd.DataFrame, label: str) -> Table:
+def _results_table(pooled: pd.DataFrame, label: str, allocation: str) -> Table:
+    prune = pooled[pooled["allocation"].isin([allocation]) | (pooled["criterion"] == NONE)]
     fractions = sorted(prune.loc[prune["criterion"] != NONE, "fraction"].unique())
     rows = []
     for criterion, part in prune[prune["criterion"] != NONE].groupby("criterion", sort=False):
@@ -198,75 +107,78 @@ def _results_table(prune: pd.DataFrame, label: str) -> Table:
             if g.empty:
                 cells.append("n/a")
             elif criterion == RANDOM:
-                cells.append(f"{g['perplexity'].mean():.2f} ± {g['perplexity'].std(ddof=1):.2f}")
+                q = g["perplexity"].quantile([0.05, 0.5, 0.95]).to_numpy()
+                cells.append(f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]")
             else:
                 cells.append(f"{g['perplexity'].iloc[0]:.2f}")
         rows.append([metric_label(criterion), *cells])
     base = prune[prune["criterion"] == NONE]
     note = f"Unpruned: {base['perplexity'].iloc[0]:.2f}. " if len(base) else ""
-    return Table(f"{label}: held-out perplexity after pruning", ["criterion", *[f"f = {f:g}" for f in fractions]],
-                 rows, notes=note + "exp(token-weighted mean next-token loss over every predicted token of the "
-                 "evaluation split). random: mean ± sd over seeds.")
-
-
-def _tests_table(tests: pd.DataFrame, label: str, alpha: float) -> Table:
-    rows = []
-    for _, r in tests.iterrows():
-        rows.append([metric_label(r["criterion"]), f"{r['fraction']:g}", fmt(r.get("delta_random", np.nan)),
-                     fmt_ci(r.get("ci_low_random", np.nan), r.get("ci_high_random", np.nan)),
-                     fmt_p(r.get("p_t_random_holm", np.nan), False), fmt_p(r.get("p_signflip_random_holm", np.nan),
-                                                                           False),
-                     fmt_p(r.get("p_seed_holm", np.nan), False), str(r.get("vs_random", "n/a")),
-                     fmt(r.get("delta_causal", np.nan)),
-                     fmt_ci(r.get("ci_low_causal", np.nan), r.get("ci_high_causal", np.nan)),
-                     fmt_p(r.get("p_t_causal_holm", np.nan), False),
-                     fmt_p(r.get("p_signflip_causal_holm", np.nan), False), str(r.get("vs_causal", "n/a"))])
-    return Table(
-        f"{label}: paired tests against random pruning and the causal reference",
-        ["criterion", "f", "δ random", "95% CI", "p_t", "p_flip", "p_seed", "vs random", "δ causal", "95% CI",
-         "p_t", "p_flip", "vs causal"], rows, align_left=2,
-        notes=("δ: token-weighted mean loss of the criterion's pruned model minus that of the random seeds' mean "
-               "(δ random) or of the causal reference (δ causal), in nats; negative is better. Unit of inference: "
-               "the document (p_t: cluster-robust t, documents − 1 df; p_flip: document sign-flip permutation; CI: "
-               "document bootstrap) and, for p_seed, the random seed (the criterion's mean loss against the seeds' "
-               f"as one more draw, t with seeds − 1 df). p-values Holm-corrected over the table's rows; a decision "
-               f"needs every p of its side below α = {alpha:g}."))
+    return Table(f"{label}: held-out perplexity after pruning ({allocation} allocation)",
+                 ["criterion", *[f"f = {f:g}" for f in fractions]], rows,
+                 notes=note + "exp(token-weighted mean next-token loss over every evaluated token, pooled over "
+                 "folds). random: median [5%, 95% quantile] over seeds.")
 
 
 def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     """``report.md`` / ``report.html`` / ``figures/`` of a ``moeaudit prune-eval`` directory (into ``out``, default
-    the directory itself)."""
+    the directory itself): the answer first (recommendations, verdict, ranked tables, figure), details below."""
+    from moeaudit.report import _prune_answer as A
+
     run_dir = RunDirectory(path)
     manifest = run_dir.manifest()
     config = manifest.get("config", {})
     label = _label(manifest)
     alpha = float(config.get("alpha", 0.05))
-    prune, tests = _read_csv(run_dir, "prune.csv"), _read_csv(run_dir, "tests.csv")
+    prune, answer = _read_csv(run_dir, "prune.csv"), _read_csv(run_dir, "answer.csv")
+    agreement, allocations = _read_csv(run_dir, "fold_agreement.csv"), _read_csv(run_dir, "allocation.csv")
     splits = run_dir.read_json("splits.json") or {}
     pruning = manifest.get("pruning", {})
-    cal, ev = splits.get("calibration", {}), splits.get("evaluation", {})
+    ev = splits.get("evaluation", {})
     groups = pruning.get("group_balanced")
     group_text = (f" The router is group-limited ({groups['n_group']} groups, top {groups['topk_group']} groups per "
                   "token), so every group loses the same number of experts (group-balanced pruning)."
                   if groups else "")
     removed = ", ".join(f"f = {float(f):g}: {m}" for f, m in pruning.get("removed_per_layer", {}).items())
+    pooled = A.pooled_prune(prune)
+    primary = A.primary_allocation(answer)
     blocks: list[Block] = [_generated(run_dir), Paragraph(
-        "Does pruning experts by a criterion beat pruning at random, and how far is it from pruning by measured "
-        f"causal importance? Criteria were computed on {cal.get('n_docs', '?')} calibration documents of "
-        f"`{cal.get('source', '?')}` ({cal.get('n_tokens', 0):,} tokens); every pruned model was evaluated in memory "
-        f"on {ev.get('n_docs', '?')} disjoint documents of `{ev.get('source', '?')}` "
-        f"({ev.get('n_predicted_tokens', 0):,} predicted tokens). Experts removed per pruned layer: {removed}."
-        f"{group_text}")]
-    blocks += [Heading("Verdict"), *[Paragraph(p) for p in prune_verdict(prune, tests, alpha)]]
-    fig = F.perplexity_curves(prune, label)
+        "Which criterion should prune this model's experts, at which fraction? Every pruned model was evaluated "
+        f"in memory on held-out documents ({ev.get('n_docs', '?')} documents of `{ev.get('source', '?')}`, "
+        f"{ev.get('n_predicted_tokens', 0):,} predicted tokens, {splits.get('n_folds', 1)} cross-fitting folds: "
+        "each document evaluated once, by criteria computed on the other folds). Experts removed per pruned layer "
+        f"(uniform allocation; other allocations remove the same total): {removed}.{group_text}")]
+    blocks += [Heading("Recommendation"), *[Paragraph(p) for p in A.recommendations(answer, allocations, alpha)]]
+    blocks += [Heading("Verdict"), Paragraph(" ".join(A.verdict(answer, agreement, prune, alpha)))]
+    fig = F.answer_figure(answer, pooled, label, primary)
+    if fig is not None:
+        blocks.append(figure_block("answer", "Held-out mean loss of every criterion (95% interval: the causal "
+                                   "reference's loss plus the interval of δ against it), criteria sorted; grey bands: "
+                                   "the random prunings' 5–95% and 25–75% quantiles, dashed: their median; dotted: "
+                                   "unpruned.", fig))
+    blocks += [Heading("Ranked criteria"), *A.answer_tables(answer, label)]
+    if allocations is not None and len(allocations):
+        rows = [[metric_label(r["criterion"]), f"{r['fraction']:g}", r["allocation"], f"{r['mean_loss']:.3f}",
+                 f"{r['uniform_mean_loss']:.3f}", fmt(r["delta_uniform"]),
+                 fmt_ci(r["delta_uniform_low"], r["delta_uniform_high"])] for _, r in allocations.iterrows()]
+        blocks += [Heading("Allocations at equal budget"), Table(
+            f"{label}: allocation against uniform at the same number of removed experts",
+            ["criterion", "f", "allocation", "mean loss", "uniform", "δ", "95% CI"], rows, align_left=3,
+            notes="global: one ranking of every layer's experts by the criterion's raw value (each criterion is the "
+                  "same quantity at every layer, so layers where it is small lose most); causal: per-layer counts "
+                  "from the calibration split's removal costs (the cheapest experts over all layers), the "
+                  "criterion choosing within each layer. δ: mean loss minus the uniform allocation's, pooled over "
+                  "folds, document bootstrap interval (random: its seeds' mean per-token loss).")]
+    table = A.splits_table(splits, label)
+    blocks += [Heading("Splits and folds")] + ([table] if table is not None else [])
+    if agreement is not None and len(agreement):
+        blocks.append(A.agreement_table(agreement, label))
+    fig = F.perplexity_curves(pooled[pooled["allocation"].isin([primary]) | (pooled["criterion"] == NONE)], label)
     if fig is not None:
         blocks += [Heading("Perplexity against fraction"), figure_block(
-            "perplexity", "Held-out perplexity against the fraction of experts removed per layer, one panel per "
-            "criterion; grey: random pruning (range and mean of the seeds); black: the causal reference; dotted: "
-            "unpruned.", fig)]
-    blocks += [Heading("Results"), _results_table(prune, label)]
-    if tests is not None and not tests.empty:
-        blocks.append(_tests_table(tests, label, alpha))
+            "perplexity", "Held-out perplexity (pooled over folds) against the fraction of experts removed per layer, "
+            "one panel per criterion; grey: random pruning (range and mean of the seeds); black: the causal "
+            "reference; dotted: unpruned.", fig), _results_table(pooled, label, primary)]
     effects = _read_csv(run_dir, "per_layer.csv")
     if effects is not None:
         fig = F.per_layer_curves(effects, label)
@@ -279,22 +191,25 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
         blocks += [Heading("Downstream tasks (lm-evaluation-harness)"), _lm_table(lm, label)]
     importance = run_dir.read_parquet("importance.parquet")
     if importance is not None:
-        blocks += [Heading("Causal importance map (calibration split)"),
-                   *_importance_blocks(importance, config, label)]
+        first = importance[importance["fold"] == importance["fold"].min()] if "fold" in importance else importance
+        reference = A.reference_table(importance, label)
+        blocks += [Heading("Causal importance map (calibration split of fold "
+                           f"{int(first['fold'].iloc[0]) if 'fold' in first else 0})"),
+                   *([reference] if reference is not None else []), *_importance_blocks(first, config, label)]
     blocks += [Heading("How to read this report"), Paragraph(
-        "Each criterion ranks every layer's experts on the calibration documents (higher = more important); at a "
-        "fraction f the m = floor(f·E + ½) lowest-ranked experts of each layer are removed, so the router chooses among "
-        "the rest exactly as a checkpoint without them would. `random` ranks experts by a seeded random draw (one pruned "
-        "model per seed: the band); `causal` by the mean loss increase measured when each expert is removed alone "
-        "(the importance map). Every pruned model's next-token loss is measured on held-out documents. A criterion "
-        "is **better than random** only when it beats the random seeds' mean on these documents (document-level "
-        "tests) and lies outside the spread of the random seeds (seed-level test); 'better than the mean of these "
-        "random prunings … but not outside their spread' means the first holds and the second could not be shown "
-        "with this many seeds. 'Inconclusive' never means 'equal'.")]
+        "Each criterion ranks every layer's experts on a fold's calibration documents (higher = more important); at "
+        "a fraction f the uniform allocation removes the m = floor(f·E + ½) lowest-ranked experts of each layer, so "
+        "the router chooses among the rest exactly as a checkpoint without them would. `random` ranks experts by a "
+        "seeded random draw (one pruned model per seed); `causal` by each expert's removal cost, the expected loss "
+        "increase per calibration token when it is removed alone (routed share × mean ΔL when routed). A criterion "
+        "is **better than random** when the share of random prunings that do at least as well is credibly below "
+        "one half (it beats the median random pruning), a statement about the distribution of random prunings, "
+        "not their mean. 'Inconclusive' never means 'equal'.")]
     return write_document(f"moeaudit prune-eval: {label}", blocks, out or run_dir.path)
 
 
 def _lm_table(lm: pd.DataFrame, label: str) -> Table:
+    lm = lm[lm["allocation"] == "uniform"] if "allocation" in lm else lm
     agg = (lm.groupby(["task", "metric", "criterion", "fraction"], sort=False)["value"]
            .agg(["mean", "count"]).reset_index())
     rows = [[r["task"], r["metric"], metric_label(r["criterion"]), f"{r['fraction']:g}",

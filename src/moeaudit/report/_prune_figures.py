@@ -141,3 +141,49 @@ def per_layer_curves(effects: pd.DataFrame, model: str) -> Figure | None:
     axes.flat[0].legend(fontsize=5, loc="upper left", ncol=2)
     _grid_labels(fig, f"{model}: pruning one layer at a time", "layer", "loss increase over unpruned (nats)")
     return fig
+
+
+def answer_figure(answer: pd.DataFrame, pooled: pd.DataFrame, model: str, allocation: str) -> Figure | None:
+    """Per fraction (panels): every criterion's pooled mean loss with its 95% interval (the causal reference's loss
+    plus the interval of δ against it), criteria sorted best first; the random prunings' pooled mean losses drawn
+    as quantile bands (5–95% light, 25–75% dark, median line); dotted: unpruned."""
+    part = answer[(answer["allocation"] == allocation) & (answer["criterion"] != RANDOM)]
+    if part.empty:
+        return None
+    fractions = sorted(part["fraction"].unique())
+    n_rows = int(part.groupby("fraction").size().max())
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.5, 3.8 * len(fractions)), max(2.5, 0.2 * n_rows + 1.4)), layout="constrained")
+    axes = fig.subplots(1, len(fractions), squeeze=False)
+    base = pooled[pooled["criterion"] == NONE]["mean_loss"]
+    for ax, fraction in zip(axes.flat, fractions):
+        rows = part[part["fraction"] == fraction].sort_values("mean_loss", ascending=False)
+        y = np.arange(len(rows))
+        rand = pooled[(pooled["criterion"] == RANDOM) & (pooled["fraction"] == fraction)
+                      & (pooled["allocation"] == allocation)]["mean_loss"].to_numpy()
+        if rand.size:
+            q = np.quantile(rand, [0.05, 0.25, 0.5, 0.75, 0.95])
+            ax.axvspan(q[0], q[4], color=_BAND, alpha=0.3, linewidth=0, label="random 5–95%")
+            ax.axvspan(q[1], q[3], color=_BAND, alpha=0.6, linewidth=0, label="random 25–75%")
+            ax.axvline(q[2], color="#707070", linestyle="--", linewidth=1, label="random median")
+        causal = rows[rows["criterion"] == CAUSAL]["mean_loss"]
+        ref = float(causal.iloc[0]) if len(causal) else np.nan
+        low = ref + rows["delta_causal_low"].to_numpy(dtype=float)
+        high = ref + rows["delta_causal_high"].to_numpy(dtype=float)
+        x = rows["mean_loss"].to_numpy(dtype=float)
+        has = np.isfinite(low) & np.isfinite(high)
+        ax.errorbar(x[has], y[has], xerr=[x[has] - low[has], high[has] - x[has]], fmt="none", ecolor="black",
+                    elinewidth=0.8, capsize=2)
+        colors = ["black" if c == CAUSAL else metric_color(c) for c in rows["criterion"]]
+        ax.scatter(x, y, c=colors, s=16, zorder=3)
+        ax.set_yticks(y, [metric_label(c) if c != CAUSAL else "causal reference" for c in rows["criterion"]],
+                      fontsize=6)
+        if len(base):
+            ax.axvline(float(base.iloc[0]), color="black", linestyle=":", linewidth=0.8, label="unpruned")
+        _style(ax, f"f = {fraction:g}")
+    axes.flat[0].legend(fontsize=5, loc="lower right")
+    fig.suptitle(f"{model}: held-out mean loss after pruning ({allocation} allocation, pooled over folds)",
+                 fontsize=9)
+    fig.supxlabel("mean loss (nats)", fontsize=8)
+    return fig
