@@ -179,44 +179,82 @@ SMALL = dict(model="builtin:tiny-moe", corpus="builtin", n_docs=4, n_docs_eval=4
 @pytest.mark.slow
 def test_prune_eval_end_to_end_resumes_refuses_and_saves(tmp_path):
     from moeaudit import load_model
+    from moeaudit.builtin import builtin_labelled_documents
 
-    config = PruneConfig(**SMALL)
+    config = PruneConfig(**SMALL, allocation=("uniform", "causal"))
     out, saved = tmp_path / "run", tmp_path / "pruned"
     result = prune_eval(config, out, save_pruned=saved, save_criterion="reap", save_fraction=0.5)
-    for name in ("prune.csv", "tests.csv", "pruned.parquet", "eval_tokens.parquet", "importance.parquet",
-                 "splits.json", "report.md", "report.html", "figures/perplexity.png", "figures/importance.png"):
+    for name in ("prune.csv", "answer.csv", "fold_agreement.csv", "allocation.csv", "pruned.parquet",
+                 "eval_tokens.parquet", "importance.parquet", "splits.json", "report.md", "report.html",
+                 "figures/perplexity.png", "figures/importance.png", "figures/answer.png"):
         assert (out / name).is_file(), name
     prune = pd.read_csv(out / "prune.csv")
-    assert len(prune) == 1 + 2 * (2 + 2) and set(prune.columns) >= {"criterion", "fraction", "seed", "n_tokens",
-                                                                   "mean_loss", "perplexity"}
+    keys = ["criterion", "fraction", "seed", "fold", "allocation", "method"]
+    assert len(prune) == 2 * (1 + 2 * 2 * (2 + 2)) and not prune.duplicated(keys).any()
+    assert set(prune.columns) >= {*keys, "n_tokens", "mean_loss", "perplexity"} and set(prune["method"]) == {"delete"}
+    # splits: disjoint within a fold, every document evaluated once, every builtin domain in both splits
     splits = json.loads((out / "splits.json").read_text())
-    assert not set(splits["calibration"]["doc_ids"]) & set(splits["evaluation"]["doc_ids"])
+    domains = [d for d, _ in builtin_labelled_documents("heldout")]
+    evaluated = [d for f in splits["folds"] for d in f["evaluation"]]
+    assert len(splits["folds"]) == 2 and len(evaluated) == len(set(evaluated)) == 8
+    for f in splits["folds"]:
+        assert not set(f["calibration"]) & set(f["evaluation"])
+        assert {domains[d] for d in f["calibration"]} == {domains[d] for d in f["evaluation"]} == set(domains)
     tokens = pd.read_parquet(out / "eval_tokens.parquet")
-    assert list(tokens["doc_id"]) == splits["evaluation"]["doc_ids"]
-    assert int(sum(len(t) - 1 for t in tokens["input_ids"])) == int(prune["n_tokens"].iloc[0])
+    assert sorted(tokens["doc_id"]) == sorted(evaluated)
+    for f in splits["folds"]:
+        mine = tokens[tokens["fold"] == f["fold"]]
+        assert sorted(mine["doc_id"]) == f["evaluation"]
+        n_tok = int(sum(len(t) - 1 for t in mine["input_ids"]))
+        assert (prune.loc[prune["fold"] == f["fold"], "n_tokens"] == n_tok).all()
+    # pruned.parquet: every removed expert; equal totals across allocations
     pruned_rows = pd.read_parquet(out / "pruned.parquet")
-    reap = pruned_rows[(pruned_rows["criterion"] == "reap") & (pruned_rows["fraction"] == 0.5)]
+    totals = pruned_rows.groupby(keys).size()
+    assert set(totals.xs(0.5, level="fraction")) == {64} and set(totals.xs(0.25, level="fraction")) == {32}
+    # the removal costs from the fold's own pool records (brute force) and the causal ranking uses them
+    importance = pd.read_parquet(out / "importance.parquet")
+    records = pd.concat([pd.read_parquet(p) for p in sorted((out / "fold1" / "records").iterdir())])
+    records = records[records["experiment"] == "pool"]
+    mine = importance[importance["fold"] == 1].set_index(["layer", "expert"])
+    for (layer, expert), row in mine.sample(10, random_state=0).iterrows():
+        at = records[records["layer"] == layer]
+        n_pos = len(at[["seq_id", "position"]].drop_duplicates())
+        hit = at[[e[0] == expert for e in at["ablated_experts"]]]
+        assert row["removal_cost"] == pytest.approx(hit["delta"].sum() / n_pos, abs=1e-12)
+    causal = pruned_rows[(pruned_rows["criterion"] == "causal") & (pruned_rows["fold"] == 1)
+                         & (pruned_rows["fraction"] == 0.25) & (pruned_rows["allocation"] == "uniform")]
+    for layer, g in causal.groupby("layer"):
+        assert set(g["expert"]) == set(mine.loc[layer]["removal_cost"].nsmallest(4).index)
+    # the saved checkpoint (experts really deleted) reproduces the in-memory pruned loss of fold 0
+    reap = pruned_rows[(pruned_rows["criterion"] == "reap") & (pruned_rows["fraction"] == 0.5)
+                       & (pruned_rows["fold"] == 0) & (pruned_rows["allocation"] == "uniform")]
     assert len(reap) == 8 * 8  # 8 of 16 experts at each of 8 layers
-    # the saved checkpoint (experts really deleted) reproduces the in-memory pruned loss
     model, tokenizer = load_model(saved, dtype="float32")
     assert model.config.num_experts == 8
     removed = {layer: tuple(g["expert"]) for layer, g in reap.groupby("layer")}
-    ids = [torch.tensor(t) for t in tokens["input_ids"]]
+    ids = [torch.tensor(t) for t in tokens[tokens["fold"] == 0]["input_ids"]]
     on_disk = sequence_losses(model, ids)
     in_memory, _ = load_model("builtin:tiny-moe", dtype="float32")
     assert np.allclose(on_disk, sequence_losses(in_memory, ids, removed), atol=1e-5)
-    row = prune[(prune["criterion"] == "reap") & (prune["fraction"] == 0.5)].iloc[0]
+    row = prune[(prune["criterion"] == "reap") & (prune["fraction"] == 0.5) & (prune["fold"] == 0)
+                & (prune["allocation"] == "uniform")].iloc[0]
     assert row["mean_loss"] == pytest.approx(float(on_disk.mean()), abs=1e-6)
+    answer = pd.read_csv(out / "answer.csv")
+    assert len(answer) == 2 * 2 * 3 and not answer.duplicated(["criterion", "fraction", "allocation", "method"]).any()
     report = (out / "report.md").read_text()
-    assert "## Verdict" in report and "figures/perplexity.png" in report and "**reap**" in report
+    assert "## Recommendation" in report and "At f = 0.25:" in report and "figures/answer.png" in report
     # a second run resumes every unit and reproduces the tables; another configuration is refused
-    stored = [*(out / "losses").iterdir(), *(out / "records").iterdir()]
+    stored = [*(out / "losses").iterdir(), *(out / "fold0" / "records").iterdir()]
     before = {p: p.stat().st_mtime_ns for p in stored}
     again = prune_eval(config, out, report=False)
     assert {p: p.stat().st_mtime_ns for p in stored} == before
     pd.testing.assert_frame_equal(again.tests, result.tests)
     with pytest.raises(RunDirectoryError, match="different configuration"):
         prune_eval(dataclasses.replace(config, fractions=(0.25,)), out)
+    with pytest.raises(ConfigError, match="one expert count"):
+        prune_eval(dataclasses.replace(config, allocation=("causal",)), tmp_path / "refused",
+                   save_pruned=tmp_path / "x", save_criterion="reap", save_fraction=0.5)
+    assert not (tmp_path / "refused").exists()
 
 
 runner = CliRunner()

@@ -18,7 +18,7 @@ from moeaudit.errors import CorpusError, RunDirectoryError
 from moeaudit.pipeline import ProgressSink, corpus_fingerprint
 from moeaudit.pruning._plan import PruneGeometry, prune_geometry
 from moeaudit.pruning._preflight import MapPlan
-from moeaudit.pruning._splits import composition, document_labels, make_folds
+from moeaudit.pruning._splits import composition, document_labels, make_folds, stratified_sample
 from moeaudit.rundir import RunDirectory
 
 
@@ -92,12 +92,21 @@ def _prune_folds(config, tokenizer, plan: MapPlan) -> tuple[list[FoldData], list
                          seed)
         return [FoldData(0, calibration, held_out)], None, eval_source
     n_eval = config.n_docs_eval
-    pool = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval,
-                 f"n_docs={config.n_docs} + n_docs_eval={n_eval}", seed)
     documents = plan.documents.get(config.corpus)
     if documents is None:
         documents = read_documents(config.corpus, text_field=config.text_field, encoding=config.encoding)
     labels = _labels(config, config.corpus, len(documents))
+    what = f"n_docs={config.n_docs} + n_docs_eval={n_eval}"
+    if labels is None:
+        pool = _take(config.corpus, tokenizer, plan, config.n_docs + n_eval, what, seed)
+    else:  # every passing document, then a proportional stratified sample of the pool
+        every = load_corpus(config.corpus, tokenizer, max_length=config.max_length, min_length=config.min_length,
+                            text_field=config.text_field, encoding=config.encoding, documents=documents,
+                            shuffle_seed=seed)
+        need = config.n_docs + n_eval
+        if len(every) < need:
+            _take(config.corpus, tokenizer, plan, need, what, seed)  # raises the usual message
+        pool = [every[i] for i in sorted(stratified_sample([labels[q.doc_index] for q in every], need))]
     by_id = {q.doc_index: q for q in pool}
     ids = [q.doc_index for q in pool]
     folds = make_folds(ids, None if labels is None else [labels[d] for d in ids], folds=config.folds,

@@ -169,11 +169,6 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
     if save_fraction not in config.fractions:
         raise ConfigError(f"--save-fraction {save_fraction} is not a fraction of this run; choose one of "
                           f"{', '.join(map(str, config.fractions))}.")
-    if "uniform" not in config.allocation:
-        raise ConfigError(f"--save-pruned writes a standard checkpoint, whose config has one expert count for every "
-                          f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
-                          "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
-                          "pruned.parquet lists every other pruning's removed experts).")
     if tuple(layers) != tuple(geometry.moe_layers):
         raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
                           "layers); leave layers= unset.")
@@ -218,6 +213,11 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         else:
             raise ConfigError("--save-pruned needs --save-criterion and --save-fraction: the run prunes by "
                               f"{len(criteria)} criteria at {len(config.fractions)} fractions.")
+    if save_pruned is not None and "uniform" not in config.allocation:
+        raise ConfigError(f"--save-pruned writes a standard checkpoint, whose config has one expert count for every "
+                          f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
+                          "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
+                          "pruned.parquet lists every other pruning's removed experts).")
     if save_pruned is not None and config.device_map is not None:
         raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
                           f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "

@@ -101,3 +101,12 @@ def composition(doc_ids: Sequence[int], labels: Sequence[str] | None) -> dict[st
     for d in doc_ids:
         out[labels[d]] = out.get(labels[d], 0) + 1
     return dict(sorted(out.items()))
+
+
+def stratified_sample(labels: Sequence[str], n: int) -> list[int]:
+    """Positions of ``n`` of the documents (``labels`` in shuffled order) drawn in proportion to their labels:
+    systematic selection along the label-grouped order (position p of M kept when floor((p + 1) n / M) >
+    floor(p n / M)), so each label gets n x its share within one document."""
+    order = grouped(list(labels))
+    M = len(order)
+    return sorted(int(order[p]) for p in range(M) if (p + 1) * n // M > p * n // M)
