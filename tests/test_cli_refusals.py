@@ -360,7 +360,8 @@ def test_map_and_prune_eval_refuse_like_run(tmp_path):
             out = ["--out", "run"] if "--out" not in args else []
             refused(cli(command, *_flags(MAP_SMALL), *args, *out, cwd=tmp_path), *fragments)
             assert snapshot(tmp_path) == before, (command, args)
-    refused(cli("prune-eval", *_flags(MAP_SMALL), "--eval-corpus", "latin1.txt", "--out", "run", cwd=tmp_path),
+    refused(cli("prune-eval", *_flags(MAP_SMALL), "--eval-corpus", "latin1.txt", "--folds", "1", "--out", "run",
+                cwd=tmp_path),
             latin, "--encoding")
     assert snapshot(tmp_path) == before
     # refusals that need the model's geometry or the tokenised corpus: still before any ablation, still flag names

@@ -71,7 +71,8 @@ def test_prune_eval_writes_lm_eval_scores_per_pruned_model(task_dir, tmp_path):
     result = prune_eval(config, tmp_path / "run", report=False)
     table = pd.read_csv(tmp_path / "run" / "lm_eval.csv")
     assert set(table["criterion"]) == {"none", "reap"} and set(table["task"]) == {"moeaudit_tiny_ll"}
-    assert len(result.lm_eval) == len(table) == 2
+    assert len(result.lm_eval) == len(table) == 4  # (unpruned, reap) x 2 folds
+    assert set(table["fold"]) == {0, 1} and set(table["allocation"]) == {"uniform"}
     with pytest.raises(ValueError, match="is not a directory"):
         prune_eval(config.replace(lm_eval_include=str(tmp_path / "nowhere")), tmp_path / "other")
     assert not (tmp_path / "other").exists()
