@@ -14,6 +14,7 @@ Layout of a prune-eval directory (a map directory holds the first part)::
                                        removes
     losses/f<k>-<model key>.parquet    per-token held-out losses of each distinct pruned model on fold k
     answer.csv                         pooled over folds: one row per (criterion, fraction, allocation, method)
+    allocation.csv                     each non-uniform allocation against uniform at the same budget
     prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv
     report.md, report.html, figures/
 """
@@ -179,12 +180,14 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
                save_fraction: float | None = None, trust_remote_code: bool = False) -> PruneResult:
     """Run (or resume) a prune-eval experiment into the run directory ``out``.
 
-    For every criterion (``observe`` metrics on the calibration split, ``random`` with ``random_seeds`` seeds, and
-    the ``causal`` reference ranked by the importance map's mean ΔL on the calibration split) and every fraction,
-    the lowest-ranked experts are removed at every pruned layer (see :mod:`moeaudit.pruning._plan` for the rules)
-    and the pruned model is evaluated in memory on the disjoint evaluation split: held-out mean loss and
-    perplexity, paired tests against the random band and the causal reference (:mod:`moeaudit.pruning._compare`),
-    optionally one layer at a time and lm-evaluation-harness tasks.
+    Documents are shuffled with ``split_seed``, stratified and dealt into ``folds`` cross-fitting folds
+    (:mod:`moeaudit.pruning._splits`). Per fold, every criterion (``observe`` metrics on the fold's calibration
+    split, ``random`` with ``random_seeds`` seeds, the ``causal`` reference ranked by each expert's removal cost
+    from the importance map, and with ``reference="loo"`` the exact single-removal cost) ranks the experts; at
+    every fraction and allocation the lowest-ranked are removed (:mod:`moeaudit.pruning._plan`) and the pruned
+    model is evaluated in memory on the fold's evaluation documents. ``answer.csv`` pools the folds: each criterion
+    against the random prunings and the causal reference (:mod:`moeaudit.pruning._compare`); optionally one layer
+    at a time and lm-evaluation-harness tasks.
 
     Args:
         config: The experiment (:class:`PruneConfig`).
@@ -192,7 +195,8 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         progress: Receives stages and progress.
         report: Write ``report.md`` / ``report.html`` / ``figures/``.
         save_pruned: Also write a loadable checkpoint with the experts of (``save_criterion``, ``save_fraction``)
-            deleted to this directory (tokenizer included; ``random`` uses the run's first seed).
+            deleted to this directory (tokenizer included; ``random`` uses the run's first seed; the uniform
+            allocation as ranked on fold 0's calibration split).
         trust_remote_code: Run modelling code shipped with the checkpoint (per call; a configuration cannot ask
             for it).
 
@@ -297,25 +301,16 @@ class _FoldView:
 
 
 def _loo(loaded, run_dir: RunDirectory, s, progress: ProgressSink) -> pd.DataFrame:
-    """The exact single-removal cost of every expert: the calibration split's mean loss with the expert removed
-    alone (every other expert kept, the router choosing among the rest) minus the unpruned model's."""
-    from moeaudit.pruning._units import sequence_losses
+    from moeaudit.pruning._units import loo_costs
 
     table = run_dir.read_parquet("loo.parquet")
-    if table is not None:
-        return table
-    layers, E = loaded.layers, loaded.geometry.n_experts
-    progress.stage(f"exact single-removal costs ({len(layers) * E} removals)", len(layers) * E)
-    with s.timer("loo"):
-        base = sequence_losses(loaded.model, loaded.calibration).mean()
-        rows = []
-        for layer in layers:
-            for e in range(E):
-                loss = sequence_losses(loaded.model, loaded.calibration, {layer: (e,)})
-                rows.append((layer, e, float(loss.mean() - base)))
-                progress.advance(1)
-    table = pd.DataFrame(rows, columns=["layer", "expert", "loo_cost"])
-    run_dir.write_parquet("loo.parquet", table)
+    if table is None:
+        progress.stage(f"exact single-removal costs ({len(loaded.layers) * loaded.geometry.n_experts} removals)",
+                       len(loaded.layers) * loaded.geometry.n_experts)
+        with s.timer("loo"):
+            table = loo_costs(loaded.model, loaded.calibration, loaded.layers, loaded.geometry.n_experts,
+                              progress=progress.advance)
+        run_dir.write_parquet("loo.parquet", table)
     return table
 
 

@@ -160,3 +160,18 @@ def sequence_losses(model: nn.Module, sequences: Sequence, removed: dict[int, tu
             if progress is not None:
                 progress(1)
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def loo_costs(model: nn.Module, sequences: Sequence, layers: Sequence[int], n_experts: int, *,
+              progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """The exact single-removal cost of every expert of ``layers``: the mean loss over every predicted token of
+    ``sequences`` with the expert removed alone (the router choosing among the rest, as in a pruned model) minus the
+    unpruned model's. One row per (layer, expert): ``layer, expert, loo_cost``."""
+    base = sequence_losses(model, sequences).mean()
+    rows = []
+    for layer in layers:
+        for e in range(n_experts):
+            rows.append((int(layer), e, float(sequence_losses(model, sequences, {layer: (e,)}).mean() - base)))
+            if progress is not None:
+                progress(1)
+    return pd.DataFrame(rows, columns=["layer", "expert", "loo_cost"])
