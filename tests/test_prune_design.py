@@ -143,3 +143,36 @@ def test_share_random_better_is_calibrated_at_the_random_median_and_powered():
     # the point estimate is a count
     assert share_random_better(random[0], random, docs).share == pytest.approx(
         float(np.mean(random.mean(1) <= random[0].mean())))
+
+
+def test_loo_cost_is_the_loss_with_the_router_masked_by_hand():
+    """Independent of moeaudit's pruning hook: Qwen2-MoE's router re-implemented with the expert's logit at -inf
+    (softmax over the rest, top-k, renormalised as the config says), i.e. a checkpoint without the expert."""
+    import torch
+
+    from moeaudit.pruning import prune_geometry, sequence_losses
+    from moeaudit.pruning._units import loo_costs
+
+    model = cached_tiny("qwen2_moe")
+    seqs = [random_ids(24, seed=s) for s in range(3)]
+    layer = prune_geometry(model).moe_layers[-1]
+    table = loo_costs(model, seqs, [layer], prune_geometry(model).n_experts)
+    base = sequence_losses(model, seqs).mean()
+    gate = model.model.layers[layer].mlp.gate
+    for e in (0, 3):
+        def masked(hidden, gate=gate, e=e):
+            logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
+            probs = torch.softmax(logits.float().index_fill(-1, torch.tensor([e]), float("-inf")), dim=-1)
+            top, idx = torch.topk(probs, gate.top_k, dim=-1)
+            if gate.norm_topk_prob:
+                top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(logits.dtype), idx
+
+        gate.forward = masked
+        try:
+            by_hand = float(sequence_losses(model, seqs).mean() - base)
+        finally:
+            del gate.forward
+        cost = table[(table["layer"] == layer) & (table["expert"] == e)]["loo_cost"].item()
+        assert cost == pytest.approx(by_hand, abs=1e-6)
+    assert np.abs(table["loo_cost"]).max() > 1e-4, "removal must change the loss for the test to bite"
