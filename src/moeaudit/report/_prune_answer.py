@@ -111,7 +111,10 @@ def verdict(answer: pd.DataFrame, agreement: pd.DataFrame | None, prune: pd.Data
 
 def answer_tables(answer: pd.DataFrame, label: str) -> list[Table]:
     tables = []
-    for (fraction, allocation, method), part in answer.groupby(["fraction", "allocation", "method"]):
+    primary = primary_allocation(answer)
+    cells = sorted(answer.groupby(["fraction", "allocation", "method"]),
+                   key=lambda kv: (kv[0][1] != primary, kv[0][1], kv[0][0], kv[0][2]))
+    for (fraction, allocation, method), part in cells:
         rows = []
         for _, r in part.sort_values("mean_loss").iterrows():
             random = r["criterion"] == RANDOM

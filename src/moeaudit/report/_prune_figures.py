@@ -154,7 +154,7 @@ def answer_figure(answer: pd.DataFrame, pooled: pd.DataFrame, model: str, alloca
     n_rows = int(part.groupby("fraction").size().max())
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(4.5, 3.8 * len(fractions)), max(2.5, 0.2 * n_rows + 1.4)), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 3.8 * len(fractions)), max(2.5, 0.2 * n_rows + 1.6)), layout="constrained")
     axes = fig.subplots(1, len(fractions), squeeze=False)
     base = pooled[pooled["criterion"] == NONE]["mean_loss"]
     for ax, fraction in zip(axes.flat, fractions):
@@ -182,8 +182,7 @@ def answer_figure(answer: pd.DataFrame, pooled: pd.DataFrame, model: str, alloca
         if len(base):
             ax.axvline(float(base.iloc[0]), color="black", linestyle=":", linewidth=0.8, label="unpruned")
         _style(ax, f"f = {fraction:g}")
-    axes.flat[0].legend(fontsize=5, loc="lower right")
-    fig.suptitle(f"{model}: held-out mean loss after pruning ({allocation} allocation, pooled over folds)",
-                 fontsize=9)
+    axes.flat[0].legend(fontsize=5, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=4, frameon=False)
+    fig.suptitle(f"{model}: mean loss after pruning ({allocation} allocation, pooled over folds)", fontsize=9)
     fig.supxlabel("mean loss (nats)", fontsize=8)
     return fig
