@@ -176,3 +176,33 @@ def test_loo_cost_is_the_loss_with_the_router_masked_by_hand():
         cost = table[(table["layer"] == layer) & (table["expert"] == e)]["loo_cost"].item()
         assert cost == pytest.approx(by_hand, abs=1e-6)
     assert np.abs(table["loo_cost"]).max() > 1e-4, "removal must change the loss for the test to bite"
+
+
+def test_stratify_field_labels_and_refusals(tmp_path):
+    import json
+
+    from moeaudit.corpus import read_documents
+    from moeaudit.errors import CorpusError
+    from moeaudit.pruning._splits import document_labels, stratified_sample
+
+    rows = [{"text": f"document {i}", "source": "news" if i % 3 else "code"} for i in range(12)]
+    rows.insert(5, {"text": "   ", "source": "blank"})  # read_documents drops blank documents; so do the labels
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    labels = document_labels(str(path), "source", "text", "utf-8")
+    assert len(labels) == len(read_documents(path)) == 12 and "blank" not in labels
+    assert labels == ["code" if i % 3 == 0 else "news" for i in range(12)]
+    picked = stratified_sample(labels, 6)
+    assert sorted(labels[i] for i in picked) == ["code"] * 2 + ["news"] * 4  # in proportion 4 : 8
+    assert document_labels(str(path), None, "text", "utf-8") is None
+    with pytest.raises(CorpusError, match="has no such field"):
+        document_labels(str(path), "topic", "text", "utf-8")
+    with pytest.raises(ConfigError, match="builtin corpus is stratified by its domains"):
+        document_labels("builtin", "source", "text", "utf-8")
+    with pytest.raises(ConfigError, match="needs a .jsonl or .parquet corpus"):
+        document_labels(str(tmp_path / "c.txt"), "source", "text", "utf-8")
+    with pytest.raises(ConfigError, match="set folds=1 with eval_corpus="):
+        PruneConfig(eval_corpus="builtin:train")
+    assert PruneConfig(eval_corpus="builtin:train", folds=1).folds == 1
+    with pytest.raises(ConfigError, match="reference='exact'"):
+        PruneConfig(reference="exact")
