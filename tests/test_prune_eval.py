@@ -310,3 +310,20 @@ def test_prune_eval_with_layers_offloaded_to_disk_equals_the_plain_run(tmp_path)
         prune_eval(spread_config, tmp_path / "refused", save_pruned=tmp_path / "out", save_criterion="reap",
                    save_fraction=0.5)
     assert not (tmp_path / "refused").exists()
+
+
+def test_allocation_table_is_the_pooled_difference_with_uniform():
+    from moeaudit.pruning._compare import allocation_table
+
+    units, losses, eval_docs = _synthetic(-0.4, seeds=3)
+    extra = []
+    for u in [u for u in units if u.criterion in ("a", "random")]:
+        other = dataclasses.replace(u, allocation="causal", removed=((1, (u.seed, 7)),))
+        losses[other.loss_key] = losses[u.loss_key] - 0.05 - 0.01 * u.fold
+        extra.append(other)
+    table = allocation_table(units + extra, losses, eval_docs, n_perm=200, n_boot=200)
+    assert list(table["criterion"]) == ["a"] and table["allocation"].item() == "causal"
+    tokens = {f: d.size for f, d in eval_docs.items()}
+    expected = -(0.05 * tokens[0] + 0.06 * tokens[1]) / (tokens[0] + tokens[1])
+    assert table["delta_uniform"].item() == pytest.approx(expected, abs=1e-12)
+    assert table["delta_uniform_high"].item() < 0

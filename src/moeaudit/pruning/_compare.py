@@ -217,23 +217,22 @@ def allocation_table(units: Sequence[PruneUnit], losses: Mapping[str, np.ndarray
                      seed: int = 0) -> pd.DataFrame:
     """``allocation.csv``: per (criterion, fraction, method) and each non-uniform allocation, pooled over folds,
     δ = mean loss(allocation) − mean loss(uniform) at the same total number of removed experts, with a document
-    bootstrap interval and the cluster-robust t / document sign-flip p (unit: the document; ``random`` compared
-    through its seeds' mean per-token loss, a description rather than a test of random pruning in general)."""
+    bootstrap interval and the cluster-robust t / document sign-flip p (unit: the document). ``random`` is left
+    out: its allocations are compared through the shares in ``answer.csv``, never through a mean of seeds."""
     pooled, docs = pooled_losses([u for u in units if u.layer is None], losses, eval_docs)
     arms: dict[tuple, list[np.ndarray]] = defaultdict(list)
     for (criterion, fraction, _, allocation, method, _), loss in pooled.items():
-        if criterion != NONE:
+        if criterion not in (NONE, RANDOM):
             arms[(criterion, fraction, method, allocation)].append(loss)
     rows = []
     for (criterion, fraction, method, allocation), group in sorted(arms.items()):
         base = arms.get((criterion, fraction, method, "uniform"))
         if allocation == "uniform" or base is None:
             continue
-        d = clustered_difference(np.mean(group, axis=0), np.mean(base, axis=0), docs, n_perm=n_perm, n_boot=n_boot,
-                                 seed=seed)
+        d = clustered_difference(group[0], base[0], docs, n_perm=n_perm, n_boot=n_boot, seed=seed)
         rows.append({"criterion": criterion, "fraction": fraction, "method": method, "allocation": allocation,
-                     "mean_loss": float(np.mean(group, axis=0).mean()),
-                     "uniform_mean_loss": float(np.mean(base, axis=0).mean()), "delta_uniform": d.estimate,
+                     "mean_loss": float(group[0].mean()), "uniform_mean_loss": float(base[0].mean()),
+                     "delta_uniform": d.estimate,
                      "delta_uniform_low": d.ci_low, "delta_uniform_high": d.ci_high, "p_t": d.p_t,
                      "p_signflip": d.p_signflip})
     return pd.DataFrame(rows)

@@ -168,7 +168,7 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
                   "same quantity at every layer, so layers where it is small lose most); causal: per-layer counts "
                   "from the calibration split's removal costs (the cheapest experts over all layers), the "
                   "criterion choosing within each layer. δ: mean loss minus the uniform allocation's, pooled over "
-                  "folds, document bootstrap interval (random: its seeds' mean per-token loss).")]
+                  "folds, document bootstrap interval; random prunings under each allocation: the shares in the ranked tables.")]
     table = A.splits_table(splits, label)
     blocks += [Heading("Splits and folds")] + ([table] if table is not None else [])
     if agreement is not None and len(agreement):
