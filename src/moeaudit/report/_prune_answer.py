@@ -72,9 +72,15 @@ def recommendations(answer: pd.DataFrame, allocations: pd.DataFrame | None, alph
             for _, a in alt.iterrows():
                 verb = "saves" if a["delta_uniform"] < 0 else "costs"
                 sure = a["delta_uniform_high"] < 0 or a["delta_uniform_low"] > 0
-                text += (f"; {a['allocation']} allocation {verb} {abs(a['delta_uniform']):.3f} nats over {primary} "
+                text += (f"; {a['allocation']} allocation {verb} {abs(a['delta_uniform']):.4f} nats over {primary} "
                          f"[{a['delta_uniform_low']:+.3f}, {a['delta_uniform_high']:+.3f}]"
                          + ("" if sure else ", interval includes 0"))
+        every = answer[(answer["fraction"] == fraction) & (answer["method"] == method)
+                       & (answer["criterion"] != RANDOM)].sort_values("mean_loss")
+        if len(every) and every.iloc[0]["allocation"] != primary:
+            top_all = every.iloc[0]
+            text += (f"; lowest over allocations: {name(top_all['criterion'])} with {top_all['allocation']} "
+                     f"allocation ({top_all['mean_loss']:.3f} nats)")
         out.append(text + ".")
     return out
 
@@ -102,10 +108,13 @@ def verdict(answer: pd.DataFrame, agreement: pd.DataFrame | None, prune: pd.Data
             else "no criterion") + ".")
     if agreement is not None and len(agreement) and agreement["n_folds"].max() > 1:
         mine = agreement[agreement["allocation"] == primary_allocation(answer)]
-        holds = [f"f = {r['fraction']:g}: {'holds' if r['holds_vs_random'] else 'does not hold'} (fold ρ = "
-                 f"{fmt(r['spearman'])}, best per fold {r['best_per_fold']})" for _, r in mine.iterrows()]
-        out.append("The best criterion's direction against the median random pruning across folds: "
-                   + "; ".join(holds) + ".")
+        def word(value) -> str:
+            return "n/a" if not isinstance(value, (bool, np.bool_)) else "holds" if value else "does not hold"
+
+        holds = [f"f = {r['fraction']:g}: against random {word(r['holds_vs_random'])}, against the causal "
+                 f"reference {word(r['holds_vs_causal'])} (fold ρ = {fmt(r['spearman'])}, best per fold "
+                 f"{r['best_per_fold']})" for _, r in mine.iterrows()]
+        out.append("Across folds, the pooled best criterion's direction: " + "; ".join(holds) + ".")
     return out[:10]
 
 
