@@ -29,7 +29,7 @@ from moeaudit.pruning._config import CAUSAL, NONE, RANDOM
 from moeaudit.pruning._units import PruneUnit
 from moeaudit.stats import clustered_difference, clustered_mean, correct, prediction_test
 
-PRUNE_COLUMNS = ["criterion", "fraction", "seed", "n_tokens", "mean_loss", "perplexity"]
+PRUNE_COLUMNS = ["criterion", "fraction", "seed", "method", "n_tokens", "mean_loss", "perplexity"]
 BETTER, WORSE, INCONCLUSIVE = "better", "worse", "inconclusive"
 
 
@@ -40,7 +40,7 @@ def loss_tables(units: Sequence[PruneUnit], losses: Mapping[str, np.ndarray]) ->
     for u in units:
         loss = losses[u.key]
         mean = float(loss.mean())
-        row = [u.criterion, u.fraction, u.seed, int(loss.size), mean, float(np.exp(mean))]
+        row = [u.criterion, u.fraction, u.seed, u.method, int(loss.size), mean, float(np.exp(mean))]
         (rows if u.layer is None else per_layer).append(row if u.layer is None else [*row[:3], u.layer, *row[3:]])
     prune = pd.DataFrame(rows, columns=PRUNE_COLUMNS)
     layered = pd.DataFrame(per_layer, columns=[*PRUNE_COLUMNS[:3], "layer", *PRUNE_COLUMNS[3:]])
@@ -138,3 +138,17 @@ def per_layer_effects(units: Sequence[PruneUnit], losses: Mapping[str, np.ndarra
                      "ci_low": cm.ci_low, "ci_high": cm.ci_high, "seed_min": min(means), "seed_max": max(means),
                      "n_seeds": len(arms)})
     return pd.DataFrame(rows)
+
+
+def by_method(compute, units: Sequence[PruneUnit], *args, **kwargs) -> pd.DataFrame:
+    """``compute(units, ...)`` (:func:`paired_tests` or :func:`per_layer_effects`) once per removal method, on the
+    unpruned model and that method's prunings (so ``random`` and ``causal`` of the same method are the references,
+    and Holm corrects within each method), with a ``method`` column after ``fraction``."""
+    methods = list(dict.fromkeys(u.method for u in units if u.criterion != NONE))
+    parts = []
+    for method in methods:
+        table = compute([u for u in units if u.criterion == NONE or u.method == method], *args, **kwargs)
+        if len(table):
+            table.insert(int(table.columns.get_loc("fraction")) + 1, "method", method)
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

@@ -60,6 +60,9 @@ class PruneResult:
     lm_eval: pd.DataFrame | None = None
     report: dict[str, Path] = field(default_factory=dict)
     saved: Path | None = None
+    sizes: pd.DataFrame | None = None  # sizes.csv: parameters and bytes removed per (fraction, method)
+    super_experts: pd.DataFrame | None = None  # super_experts.csv
+    saved_pairs: list[Path] = field(default_factory=list)  # checkpoints of --save-pairs
 
 
 def _now() -> str:
@@ -171,7 +174,8 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
 
 def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,
                save_pruned: str | Path | None = None, save_criterion: str | None = None,
-               save_fraction: float | None = None, trust_remote_code: bool = False) -> PruneResult:
+               save_fraction: float | None = None, trust_remote_code: bool = False,
+               save_pairs: str | list | None = None) -> PruneResult:
     """Run (or resume) a prune-eval experiment into the run directory ``out``.
 
     For every criterion (``observe`` metrics on the calibration split, ``random`` with ``random_seeds`` seeds, and
@@ -190,11 +194,15 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             deleted to this directory (tokenizer included; ``random`` uses the run's first seed).
         trust_remote_code: Run modelling code shipped with the checkpoint (per call; a configuration cannot ask
             for it).
+        save_pairs: Several checkpoints: ``"reap@0.25,causal@0.5"`` (or ``[("reap", 0.25), ...]``), each written
+            to ``save_pruned/<criterion>@<fraction>/`` (see :mod:`moeaudit.pruning._extras`).
 
     Raises:
         RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
+    from moeaudit.pruning._extras import check_save_pairs, parse_save_pairs
+
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
     config = plan.config
@@ -202,7 +210,11 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     from moeaudit.pruning._units import resolve_criteria
 
     criteria = resolve_criteria(config.criteria)
-    if save_pruned is not None and (save_criterion is None or save_fraction is None):
+    pairs = parse_save_pairs(save_pairs)
+    if pairs and (save_criterion is not None or save_fraction is not None):
+        raise ConfigError("--save-pairs and --save-criterion / --save-fraction both name checkpoints; use one.")
+    check_save_pairs(pairs, None if save_pruned is None else Path(save_pruned), config, criteria)
+    if save_pruned is not None and not pairs and (save_criterion is None or save_fraction is None):
         if len(criteria) == 1 and len(config.fractions) == 1:
             save_criterion, save_fraction = criteria[0], config.fractions[0]
         else:
@@ -219,33 +231,48 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
+        from moeaudit.pruning._extras import calibration_means, super_expert_table, unrouted_summary
+        from moeaudit.pruning._extras import save_pairs as save_many
         from moeaudit.pruning._loading import load_splits
         from moeaudit.pruning._plan import n_removed
+        from moeaudit.pruning._size import size_table
+        from moeaudit.pruning._super import protected_map
         from moeaudit.pruning._units import build_units
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
         removed_counts = {str(f): n_removed(geometry, f) for f in config.fractions}  # refuses bad fractions
-        if save_pruned is not None:
-            _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
+        for criterion, fraction in pairs or ([(save_criterion, save_fraction)] if save_pruned is not None else []):
+            _check_save(config, criteria, geometry, layers, criterion, fraction)
         s.manifest["pruning"] = {
             "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
             "group_balanced": None if geometry.groups is None else
             {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
         s.write()
         importance = _importance(config.map_config(), loaded, run_dir, s, progress)[0] \
-            if CAUSAL in criteria else None
+            if CAUSAL in criteria or config.protect_top else None
+        supers = super_expert_table(config, importance, run_dir, layers)
+        protected = protected_map(supers[supers["protected"]]) if config.protect_top else None
+        means = calibration_means(loaded, run_dir, s, progress) if "mean" in config.method else None
         metrics = _metrics(loaded, run_dir, s, progress, criteria)
         units = build_units(criteria, config.fractions, random_seeds=config.random_seeds, seed=config.seed,
                             geometry=geometry, layers=layers, metrics=metrics, importance=importance,
-                            per_layer=config.per_layer)
-        result = _evaluate(config, loaded, units, run_dir, s, progress)
-        result.importance = importance
+                            per_layer=config.per_layer, methods=config.method, protected=protected)
+        if protected or means is not None:
+            s.manifest["pruning"].update(
+                protected={str(k): list(v) for k, v in (protected or {}).items()},
+                **({"mean_replacement": unrouted_summary(means, units)} if means is not None else {}))
+        result = _evaluate(config, loaded, units, run_dir, s, progress, means=means)
+        result.importance, result.super_experts = importance, supers
+        result.sizes = size_table(loaded.model, units)
+        run_dir.write_text("sizes.csv", result.sizes.to_csv(index=False))
         if config.lm_eval_tasks:
             from moeaudit.pruning._lmeval import score_units
 
             result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
-        if save_pruned is not None:
+        if pairs:
+            result.saved_pairs = save_many(loaded, units, config, pairs, Path(save_pruned), run_dir)
+        elif save_pruned is not None:
             result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
         return result
 
@@ -270,8 +297,8 @@ def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, c
 
 
 def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
-              progress: ProgressSink) -> PruneResult:
-    from moeaudit.pruning._compare import loss_tables, paired_tests, per_layer_effects
+              progress: ProgressSink, *, means=None) -> PruneResult:
+    from moeaudit.pruning._compare import by_method, loss_tables, paired_tests, per_layer_effects
     from moeaudit.pruning._units import pruned_table, sequence_losses
 
     run_dir.write_parquet("pruned.parquet", pruned_table(units))
@@ -293,17 +320,23 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
     for key in pending:
         with s.timer("evaluate"):
             loss = sequence_losses(loaded.model, loaded.evaluation, distinct[key].removal or None,
-                                   progress=progress.advance)
+                                   progress=progress.advance, method=distinct[key].method, means=means)
         run_dir.write_parquet(f"losses/{key}.parquet", pd.DataFrame({"loss": loss}))
         losses[key] = loss
     progress.stage("paired tests", None)
     with s.timer("tests"):
         prune, per_layer = loss_tables(units, losses)
-        tests = paired_tests(units, losses, loaded.eval_docs, alpha=config.alpha, n_perm=config.n_perm,
-                             n_boot=config.n_boot, seed=config.seed)
-        effects = per_layer_effects(units, losses, loaded.eval_docs) if config.per_layer else None
+        tests = by_method(paired_tests, units, losses, loaded.eval_docs, alpha=config.alpha, n_perm=config.n_perm,
+                          n_boot=config.n_boot, seed=config.seed)
+        effects = by_method(per_layer_effects, units, losses, loaded.eval_docs) if config.per_layer else None
     run_dir.write_text("prune.csv", prune.to_csv(index=False))
     run_dir.write_text("tests.csv", tests.to_csv(index=False))
+    if len(config.method) > 1:
+        from moeaudit.pruning._extras import method_comparison
+
+        run_dir.write_text("methods.csv", method_comparison(
+            units, losses, loaded.eval_docs, alpha=config.alpha, n_perm=config.n_perm, n_boot=config.n_boot,
+            seed=config.seed).to_csv(index=False))
     if config.per_layer:
         run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
@@ -315,7 +348,8 @@ def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, crit
           run_dir: RunDirectory) -> Path:
     from moeaudit.pruning._slice import save_pruned as save
 
-    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None)
+    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None
+                and u.method == "delete")
     provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
                                   "source_model": config.model, "run_directory": str(run_dir.path)}
     return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +19,9 @@ from moeaudit.intervene._state import token_losses
 from moeaudit.models._describe import model_device
 from moeaudit.pruning._config import CAUSAL, NONE, RANDOM
 from moeaudit.pruning._hook import pruned
-from moeaudit.pruning._plan import PruneGeometry, plan_removal, random_values
+from moeaudit.pruning._mean import mean_replaced
+from moeaudit.pruning._plan import PruneGeometry, n_removed, plan_removal, random_values
+from moeaudit.pruning._super import protect
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class PruneUnit:
         seed: Seed of the ranking's random part (the ``random`` draw, or the tie-break of other criteria).
         layer: The one pruned layer (``--per-layer``), or ``None`` when every pruned layer is pruned.
         removed: Pairs ``(layer, experts)``, the experts removed at each layer (original ids).
+        method: ``delete`` (the router can no longer choose them) or ``mean`` (they keep their router slot and
+            output their calibration mean, :func:`moeaudit.pruning.mean_replaced`).
     """
 
     criterion: str
@@ -39,6 +43,7 @@ class PruneUnit:
     seed: int
     layer: int | None
     removed: tuple[tuple[int, tuple[int, ...]], ...]
+    method: str = "delete"
 
     @property
     def removal(self) -> dict[int, tuple[int, ...]]:
@@ -50,7 +55,8 @@ class PruneUnit:
         if not self.removed:
             return NONE
         text = json.dumps([[layer, list(experts)] for layer, experts in self.removed])
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+        return digest if self.method == "delete" else f"{digest}-{self.method}"  # delete keeps its former key
 
 
 def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
@@ -89,8 +95,10 @@ def criterion_scores(criterion: str, layers: Sequence[int], *, metrics: pd.DataF
 
 def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_seeds: int, seed: int,
                 geometry: PruneGeometry, layers: Sequence[int], metrics: pd.DataFrame | None,
-                importance: pd.DataFrame | None, per_layer: bool) -> list[PruneUnit]:
-    """Every pruned model of a run, the unpruned model first."""
+                importance: pd.DataFrame | None, per_layer: bool, methods: Sequence[str] = ("delete",),
+                protected: Mapping[int, Sequence[int]] | None = None) -> list[PruneUnit]:
+    """Every pruned model of a run, the unpruned model first: every criterion, fraction and seed under each of
+    ``methods`` (the same experts removed by each); ``protected`` experts (layer -> ids) are never removed."""
     units = [PruneUnit(NONE, 0.0, seed, None, ())]
     for fraction in fractions:
         for criterion in criteria:
@@ -98,32 +106,43 @@ def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_s
             for s in seeds:
                 scores = criterion_scores(criterion, layers, metrics=metrics, importance=importance,
                                           geometry=geometry, seed=s)
+                if protected:
+                    scores = protect(scores, dict(protected), n_removed(geometry, fraction))
                 plan = plan_removal(scores, fraction, geometry, seed=s)
-                units.append(PruneUnit(criterion, float(fraction), s, None, tuple(sorted(plan.items()))))
-                if per_layer:
-                    units += [PruneUnit(criterion, float(fraction), s, layer, ((layer, plan[layer]),))
-                              for layer in layers]
+                for method in methods:
+                    units.append(PruneUnit(criterion, float(fraction), s, None, tuple(sorted(plan.items())), method))
+                    if per_layer:
+                        units += [PruneUnit(criterion, float(fraction), s, layer, ((layer, plan[layer]),), method)
+                                  for layer in layers]
     return units
 
 
 def pruned_table(units: Sequence[PruneUnit]) -> pd.DataFrame:
-    """``pruned.parquet``: one row per (criterion, fraction, seed, layer, expert) removed when every pruned layer
+    """``pruned.parquet``: one row per (criterion, fraction, seed, method, layer, expert) removed when every pruned layer
     is pruned (a ``--per-layer`` unit removes at its layer exactly the experts listed for that layer)."""
-    rows = [(u.criterion, u.fraction, u.seed, layer, e) for u in units if u.layer is None
+    rows = [(u.criterion, u.fraction, u.seed, u.method, layer, e) for u in units if u.layer is None
             for layer, experts in u.removed for e in experts]
-    frame = pd.DataFrame(rows, columns=["criterion", "fraction", "seed", "layer", "expert"])
+    frame = pd.DataFrame(rows, columns=["criterion", "fraction", "seed", "method", "layer", "expert"])
     return frame.astype({"fraction": "float64", "seed": "int64", "layer": "int64", "expert": "int64"})
 
 
 @torch.no_grad()
 def sequence_losses(model: nn.Module, sequences: Sequence, removed: dict[int, tuple[int, ...]] | None = None, *,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int], None] | None = None, method: str = "delete",
+                    means=None) -> np.ndarray:
     """Next-token cross-entropy of every predicted token of every sequence (positions 0..T-2 predicting 1..T-1),
     concatenated in sequence order, float64 [sum of (T - 1)]: one plain forward per sequence, pruned in memory by
-    :func:`moeaudit.pruning.pruned` when ``removed`` is given."""
+    :func:`moeaudit.pruning.pruned` when ``removed`` is given (``method="mean"``: mean-replaced by
+    :func:`moeaudit.pruning.mean_replaced` with ``means``)."""
     device = model_device(model)
     out = []
-    with pruned(model, removed) if removed else nullcontext():
+    if not removed:
+        context = nullcontext()
+    elif method == "mean":
+        context = mean_replaced(model, removed, means)
+    else:
+        context = pruned(model, removed)
+    with context:
         for seq in sequences:
             ids = torch.as_tensor(getattr(seq, "input_ids", seq)).long().to(device)
             logits = model(input_ids=ids[None]).logits[0]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from moeaudit.report import _prune_figures as F
 from moeaudit.report._document import Block, Heading, Paragraph, Table, figure_block, write_document
+from moeaudit.report._prune_extra import extra_blocks, first_method, only_method
 from moeaudit.report._style import metric_label
 from moeaudit.report._tables import fmt, fmt_ci, fmt_p
 from moeaudit.rundir import RunDirectory
@@ -242,6 +243,8 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     label = _label(manifest)
     alpha = float(config.get("alpha", 0.05))
     prune, tests = _read_csv(run_dir, "prune.csv"), _read_csv(run_dir, "tests.csv")
+    shown = first_method(prune, config)  # several removal methods: the main sections show the first
+    prune, tests = only_method(prune, shown), only_method(tests, shown)
     splits = run_dir.read_json("splits.json") or {}
     pruning = manifest.get("pruning", {})
     cal, ev = splits.get("calibration", {}), splits.get("evaluation", {})
@@ -267,7 +270,7 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     blocks += [Heading("Results"), _results_table(prune, label)]
     if tests is not None and not tests.empty:
         blocks.append(_tests_table(tests, label, alpha))
-    effects = _read_csv(run_dir, "per_layer.csv")
+    effects = only_method(_read_csv(run_dir, "per_layer.csv"), shown)
     if effects is not None:
         fig = F.per_layer_curves(effects, label)
         blocks += [Heading("Pruning one layer at a time")]
@@ -277,6 +280,7 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     lm = _read_csv(run_dir, "lm_eval.csv")
     if lm is not None and not lm.empty:
         blocks += [Heading("Downstream tasks (lm-evaluation-harness)"), _lm_table(lm, label)]
+    blocks += extra_blocks(run_dir, label, alpha)
     importance = run_dir.read_parquet("importance.parquet")
     if importance is not None:
         blocks += [Heading("Causal importance map (calibration split)"),
