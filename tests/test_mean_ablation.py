@@ -8,13 +8,12 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import random_ids
 from torch import nn
 
 from moeaudit.intervene import Ablation, ExpertMeans, SequenceAblator, ablate, expert_means
 from moeaudit.models import describe, moe_block
 from moeaudit.testing import TINY_FAMILIES, tiny_model
-
-from conftest import random_ids
 
 
 @functools.cache
@@ -178,9 +177,8 @@ def test_means_round_trip_and_model_clean_after_error():
     before = model(input_ids=ids[None]).logits
     from moeaudit.intervene import replace_with_means
 
-    with pytest.raises(RuntimeError):
-        with replace_with_means(model, layer, torch.zeros(3, describe(model).n_experts, dtype=torch.bool),
-                                means.constants(layer)):
-            model(input_ids=ids[None])  # 16 tokens, mask for 3: refused inside the hook
+    wrong = torch.zeros(3, describe(model).n_experts, dtype=torch.bool)  # a mask for 3 tokens, 16 in the forward
+    with pytest.raises(RuntimeError), replace_with_means(model, layer, wrong, means.constants(layer)):
+        model(input_ids=ids[None])
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
     torch.testing.assert_close(model(input_ids=ids[None]).logits, before, rtol=0, atol=0)

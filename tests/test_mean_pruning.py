@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import random_ids
 from torch import nn
 
 from moeaudit.errors import ConfigError
@@ -30,8 +31,6 @@ from moeaudit.pruning._extras import check_save_pairs, method_comparison
 from moeaudit.pruning._size import model_size
 from moeaudit.pruning._units import PruneUnit
 from moeaudit.testing import TINY_FAMILIES, tiny_model
-
-from conftest import random_ids
 
 
 @functools.cache
@@ -126,17 +125,15 @@ def test_mean_replaced_leaves_model_clean_after_an_exception_and_refuses_bad_inp
     ids = random_ids(12, seed=2)
     means = expert_means(model, [ids])
     before = model(input_ids=ids[None]).logits
-    with pytest.raises(KeyError):
-        with mean_replaced(model, {desc.moe_layers[0]: (0,)}, means):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), mean_replaced(model, {desc.moe_layers[0]: (0,)}, means):
+        raise KeyError("boom")
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
     torch.testing.assert_close(model(input_ids=ids[None]).logits, before, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="out of range"):
-        with mean_replaced(model, {desc.moe_layers[0]: (desc.n_experts,)}, means):
-            pass
-    with pytest.raises(ValueError, match="ExpertMeans"):
-        with mean_replaced(model, {desc.moe_layers[0]: (0,)}, None):
-            pass
+    with pytest.raises(ValueError, match="out of range"), \
+            mean_replaced(model, {desc.moe_layers[0]: (desc.n_experts,)}, means):
+        pass
+    with pytest.raises(ValueError, match="ExpertMeans"), mean_replaced(model, {desc.moe_layers[0]: (0,)}, None):
+        pass
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

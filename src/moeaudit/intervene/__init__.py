@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from moeaudit.intervene._means import MEAN_COLUMNS, ExpertMeans, expert_means, replace_with_means
 from moeaudit.intervene._fast import DEFAULT_MAX_QUERY_TOKENS, OutOfMemoryEvenForOneToken, run_fast
+from moeaudit.intervene._means import MEAN_COLUMNS, ExpertMeans, expert_means, replace_with_means
 from moeaudit.intervene._memory import (
     ChunkGeometry,
     QueryBudget,

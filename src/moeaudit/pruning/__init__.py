@@ -14,10 +14,8 @@ if TYPE_CHECKING:
     from moeaudit.pruning._config import CAUSAL, MAP_PRESETS, NONE, PRUNE_PRESETS, RANDOM, MapConfig, PruneConfig
     from moeaudit.pruning._extras import parse_save_pairs
     from moeaudit.pruning._hook import pruned
-    from moeaudit.pruning._mean import METHODS, mean_replaced, unrouted_replaced
-    from moeaudit.pruning._size import PrunedSize, removed_size, size_table
-    from moeaudit.pruning._super import protect, removal_costs, super_experts
     from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
+    from moeaudit.pruning._mean import METHODS, mean_replaced, unrouted_replaced
     from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
     from moeaudit.pruning._plan import (
         PruneGeometry,
@@ -27,7 +25,9 @@ if TYPE_CHECKING:
         rank_experts,
         removal_masks,
     )
+    from moeaudit.pruning._size import PrunedSize, removed_size, size_table
     from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
+    from moeaudit.pruning._super import protect, removal_costs, super_experts
     from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
 
 #: Public name -> the private module defining it.
