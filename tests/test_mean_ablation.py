@@ -182,3 +182,25 @@ def test_means_round_trip_and_model_clean_after_error():
         model(input_ids=ids[None])
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
     torch.testing.assert_close(model(input_ids=ids[None]).logits, before, rtol=0, atol=0)
+
+
+def test_settings_and_verification_with_mode_mean():
+    from moeaudit import verify
+    from moeaudit.errors import ConfigError
+    from moeaudit.experiments import ExperimentSettings, collect_single
+
+    model = tiny_model("qwen3_moe", seed=0)
+    seqs = [random_ids(40, seed=s) for s in range(2)]
+    with pytest.raises(ConfigError, match="needs the experts' mean outputs"):
+        ExperimentSettings(mode="mean").check(model)
+    means = expert_means(model, seqs)
+    settings = ExperimentSettings(mode="mean", means=means, n=6, layers=(1,))
+    assert settings == ExperimentSettings(mode="mean", n=6, layers=(1,))  # the means are data, not a setting
+    assert settings.check(model) == (1,)
+    frame = collect_single(model, seqs, None, settings, 1, experiments=())
+    row = frame.iloc[0]
+    [r] = ablate(model, seqs[int(row["seq_id"])], [Ablation(1, int(row["position"]), tuple(row["ablated_experts"]))],
+                 mode="mean", means=means)
+    assert r.delta_loss == pytest.approx(row["delta"], abs=1e-6) and set(frame["mode"]) == {"mean"}
+    report = verify(model, None, seqs, modes=("zero", "mean"), means=means)
+    assert report.passed, report.to_dict()
