@@ -35,7 +35,7 @@ class PruneUnit:
         layer: The one pruned layer (``--per-layer``), or ``None`` when every pruned layer is pruned.
         removed: Pairs ``(layer, experts)``, the experts removed at each layer (original ids).
         method: ``delete`` (the router can no longer choose them) or ``mean`` (they keep their router slot and
-            output their calibration mean, :func:`moeaudit.pruning.mean_replaced`).
+            output their calibration mean, :func:`moeaudit.pruning.mean_replaced`); ``none`` for the unpruned model.
     """
 
     criterion: str
@@ -99,7 +99,7 @@ def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_s
                 protected: Mapping[int, Sequence[int]] | None = None) -> list[PruneUnit]:
     """Every pruned model of a run, the unpruned model first: every criterion, fraction and seed under each of
     ``methods`` (the same experts removed by each); ``protected`` experts (layer -> ids) are never removed."""
-    units = [PruneUnit(NONE, 0.0, seed, None, ())]
+    units = [PruneUnit(NONE, 0.0, seed, None, (), NONE)]  # the unpruned model: no removal method
     for fraction in fractions:
         for criterion in criteria:
             seeds = [seed + i for i in range(random_seeds)] if criterion == RANDOM else [seed]
