@@ -12,7 +12,7 @@ import torch
 
 import moeaudit
 from moeaudit.intervene import Ablation, ExpertMeans, ablate, expert_means
-from moeaudit.pruning import mean_replaced, removed_size, sequence_losses, slice_experts
+from moeaudit.pruning import removed_size, sequence_losses, slice_experts
 
 pytestmark = pytest.mark.slow
 
