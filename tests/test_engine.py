@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import cached_tiny, random_ids
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeaudit import Ablation, SequenceAblator, ablate, describe
-from moeaudit.intervene import MODES, SCOPES, apply_mode, dense_weights, override_routing
+from moeaudit.intervene import MODES, SCOPES, ExpertMeans, apply_mode, dense_weights, override_routing
 from moeaudit.models import adapter_for, moe_block, router
 from moeaudit.testing import TINY_FAMILIES, tiny_model
 
@@ -54,6 +55,15 @@ def _active_ablations(model, ids, n, seed, scope):
     return out
 
 
+def _means(model) -> ExpertMeans:
+    """Seeded constants for every expert (mode="mean"; the engines must agree for any constants)."""
+    desc = describe(model)
+    g = torch.Generator().manual_seed(0)
+    return ExpertMeans({layer: torch.randn(desc.n_experts, desc.d_model, generator=g, dtype=torch.float64)
+                        for layer in desc.moe_layers},
+                       {layer: np.ones(desc.n_experts, dtype=np.int64) for layer in desc.moe_layers})
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_fast_equals_naive(family, mode):
@@ -61,8 +71,8 @@ def test_fast_equals_naive(family, mode):
     ids = random_ids(36, seed=hash(family) % 1000)
     for scope in SCOPES:
         ablations = _active_ablations(model, ids, 8, seed=1, scope=scope)
-        fast = ablate(model, ids, ablations, engine="fast", mode=mode)
-        naive = ablate(model, ids, ablations, engine="naive", mode=mode)
+        fast = ablate(model, ids, ablations, engine="fast", mode=mode, means=_means(model))
+        naive = ablate(model, ids, ablations, engine="naive", mode=mode, means=_means(model))
         _assert_same(fast, naive)
         # the test can fail: these ablations really move the loss
         assert max(abs(r.delta_loss) for r in naive) > 10 * ATOL
@@ -76,7 +86,9 @@ def test_fast_equals_naive_property(family, seed, mode, length):
     desc = describe(model)
     ids = random_ids(length, seed=seed)
     ablations = _random_ablations(desc, length, 5, seed)
-    _assert_same(ablate(model, ids, ablations, mode=mode), ablate(model, ids, ablations, engine="naive", mode=mode))
+    means = _means(model)
+    _assert_same(ablate(model, ids, ablations, mode=mode, means=means),
+                 ablate(model, ids, ablations, engine="naive", mode=mode, means=means))
 
 
 def test_sliding_window_longer_than_window():
@@ -112,7 +124,7 @@ def test_unrouted_expert_changes_nothing(family, engine):
             idle = next(e for e in range(desc.n_experts) if e not in routed)
             ablations.append(Ablation(layer, t, (idle,)))
     for mode in MODES:
-        for r in ablate(model, ids, ablations, engine=engine, mode=mode):
+        for r in ablate(model, ids, ablations, engine=engine, mode=mode, means=_means(model)):
             assert r.delta_loss == 0.0
             assert r.ablated_loss == r.clean_loss
             assert r.gap_norm == 0.0

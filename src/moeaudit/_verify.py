@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moeaudit.errors import VerificationError
-from moeaudit.intervene import Ablation, SequenceAblator
+from moeaudit.intervene import Ablation, ExpertMeans, SequenceAblator
 from moeaudit.intervene._spec import MODES
 from moeaudit.models import describe, model_device
 
@@ -84,7 +84,7 @@ ENGINE_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
 
 @torch.no_grad()
 def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks: int = 8, seed: int = 0,
-           modes: Sequence[str] = ("zero",)) -> VerificationReport:
+           modes: Sequence[str] = ("zero",), means: ExpertMeans | None = None) -> VerificationReport:
     """Run the five checks and return a report (use :meth:`VerificationReport.raise_if_failed` to gate).
 
     1. ``ce_alignment``: mean per-token cross-entropy equals the model's own ``labels=`` loss
@@ -103,7 +103,9 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
         sequences: Token sequences (``CorpusSequence``, 1-D tensors or arrays of at least 3 tokens) or texts.
         n_engine_checks: Ablations per mode on which the fast and naive engines are compared.
         seed: Seed of the sampled positions, experts and ablations.
-        modes: Ablation modes whose engines are compared (``zero``, ``renormalize``, ``reroute``).
+        modes: Ablation modes whose engines are compared (``zero``, ``renormalize``, ``reroute``, ``mean``).
+        means: The experts' mean outputs for ``mean`` (:func:`moeaudit.expert_means` over ``sequences`` or a
+            corpus containing them).
     """
     ids_list = _as_ids(sequences, tokenizer)
     desc = describe(model)
@@ -181,8 +183,8 @@ def verify(model: nn.Module, tokenizer, sequences: Sequence, *, n_engine_checks:
             pos = rng.randrange(len(ids) - 1)
             sample.append(Ablation(lay, pos, (int(ls_all[lay].indices[pos, rng.randrange(desc.top_k)]),),
                                    scope=rng.choice(("token", "sequence"))))
-        fast = ablators[k].run(sample, mode)
-        naive = SequenceAblator(model, ids, engine="naive").run(sample, mode)
+        fast = ablators[k].run(sample, mode, means=means)
+        naive = SequenceAblator(model, ids, engine="naive").run(sample, mode, means=means)
         for f, nv in zip(fast, naive):
             diffs.append(max(abs(f.ablated_loss - nv.ablated_loss), abs(f.gap_norm - nv.gap_norm)))
     dtype = next(model.parameters()).dtype

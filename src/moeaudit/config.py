@@ -51,7 +51,7 @@ PROGRESSIVE_SESOI = 0.05
 #: weight first only), so it resumes with ``progressive_arms = ["highest"]`` and is refused otherwise.
 BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"]})
 SCOPES: tuple[str, ...] = ("token", "sequence")
-MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
+MODES: tuple[str, ...] = ("zero", "renormalize", "reroute", "mean")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -88,7 +88,9 @@ class RunConfig(FlatConfig):
         progressive_sesoi: Equivalence bound (nats) of the arms' comparison: "equivalent" means the mean ΔL of
             two arms differs by less than this, tested (TOST).
         scope: ``token`` (Definition 2.1) or ``sequence``.
-        mode: ``zero`` (the paper), ``renormalize`` or ``reroute``.
+        mode: ``zero`` (the paper), ``renormalize``, ``reroute`` or ``mean`` (each removed expert's output
+            replaced by its mean over the run's documents, times its routing weight; the means are computed in the
+            observe stage and stored in ``expert_means.parquet``).
         min_context: Positions need at least this many tokens of context.
         dtype: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.

@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -281,6 +281,8 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
         with timer("observe"):
             metric_table = observe(model, [s.input_ids for s in single_seqs], progress=_Cumulative(progress))
         run_dir.write_parquet("metrics.parquet", metric_table)
+    if config.mode == "mean":
+        settings = replace(settings, means=_expert_means(model, sequences, run_dir, timer, progress))
     layers = settings.check(model, metric_table)
 
     single = tuple(e for e in config.ablation_experiments if e != "progressive")
@@ -297,7 +299,8 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     if pending:
         progress.stage("verifying the ablation engine", None)
         with timer("verification"):
-            verification = verify(model, tokenizer, single_seqs[:2], seed=config.seed, modes=(config.mode,))
+            verification = verify(model, tokenizer, single_seqs[:2], seed=config.seed, modes=(config.mode,),
+                                  means=settings.means)
         run_dir.write_json("verification.json", verification.to_dict())
         session["verification_passed"] = verification.passed
         verification.raise_if_failed()
@@ -342,6 +345,24 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed,
                      positions={kind: p.to_dict() for kind, p in loaded.positions.items()})
+
+
+def _expert_means(model, sequences, run_dir: RunDirectory, timer: StageTimer, progress: ProgressSink):
+    """``mode = "mean"``: the expert means of every MoE layer (the verification ablates any of them) over every
+    document the run ablates (the single and progressive documents), read from ``expert_means.parquet`` when a
+    session before computed them."""
+    from moeaudit.intervene import ExpertMeans, expert_means
+
+    stored = run_dir.read_parquet("expert_means.parquet")
+    if stored is not None:
+        means = ExpertMeans.from_frame(stored)
+        means.check(model)
+        return means
+    progress.stage("expert means for mode = mean", len(sequences))
+    with timer("expert means"):
+        means = expert_means(model, sequences, progress=progress.advance)
+    run_dir.write_parquet("expert_means.parquet", means.to_frame())
+    return means
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:

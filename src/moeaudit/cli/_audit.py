@@ -60,7 +60,7 @@ def run(
     encoding: str = _option("encoding", "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252)"),
     min_context: int = _option("min_context", "positions need at least this many tokens of context"),
     scope: str = _option("scope", "token or sequence"),
-    mode: str = _option("mode", "zero, renormalize or reroute"),
+    mode: str = _option("mode", "zero, renormalize, reroute or mean (expert output replaced by its mean over the run's documents)"),
     dtype: str = _option("dtype", "auto, float32, bfloat16, float16"),
     device: str = _option("device", "auto, cpu, cuda, cuda:N, mps"),
     device_map: str = _option("device_map", "spread the model over several devices with accelerate: auto, "

@@ -42,7 +42,7 @@ def _option(defaults, key: str, help: str | None, shown: str | None = None):
 
 def _flags(cls) -> dict[str, str]:
     return flag_names(*cls.__dataclass_fields__, "trust_remote_code", "out", "report", "save_pruned",
-                      "save_criterion", "save_fraction")
+                      "save_criterion", "save_fraction", "save_pairs")
 
 
 def _run(call, out: Path, what: str, flags: dict[str, str]):
@@ -133,6 +133,11 @@ def prune_eval_cmd(
     fractions: str = _option(_PRUNE, "fractions", "comma-separated shares of each layer's experts to remove"),
     random_seeds: int = _option(_PRUNE, "random_seeds", "seeds of the random band"),
     per_layer: bool = _option(_PRUNE, "per_layer", "also prune one layer at a time"),
+    method: str = _option(_PRUNE, "method", "comma-separated removal methods, each under every criterion: delete "
+                                            "(the router can no longer choose the expert) and/or mean (it keeps its "
+                                            "router slot and outputs its calibration mean)"),
+    protect_top: int = _option(_PRUNE, "protect_top", "never remove the K experts whose single removal costs most "
+                                                      "(super experts, from the importance map)"),
     n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map"),
     scope: str = _option(_PRUNE, "scope", "importance map ablation scope: token or sequence"),
     mode: str = _option(_PRUNE, "mode", "importance map ablation mode: reroute, zero or renormalize"),
@@ -159,6 +164,9 @@ def prune_eval_cmd(
                                   "the run's only criterion"),
     save_fraction: float = _option(_PRUNE, "save_fraction", "fraction of the checkpoint --save-pruned writes",
                                    "the run's only fraction"),
+    save_pairs: str = _option(_PRUNE, "save_pairs", "several checkpoints: comma-separated CRITERION@FRACTION pairs "
+                                                    "(e.g. reap@0.25,causal@0.5), each written to "
+                                                    "<--save-pruned>/<criterion>@<fraction>/", "none"),
 ) -> None:
     """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
@@ -171,7 +179,8 @@ def prune_eval_cmd(
     console, result, seconds = _run(
         lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
                              save_criterion=save_criterion, save_fraction=save_fraction,
-                             trust_remote_code=trust_remote_code), target, "prune-eval", flags)
+                             trust_remote_code=trust_remote_code, save_pairs=save_pairs), target, "prune-eval",
+        flags)
     columns = ["criterion", "fraction", "allocation", "method", "mean_loss", "group", "delta_causal",
                "share_random_better", "decision_random"]
     if len(result.tests):
@@ -182,5 +191,7 @@ def prune_eval_cmd(
                   + f" evaluated in {seconds:.1f} s -> {escape(target)}", highlight=False)
     if result.saved is not None:
         console.print(f"pruned checkpoint: {escape(result.saved)}", highlight=False)
+    for saved in result.saved_pairs:
+        console.print(f"pruned checkpoint: {escape(saved)}", highlight=False)
     if result.report:
         console.print(f"report: {escape(result.report['html'])}", highlight=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.experiments._records import to_frame
 from moeaudit.experiments._sampling import candidate_positions
 from moeaudit.experiments._states import CleanStates, sequence_ids
-from moeaudit.intervene import Ablation, SequenceAblator
+from moeaudit.intervene import Ablation, ExpertMeans, SequenceAblator
 from moeaudit.intervene._spec import MODES, SCOPES, check_choice
 from moeaudit.models import describe, moe_block
 
@@ -47,9 +47,11 @@ class ExperimentSettings:
         seed: Seed of the position sampling and of the random tie-breaks between experts with equal metric
             values (per layer and position).
         scope: ``token`` (Definition 2.1) or ``sequence``.
-        mode: ``zero``, ``renormalize`` or ``reroute``.
+        mode: ``zero``, ``renormalize``, ``reroute`` or ``mean``.
         min_context: Positions need at least this many tokens of context.
         model_name: Written into every record.
+        means: The experts' mean outputs (:func:`moeaudit.expert_means`) that ``mode="mean"`` replaces them by;
+            ignored by the other modes (data, not a setting: left out of comparisons and repr).
     """
 
     layers: tuple[int, ...] | None = None
@@ -62,6 +64,7 @@ class ExperimentSettings:
     mode: str = "zero"
     min_context: int = 1
     model_name: str = "model"
+    means: ExpertMeans | None = field(default=None, compare=False, repr=False)
 
     def check(self, model: nn.Module, metric_table: pd.DataFrame | None = None) -> tuple[int, ...]:
         """Validate against ``model``; return the layers to audit."""
@@ -80,6 +83,14 @@ class ExperimentSettings:
         if bad:
             raise ConfigError(f"layers {bad} are not MoE layers of this model; MoE layers: "
                               f"{', '.join(map(str, desc.moe_layers))}.")
+        if self.mode == "mean":
+            if self.means is None:
+                raise ConfigError("mode='mean' needs the experts' mean outputs: pass ExperimentSettings(means="
+                                  "moeaudit.expert_means(model, sequences)) computed on the sequences you ablate.")
+            try:
+                self.means.check(model, layers)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if metric_table is not None:
             for m in self.metrics:
                 if m not in metric_table.columns or m in ("layer", "expert"):
@@ -182,7 +193,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
         ls = ablator.state.moe[layer]
         ids = ablator.input_ids
         plan = [(pos, e) for pos in positions for e in _active(ls, pos)[0]]
-        results = ablator.run([Ablation(layer, pos, (e,), scope=settings.scope) for pos, e in plan], settings.mode)
+        results = ablator.run([Ablation(layer, pos, (e,), scope=settings.scope) for pos, e in plan], settings.mode,
+                              means=settings.means)
         by_pos: dict[int, dict[int, object]] = defaultdict(dict)
         for (pos, e), r in zip(plan, results):
             by_pos[pos][e] = r
@@ -304,7 +316,7 @@ def collect_progressive(model: nn.Module, sequences: Sequence, settings: Experim
                         unique[key] = len(ablations)
                         ablations.append(Ablation(layer, pos, experts, scope=settings.scope))
                     plan.append((pos, arm, k, experts, unique[key]))
-        results = ablator.run(ablations, settings.mode)
+        results = ablator.run(ablations, settings.mode, means=settings.means)
         for pos, arm, k, experts, index in plan:
             active, weights = _active(ls, pos)
             row = _base_row(settings, desc, layer, seq_id, pos, ablator.input_ids, active, weights, results[index])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moeaudit.intervene._fast import DEFAULT_MAX_QUERY_TOKENS, OutOfMemoryEvenForOneToken, run_fast
+from moeaudit.intervene._means import MEAN_COLUMNS, ExpertMeans, expert_means, replace_with_means
 from moeaudit.intervene._memory import (
     ChunkGeometry,
     QueryBudget,
@@ -77,8 +78,9 @@ class SequenceAblator:
         """The user's cap on query tokens per chunk (``None``: sized from free memory)."""
         return self.budget.cap
 
-    def run(self, ablations: Sequence[Ablation], mode: str = "zero") -> list[AblationResult]:
-        """Perform ``ablations`` (results in the same order)."""
+    def run(self, ablations: Sequence[Ablation], mode: str = "zero", *,
+            means: ExpertMeans | None = None) -> list[AblationResult]:
+        """Perform ``ablations`` (results in the same order); ``mode="mean"`` needs ``means`` (ignored otherwise)."""
         check_choice("mode", mode, MODES)
         ablations = list(ablations)
         for ab in ablations:
@@ -87,11 +89,25 @@ class SequenceAblator:
                 raise ValueError(f"layer {ab.layer} was not prepared; prepared layers: {sorted(self.state.moe)}.")
             if self.strict:
                 check_routed(ab, self.state.moe[ab.layer].host_routing()[0])
+        if mode == "mean":
+            check_means(self.model, ablations, means)
         if not ablations:
             return []
         if self.engine == "naive":
-            return run_naive(self.model, self.input_ids, ablations, mode)
-        return run_fast(self.model, self.state, ablations, mode, budget=self.budget)
+            return run_naive(self.model, self.input_ids, ablations, mode, means=means)
+        return run_fast(self.model, self.state, ablations, mode, budget=self.budget, means=means)
+
+
+def check_means(model: nn.Module, ablations: Sequence[Ablation], means: ExpertMeans | None) -> None:
+    """``mode="mean"``: refuse missing means, means of another model, and experts without a mean."""
+    if means is None:
+        raise ValueError("mode='mean' replaces each removed expert by its mean output c_e: pass means= "
+                         "(moeaudit.expert_means(model, sequences), computed on the corpus you ablate).")
+    if not isinstance(means, ExpertMeans):
+        raise ValueError(f"means must be an ExpertMeans (moeaudit.expert_means), got {type(means).__name__}.")
+    means.check(model, sorted({ab.layer for ab in ablations}))
+    for ab in ablations:
+        means.require(ab.layer, ab.experts)
 
 
 def _check_state(state: CleanState, input_ids: torch.Tensor, layers: list[int] | None, engine: str) -> None:
@@ -108,7 +124,8 @@ def _check_state(state: CleanState, input_ids: torch.Tensor, layers: list[int] |
 
 
 def ablate(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablation], *, engine: str = "fast",
-           mode: str = "zero", max_query_tokens: int | None = None, strict: bool = False) -> list[AblationResult]:
+           mode: str = "zero", max_query_tokens: int | None = None, strict: bool = False,
+           means: ExpertMeans | None = None) -> list[AblationResult]:
     """Remove experts at token positions and measure the next-token loss change.
 
     Args:
@@ -117,9 +134,11 @@ def ablate(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablati
         ablations: What to remove where; results come back in this order.
         engine: ``fast`` (one clean pass, incremental recomputation; default) or ``naive`` (one full forward per
             ablation; the reference).
-        mode: ``zero``, ``renormalize`` or ``reroute`` (see :data:`MODES`).
+        mode: ``zero``, ``renormalize``, ``reroute`` or ``mean`` (see :data:`MODES`).
         max_query_tokens: Fast engine: hard cap on query tokens per chunk; ``None`` sizes chunks from free memory.
         strict: Refuse an ablation of an expert that is not routed where it acts instead of returning ΔL = 0.
+        means: ``mode="mean"``: the experts' mean outputs (:func:`expert_means`); each removed expert's output
+            becomes w_e * c_e where it is routed (see :mod:`moeaudit.intervene._means`).
 
     Returns:
         One :class:`AblationResult` per ablation.
@@ -137,23 +156,27 @@ def ablate(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablati
     ablations = list(ablations)
     for ab in ablations:
         check_ablation(ab, desc, int(ids.shape[0]))
+    if mode == "mean":
+        check_means(model, ablations, means)
     if not ablations:
         return []
     layers = sorted({ab.layer for ab in ablations})
     ablator = SequenceAblator(model, ids, engine=engine, layers=layers, max_query_tokens=max_query_tokens,
                               strict=strict)
-    return ablator.run(ablations, mode)
+    return ablator.run(ablations, mode, means=means)
 
 
 __all__ = [
     "DEFAULT_MAX_QUERY_TOKENS",
     "ENGINES",
+    "MEAN_COLUMNS",
     "MODES",
     "SCOPES",
     "Ablation",
     "AblationResult",
     "ChunkGeometry",
     "CleanState",
+    "ExpertMeans",
     "MoELayerState",
     "OutOfMemoryEvenForOneToken",
     "QueryBudget",
@@ -162,10 +185,13 @@ __all__ = [
     "apply_mode",
     "auto_query_tokens",
     "check_layers",
+    "check_means",
     "chunk_geometry",
     "chunk_memory_bytes",
     "clean_state",
     "dense_weights",
+    "expert_means",
     "free_memory_bytes",
     "override_routing",
+    "replace_with_means",
 ]

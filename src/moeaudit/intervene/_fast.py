@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moeaudit.intervene._incremental import Context, head_losses, mask_capable_attention, propagate
+from moeaudit.intervene._means import ExpertMeans
 from moeaudit.intervene._memory import (
     QueryBudget,
     chunk_geometry,
@@ -84,21 +85,24 @@ class OutOfMemoryEvenForOneToken(MemoryError):
 
 @torch.no_grad()
 def run_fast(model: nn.Module, state: CleanState, ablations: Sequence[Ablation], mode: str, *,
-             max_query_tokens: int | None = None, budget: QueryBudget | None = None) -> list[AblationResult]:
+             max_query_tokens: int | None = None, budget: QueryBudget | None = None,
+             means: ExpertMeans | None = None) -> list[AblationResult]:
     """Run ``ablations`` of the sequence whose clean pass is ``state`` (see module docstring).
 
     Args:
         model: The model ``state`` was computed with.
         state: The sequence's :class:`CleanState` (with its cache).
         ablations: Checked ablations of MoE layers ``state`` holds.
-        mode: ``zero``, ``renormalize`` or ``reroute``.
+        mode: ``zero``, ``renormalize``, ``reroute`` or ``mean``.
         max_query_tokens: Hard cap on query tokens per chunk; ``None`` sizes chunks from the free memory of the
             devices the later layers live on.
         budget: A :class:`QueryBudget` shared across runs (remembers out-of-memory halvings); overrides
             ``max_query_tokens``.
+        means: The experts' mean outputs (``mode="mean"`` only; checked by the caller).
     """
     adapter = adapter_for(model)
     ctx = Context.build(model, state, describe(model), adapter)
+    ctx.means = means
     budget = budget or QueryBudget(cap=max_query_tokens)
     results: list[AblationResult | None] = [None] * len(ablations)
     by_layer: dict[int, list[int]] = defaultdict(list)
@@ -228,8 +232,9 @@ def _chunk_deltas(ctx: Context, layer: int, pos: torch.Tensor, row_piece: torch.
     ls = ctx.state.moe[layer]
     n_experts = ctx.desc.n_experts
     weights, indices = ls.weights[pos], ls.indices[pos]
+    # mean: the removed experts' weights leave as in zero, then w_e * c_e comes back (the routing is unchanged).
     new_w, new_i = apply_mode(ctx.adapter, router(ctx.model, layer, ctx.adapter), ls.logits[pos], weights, indices,
-                              removed[row_piece], mode)
+                              removed[row_piece], "zero" if mode == "mean" else mode)
     diff = dense_weights(new_w, new_i, n_experts) - dense_weights(weights, indices, n_experts)
     rows, experts = diff.nonzero(as_tuple=True)
     delta = torch.zeros(len(pos), ls.x.shape[-1], dtype=torch.float32, device=pos.device)
@@ -238,8 +243,12 @@ def _chunk_deltas(ctx: Context, layer: int, pos: torch.Tensor, row_piece: torch.
         keys, inverse = torch.unique(pos[rows] * n_experts + experts, return_inverse=True)
         pos_u, exp_u = keys // n_experts, keys % n_experts
         ones = torch.ones(len(keys), 1, dtype=ls.weights.dtype, device=pos.device)
-        outputs = moe_block(ctx.model, layer).experts(ls.x[pos_u], exp_u[:, None], ones).float()
-        delta.index_add_(0, rows, diff[rows, experts, None] * outputs[inverse])
+        outputs = moe_block(ctx.model, layer).experts(ls.x[pos_u], exp_u[:, None], ones)
+        if mode == "mean":  # w_e * (c_e - E_e(x)): diff is -w_e at each removed routed expert
+            work = torch.promote_types(outputs.dtype, torch.float32)
+            constants = ctx.means.constants(layer, device=outputs.device, dtype=work)
+            outputs = outputs.to(work) - constants[exp_u]
+        delta.index_add_(0, rows, diff[rows, experts, None] * outputs.float()[inverse])
     return delta
 
 

@@ -32,6 +32,7 @@ class Context:
     devices: list[torch.device]  # per decoder layer, its execution device
     windows: list[int | None]  # per decoder layer, its sliding window
     head_device: torch.device
+    means: object = None  # ExpertMeans of a ``mean`` run (see moeaudit.intervene._means)
 
     @classmethod
     def build(cls, model: nn.Module, state: CleanState, desc: MoEDescription, adapter: FamilyAdapter) -> Context:

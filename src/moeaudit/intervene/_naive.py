@@ -1,4 +1,5 @@
-"""The naive engine: one full forward pass per ablation with the router's output overridden (the reference)."""
+"""The naive engine: one full forward pass per ablation with the router's output overridden (the reference); in
+``mean`` mode the removed experts' outputs are replaced by their means on the experts module instead."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moeaudit.intervene._means import ExpertMeans, replace_with_means
 from moeaudit.intervene._routing import dense_weights, override_routing, removal_mask
 from moeaudit.intervene._spec import Ablation, AblationResult
 from moeaudit.intervene._state import capture_layer_outputs, clean_state, token_losses
@@ -14,9 +16,10 @@ from moeaudit.models import adapter_for, describe, router
 
 
 @torch.no_grad()
-def run_naive(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablation], mode: str,
-              ) -> list[AblationResult]:
-    """Ablate by re-running the whole sequence once per ablation, intervening on the router of the layer."""
+def run_naive(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablation], mode: str, *,
+              means: ExpertMeans | None = None) -> list[AblationResult]:
+    """Ablate by re-running the whole sequence once per ablation, intervening on the router of the layer (``mean``:
+    on its experts module, with ``means``)."""
     adapter = adapter_for(model)
     desc = describe(model)
     state = clean_state(model, input_ids, desc=desc, layers=sorted({a.layer for a in ablations}),
@@ -31,8 +34,11 @@ def run_naive(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Abl
         rows = [ab.position] if ab.scope == "token" else list(range(ab.position + 1))
         removed[rows] = removal_mask(ab.experts, desc.n_experts, ids.device)
         outs: list = []
-        with override_routing(adapter, router(model, ab.layer, adapter), removed, mode), \
-                capture_layer_outputs(model, outs):
+        if mode == "mean":
+            intervention = replace_with_means(model, ab.layer, removed, means.constants(ab.layer))
+        else:
+            intervention = override_routing(adapter, router(model, ab.layer, adapter), removed, mode)
+        with intervention, capture_layer_outputs(model, outs):
             logits = model(input_ids=ids[None]).logits[0]
         t = ab.position
         clean_loss = float(state.losses[t])

@@ -13,8 +13,10 @@ from moeaudit.models import MoEDescription
 #: How the removed experts' routing weight is treated.
 #: zero: weight set to 0, others unchanged (the paper's "output replaced by zero");
 #: renormalize: remaining top-k weights rescaled to the original top-k weight sum;
-#: reroute: removed experts leave the router's candidates and the router chooses top-k from the rest.
-MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
+#: reroute: removed experts leave the router's candidates and the router chooses top-k from the rest;
+#: mean: each removed expert's output is replaced by its mean output c_e, still times its routing weight (needs the
+#: means, :func:`moeaudit.intervene.expert_means`).
+MODES: tuple[str, ...] = ("zero", "renormalize", "reroute", "mean")
 #: token: removed at ``position`` only (Definition 2.1); sequence: removed at every position <= ``position``.
 SCOPES: tuple[str, ...] = ("token", "sequence")
 ENGINES: tuple[str, ...] = ("fast", "naive")

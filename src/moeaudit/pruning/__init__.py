@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moeaudit.pruning._config import CAUSAL, MAP_PRESETS, NONE, PRUNE_PRESETS, RANDOM, MapConfig, PruneConfig
+    from moeaudit.pruning._extras import parse_save_pairs
     from moeaudit.pruning._hook import pruned
     from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
+    from moeaudit.pruning._mean import METHODS, mean_replaced, unrouted_replaced
     from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
     from moeaudit.pruning._plan import (
         PruneGeometry,
@@ -23,7 +25,9 @@ if TYPE_CHECKING:
         rank_experts,
         removal_masks,
     )
+    from moeaudit.pruning._size import PrunedSize, removed_size, size_table
     from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
+    from moeaudit.pruning._super import protect, removal_costs, super_experts
     from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
 
 #: Public name -> the private module defining it.
@@ -31,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "CAUSAL": "_config",
     "IMPORTANCE_COLUMNS": "_importance",
     "MAP_PRESETS": "_config",
+    "METHODS": "_mean",
     "MapConfig": "_config",
     "MapResult": "_pipeline",
     "NONE": "_config",
@@ -38,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "PRUNING_FILE": "_slice",
     "PruneConfig": "_config",
     "PruneGeometry": "_plan",
+    "PrunedSize": "_size",
     "PruneResult": "_pipeline",
     "PruneUnit": "_units",
     "RANDOM": "_config",
@@ -46,15 +52,23 @@ _EXPORTS: dict[str, str] = {
     "importance_map": "_pipeline",
     "importance_table": "_importance",
     "n_removed": "_plan",
+    "mean_replaced": "_mean",
+    "parse_save_pairs": "_extras",
     "plan_removal": "_plan",
+    "protect": "_super",
     "prune_eval": "_pipeline",
     "prune_geometry": "_plan",
     "pruned": "_hook",
+    "removal_costs": "_super",
+    "removed_size": "_size",
     "rank_experts": "_plan",
     "removal_masks": "_plan",
     "save_pruned": "_slice",
     "sequence_losses": "_units",
+    "size_table": "_size",
     "slice_experts": "_slice",
+    "super_experts": "_super",
+    "unrouted_replaced": "_mean",
 }
 
 
@@ -75,6 +89,7 @@ __all__ = [
     "CAUSAL",
     "IMPORTANCE_COLUMNS",
     "MAP_PRESETS",
+    "METHODS",
     "NONE",
     "PRUNE_PRESETS",
     "PRUNING_FILE",
@@ -84,19 +99,28 @@ __all__ = [
     "PruneConfig",
     "PruneGeometry",
     "PruneResult",
+    "PrunedSize",
     "PruneUnit",
     "build_units",
     "collect_pool",
     "importance_map",
     "importance_table",
+    "mean_replaced",
     "n_removed",
+    "parse_save_pairs",
     "plan_removal",
+    "protect",
     "prune_eval",
     "prune_geometry",
     "pruned",
     "rank_experts",
+    "removal_costs",
     "removal_masks",
+    "removed_size",
     "save_pruned",
     "sequence_losses",
+    "size_table",
     "slice_experts",
+    "super_experts",
+    "unrouted_replaced",
 ]

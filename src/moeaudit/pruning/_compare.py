@@ -193,20 +193,21 @@ def fold_agreement(prune: pd.DataFrame, answer: pd.DataFrame) -> pd.DataFrame:
 
 def per_layer_effects(units: Sequence[PruneUnit], losses: Mapping[str, np.ndarray],
                       eval_docs: Mapping[int, np.ndarray]) -> pd.DataFrame:
-    """Per (criterion, fraction, layer) of the one-layer prunings, pooled over folds: the loss increase over the
+    """Per (criterion, fraction, method, layer) of the one-layer prunings, pooled over folds: the loss increase over the
     unpruned model, token-weighted, with a document-clustered 95% interval (``random``: of the seeds' mean
     per-token loss, with the seeds' range ``seed_min`` / ``seed_max``)."""
     pooled, docs = pooled_losses(units, losses, eval_docs)
     base = next(v for arm, v in pooled.items() if arm[0] == NONE)
     groups: dict[tuple, list[np.ndarray]] = defaultdict(list)
-    for (criterion, fraction, _, _, _, layer), loss in pooled.items():
+    for (criterion, fraction, _, _, method, layer), loss in pooled.items():
         if layer is not None:
-            groups[(criterion, fraction, layer)].append(loss - base)
+            groups[(criterion, fraction, method, layer)].append(loss - base)
     rows = []
-    for (criterion, fraction, layer), arms in sorted(groups.items()):
+    for (criterion, fraction, method, layer), arms in sorted(groups.items()):
         cm = clustered_mean(np.mean(arms, axis=0), docs)
         means = [float(a.mean()) for a in arms]
-        rows.append({"criterion": criterion, "fraction": fraction, "layer": layer, "delta_loss": cm.estimate,
+        rows.append({"criterion": criterion, "fraction": fraction, "method": method, "layer": layer,
+                     "delta_loss": cm.estimate,
                      "ci_low": cm.ci_low, "ci_high": cm.ci_high, "seed_min": min(means), "seed_max": max(means),
                      "n_seeds": len(arms)})
     return pd.DataFrame(rows)

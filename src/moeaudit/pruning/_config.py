@@ -29,6 +29,36 @@ DELETE = "delete"
 REFERENCES: tuple[str, ...] = ("removal_cost", "loo")
 
 
+#: Values of :attr:`PruneConfig.method` (kept in step with :data:`moeaudit.pruning._mean.METHODS`, tested).
+PRUNE_METHODS: tuple[str, ...] = ("delete", "mean")
+
+
+def _check_methods(config) -> None:
+    from moeaudit.errors import did_you_mean
+
+    if not config.method:
+        raise ConfigError("method= is empty; name delete, mean or both (delete,mean).")
+    for m in config.method:
+        if m not in PRUNE_METHODS:
+            raise ConfigError(f"method={','.join(config.method)}: {m!r} is not a removal method; valid: "
+                              f"{', '.join(PRUNE_METHODS)}.{did_you_mean(m, PRUNE_METHODS)}")
+    if len(set(config.method)) < len(config.method):
+        raise ConfigError(f"method={','.join(config.method)} repeats a value; give each method once.")
+    if config.lm_eval_tasks and "delete" not in config.method:
+        raise ConfigError("lm_eval_tasks= scores the deleted-expert prunings only; add delete to method= "
+                          f"(method={','.join(config.method)}).")
+    if isinstance(config.protect_top, bool) or config.protect_top < 0:
+        raise ConfigError(f"protect_top={config.protect_top!r}: give the number of super experts to protect "
+                          "(>= 0; 0 protects none).")
+
+
+def _no_mean_map(config) -> None:
+    if config.mode == "mean":
+        raise ConfigError("mode='mean' is an audit ablation (moeaudit run --mode mean); the importance map ablates "
+                          "with reroute (default), zero or renormalize. For mean replacement in pruning use "
+                          "prune-eval's --method mean.")
+
+
 @dataclass(frozen=True)
 class MapConfig(FlatConfig):
     """Everything that determines a causal importance map (the output directory is not part of it).
@@ -78,6 +108,7 @@ class MapConfig(FlatConfig):
 
     def _check(self) -> None:
         check_common(self)
+        _no_mean_map(self)
 
     def with_resolved_paths(self):
         """A copy whose local model directory and corpus files are absolute paths (resolved against the current
@@ -124,6 +155,12 @@ class PruneConfig(MapConfig):
         lm_eval_tasks: lm-evaluation-harness tasks to score every pruned model on (needs ``moeaudit[lmeval]``).
         lm_eval_include: Directory of extra lm-eval task YAMLs (``include_path``), e.g. local tasks.
         lm_eval_limit: Score at most this many documents per task (``None``: all).
+        method: How experts are removed, each applied to every criterion, fraction and seed: ``delete`` (the
+            router can no longer choose them, as in a sliced checkpoint) and/or ``mean`` (they keep their router
+            slot and output their mean over the calibration tokens routed to them, times the routing weight: MoNE's
+            constant; see :func:`moeaudit.pruning.mean_replaced`).
+        protect_top: Never remove the this many experts with the largest single-removal cost on the calibration
+            split (model-wide "super experts", from the importance map; 0: protect none).
     """
 
     eval_corpus: str | None = None
@@ -143,9 +180,12 @@ class PruneConfig(MapConfig):
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_include: str | None = None
     lm_eval_limit: int | None = None
+    method: tuple[str, ...] = ("delete",)
+    protect_top: int = 0
 
     def _check(self) -> None:
         check_common(self)
+        _no_mean_map(self)
         if not self.fractions:
             raise ConfigError("fractions= is empty; give at least one share of experts to remove, e.g. 0.25.")
         bad = [f for f in self.fractions if not 0 < f < 1]
@@ -190,6 +230,7 @@ class PruneConfig(MapConfig):
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ConfigError(f"lm_eval_limit={self.lm_eval_limit}: use at least 1, or leave it unset for every "
                               "document of each task.")
+        _check_methods(self)
         if self.lm_eval_include is not None and not self.lm_eval_tasks:
             raise ConfigError("lm_eval_include= is set but lm_eval_tasks= is empty; name the tasks to score.")
 

@@ -93,7 +93,7 @@ def lm_eval_scores(model: nn.Module, tokenizer, tasks: Sequence[str], *, removal
 
 def score_units(config: PruneConfig, loaded, units: Sequence[PruneUnit], run_dir, session, progress) -> pd.DataFrame:
     """Score every all-layer pruning (and the unpruned model) of a run; write ``lm_eval.csv``."""
-    targets = [u for u in units if u.layer is None]
+    targets = [u for u in units if u.layer is None and u.method != "mean"]  # mean replacement: not scored
     distinct = {u.key: u for u in targets}
     stored = {key: run_dir.read_json(f"lm_eval/{key}.json") for key in distinct}
     pending = [key for key, rows in stored.items() if rows is None]

@@ -13,7 +13,10 @@ Layout of a prune-eval directory (a map directory holds the first part)::
     pruned.parquet                     exactly the experts each (criterion, fraction, seed, fold, allocation, method)
                                        removes
     losses/f<k>-<model key>.parquet    per-token held-out losses of each distinct pruned model on fold k
+    fold<k>/expert_means.parquet       (--method mean) c_e on fold k's calibration split, unpruned model
     answer.csv                         pooled over folds: one row per (criterion, fraction, allocation, method)
+    methods.csv                        (--method delete,mean) mean replacement minus deletion of the same experts
+    super_experts.csv, sizes.csv       the costliest single removals per fold; parameters / bytes removed
     allocation.csv                     each non-uniform allocation against uniform at the same budget
     prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv
     report.md, report.html, figures/
@@ -66,6 +69,10 @@ class PruneResult:
     report: dict[str, Path] = field(default_factory=dict)
     saved: Path | None = None
     agreement: pd.DataFrame | None = None  # fold_agreement.csv
+    sizes: pd.DataFrame | None = None  # sizes.csv: parameters and bytes removed per (fraction, method)
+    super_experts: pd.DataFrame | None = None  # super_experts.csv (per fold)
+    saved_pairs: list[Path] = field(default_factory=list)  # checkpoints of --save-pairs
+    methods: pd.DataFrame | None = None  # methods.csv: mean replacement against deletion
 
 
 def _now() -> str:
@@ -177,7 +184,8 @@ def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save
 
 def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,
                save_pruned: str | Path | None = None, save_criterion: str | None = None,
-               save_fraction: float | None = None, trust_remote_code: bool = False) -> PruneResult:
+               save_fraction: float | None = None, trust_remote_code: bool = False,
+               save_pairs: str | list | None = None) -> PruneResult:
     """Run (or resume) a prune-eval experiment into the run directory ``out``.
 
     Documents are shuffled with ``split_seed``, stratified and dealt into ``folds`` cross-fitting folds
@@ -199,11 +207,19 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             allocation as ranked on fold 0's calibration split).
         trust_remote_code: Run modelling code shipped with the checkpoint (per call; a configuration cannot ask
             for it).
+        save_pairs: Several checkpoints: ``"reap@0.25,causal@0.5"`` (or ``[("reap", 0.25), ...]``), each written
+            to ``save_pruned/<criterion>@<fraction>/`` (see :mod:`moeaudit.pruning._extras`).
+
+    With ``method=("delete", "mean")`` every pruning is also evaluated with its removed experts mean-replaced (c_e
+    of the unpruned model on the fold's calibration split); with ``protect_top=K`` each fold's K costliest single
+    removals (its importance map) are never removed.
 
     Raises:
         RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
+    from moeaudit.pruning._extras import check_save_pairs, parse_save_pairs
+
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
     config = plan.config
@@ -211,7 +227,11 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     from moeaudit.pruning._units import resolve_criteria
 
     criteria = resolve_criteria(config.criteria)
-    if save_pruned is not None and (save_criterion is None or save_fraction is None):
+    pairs = parse_save_pairs(save_pairs)
+    if pairs and (save_criterion is not None or save_fraction is not None):
+        raise ConfigError("--save-pairs and --save-criterion / --save-fraction both name checkpoints; use one.")
+    check_save_pairs(pairs, None if save_pruned is None else Path(save_pruned), config, criteria)
+    if save_pruned is not None and not pairs and (save_criterion is None or save_fraction is None):
         if len(criteria) == 1 and len(config.fractions) == 1:
             save_criterion, save_fraction = criteria[0], config.fractions[0]
         else:
@@ -233,8 +253,12 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
+        from moeaudit.pruning._extras import calibration_means, super_expert_table, unrouted_summary
+        from moeaudit.pruning._extras import save_pairs as save_many
         from moeaudit.pruning._loading import load_splits
         from moeaudit.pruning._plan import n_removed
+        from moeaudit.pruning._size import size_table
+        from moeaudit.pruning._super import protected_map
         from moeaudit.pruning._units import build_units
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
@@ -243,16 +267,17 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         if geometry.groups is not None and set(config.allocation) - {"uniform"}:
             raise ConfigError(f"allocation={','.join(config.allocation)}: the router is group-limited, so every "
                               "group and layer must lose the same number of experts; use allocation=uniform.")
-        if save_pruned is not None:
-            _check_save(config, criteria, geometry, layers, save_criterion, save_fraction)
+        for criterion, fraction in pairs or ([(save_criterion, save_fraction)] if save_pruned is not None else []):
+            _check_save(config, criteria, geometry, layers, criterion, fraction)
         s.manifest["pruning"] = {
             "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
             "allocation": list(config.allocation), "folds": len(loaded.folds),
             "group_balanced": None if geometry.groups is None else
             {"n_group": geometry.groups.n_group, "topk_group": geometry.groups.topk_group}}
         s.write()
-        need_map = CAUSAL in criteria or CAUSAL_LOO in criteria or "causal" in config.allocation
-        units, maps, tables = [], [], []
+        need_map = (CAUSAL in criteria or CAUSAL_LOO in criteria or "causal" in config.allocation
+                    or config.protect_top > 0)
+        units, maps, tables, supers, means, extra = [], [], [], [], {}, {}
         for fold in loaded.folds:
             fold_dir = RunDirectory(run_dir.path / f"fold{fold.fold}")
             view = _FoldView(loaded, fold)
@@ -260,11 +285,23 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if importance is not None and (config.reference == "loo" or CAUSAL_LOO in criteria):
                 importance = importance.merge(_loo(view, fold_dir, s, progress), on=["layer", "expert"])
             metrics = _metrics(view, fold_dir, s, progress, criteria)
-            units += build_units([*criteria, *([CAUSAL_LOO] if config.reference == "loo" and CAUSAL_LOO not in
-                                               criteria else [])],
-                                 config.fractions, random_seeds=config.random_seeds, seed=config.seed,
-                                 geometry=geometry, layers=layers, metrics=metrics, importance=importance,
-                                 per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation)
+            top = super_expert_table(config, importance, fold_dir, layers)
+            protected = protected_map(top[top["protected"]]) if config.protect_top else None
+            if "mean" in config.method:  # c_e of the unpruned model on this fold's calibration split
+                means[fold.fold] = calibration_means(view, fold_dir, s, progress)
+            mine = build_units([*criteria, *([CAUSAL_LOO] if config.reference == "loo" and CAUSAL_LOO not in
+                                              criteria else [])],
+                               config.fractions, random_seeds=config.random_seeds, seed=config.seed,
+                               geometry=geometry, layers=layers, metrics=metrics, importance=importance,
+                               per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation,
+                               methods=config.method, protected=protected)
+            units += mine
+            if top is not None:
+                supers.append(top.assign(fold=fold.fold))
+            if protected or fold.fold in means:
+                extra[str(fold.fold)] = {
+                    "protected": {str(k): list(v) for k, v in (protected or {}).items()},
+                    **({"mean_replacement": unrouted_summary(means[fold.fold], mine)} if fold.fold in means else {})}
             if importance is not None:
                 maps.append(importance.assign(fold=fold.fold))
             if metrics is not None:
@@ -274,13 +311,22 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             run_dir.write_parquet("importance.parquet", importance)
         if tables:
             run_dir.write_parquet("metrics.parquet", pd.concat(tables, ignore_index=True))
-        result = _evaluate(config, loaded, units, run_dir, s, progress)
+        if extra:
+            s.manifest["pruning"]["folds_extra"] = extra
+        result = _evaluate(config, loaded, units, run_dir, s, progress, means=means)
         result.importance = importance
+        if supers:
+            result.super_experts = pd.concat(supers, ignore_index=True)
+            run_dir.write_text("super_experts.csv", result.super_experts.to_csv(index=False))
+        result.sizes = size_table(loaded.model, units)
+        run_dir.write_text("sizes.csv", result.sizes.to_csv(index=False))
         if config.lm_eval_tasks:
             from moeaudit.pruning._lmeval import score_units
 
             result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
-        if save_pruned is not None:
+        if pairs:
+            result.saved_pairs = save_many(loaded, units, config, pairs, Path(save_pruned), run_dir)
+        elif save_pruned is not None:
             result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
         return result
 
@@ -330,7 +376,7 @@ def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, c
 
 
 def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_dir: RunDirectory, s,
-              progress: ProgressSink) -> PruneResult:
+              progress: ProgressSink, *, means: dict | None = None) -> PruneResult:
     from moeaudit.pruning._compare import (
         allocation_table,
         answer_table,
@@ -362,7 +408,8 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
         unit = distinct[key]
         with s.timer("evaluate"):
             loss = sequence_losses(loaded.model, folds[unit.fold].evaluation, unit.removal or None,
-                                   progress=progress.advance)
+                                   progress=progress.advance, method=unit.method,
+                                   means=(means or {}).get(unit.fold))
         run_dir.write_parquet(f"losses/{key}.parquet", pd.DataFrame({"loss": loss}))
         losses[key] = loss
     progress.stage("paired tests", None)
@@ -375,16 +422,24 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
         allocations = allocation_table(units, losses, eval_docs, n_perm=config.n_perm, n_boot=config.n_boot,
                                        seed=config.seed) if len(config.allocation) > 1 else None
         effects = per_layer_effects(units, losses, eval_docs) if config.per_layer else None
+        methods = None
+        if len(config.method) > 1:
+            from moeaudit.pruning._extras import method_comparison
+
+            methods = method_comparison(units, losses, eval_docs, alpha=config.alpha, n_perm=config.n_perm,
+                                        n_boot=config.n_boot, seed=config.seed)
     run_dir.write_text("prune.csv", prune.to_csv(index=False))
     run_dir.write_text("answer.csv", answer.to_csv(index=False))
     run_dir.write_text("fold_agreement.csv", agreement.to_csv(index=False))
     if allocations is not None:
         run_dir.write_text("allocation.csv", allocations.to_csv(index=False))
+    if methods is not None:
+        run_dir.write_text("methods.csv", methods.to_csv(index=False))
     if config.per_layer:
         run_dir.write_text("prune_per_layer.csv", per_layer.to_csv(index=False))
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
     return PruneResult(run_dir.path, prune, answer, pruned_table(units), None,
-                       per_layer if config.per_layer else None, effects, agreement=agreement)
+                       per_layer if config.per_layer else None, effects, agreement=agreement, methods=methods)
 
 
 def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, criterion: str, fraction: float,
@@ -392,7 +447,7 @@ def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, crit
     from moeaudit.pruning._slice import save_pruned as save
 
     unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None
-                and u.allocation == "uniform" and u.fold == 0)
+                and u.allocation == "uniform" and u.fold == 0 and u.method == "delete")
     provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
                                   "fold": 0, "allocation": "uniform", "method": unit.method,
                                   "source_model": config.model, "run_directory": str(run_dir.path)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +19,9 @@ from moeaudit.intervene._state import token_losses
 from moeaudit.models._describe import model_device
 from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, DELETE, NONE, RANDOM
 from moeaudit.pruning._hook import pruned
-from moeaudit.pruning._plan import PruneGeometry, plan_allocation, random_values
+from moeaudit.pruning._mean import mean_replaced
+from moeaudit.pruning._plan import PruneGeometry, n_removed, plan_allocation, random_values
+from moeaudit.pruning._super import protect
 
 #: Key columns of ``prune.csv`` / ``pruned.parquet`` (one pruned model evaluated on one fold).
 KEY_COLUMNS = ["criterion", "fraction", "seed", "fold", "allocation", "method"]
@@ -38,7 +40,9 @@ class PruneUnit:
         fold: The cross-fitting fold whose calibration split ranked the experts and whose evaluation split
             measures the pruned model.
         allocation: ``uniform``, ``global`` or ``causal`` (how the removed experts spread over layers).
-        method: What replaces a removed expert (``delete``).
+        method: ``delete`` (the router can no longer choose the removed experts) or ``mean`` (they keep their
+            router slot and output their calibration mean, :func:`moeaudit.pruning.mean_replaced`); ``none`` for
+            the unpruned model.
     """
 
     criterion: str
@@ -60,7 +64,8 @@ class PruneUnit:
         if not self.removed:
             return NONE
         text = json.dumps([[layer, list(experts)] for layer, experts in self.removed])
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+        return digest if self.method == DELETE else f"{digest}-{self.method}"  # delete keeps its former key
 
     @property
     def loss_key(self) -> str:
@@ -106,11 +111,13 @@ def criterion_scores(criterion: str, layers: Sequence[int], *, metrics: pd.DataF
 def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_seeds: int, seed: int,
                 geometry: PruneGeometry, layers: Sequence[int], metrics: pd.DataFrame | None,
                 importance: pd.DataFrame | None, per_layer: bool, fold: int = 0,
-                allocations: Sequence[str] = ("uniform",), methods: Sequence[str] = (DELETE,)) -> list[PruneUnit]:
-    """Every pruned model of one fold, the unpruned model first. ``importance`` carries ``removal_cost`` (the
-    ``causal`` criterion and the ``causal`` allocation's per-layer counts) and, with ``reference="loo"``,
-    ``loo_cost``."""
-    units = [PruneUnit(NONE, 0.0, seed, None, (), fold)]
+                allocations: Sequence[str] = ("uniform",), methods: Sequence[str] = (DELETE,),
+                protected: Mapping[int, Sequence[int]] | None = None) -> list[PruneUnit]:
+    """Every pruned model of one fold, the unpruned model first (method ``none``). ``importance`` carries
+    ``removal_cost`` (the ``causal`` criterion and the ``causal`` allocation's per-layer counts) and, with
+    ``reference="loo"``, ``loo_cost``. Each of ``methods`` removes the same experts; ``protected`` experts
+    (layer -> ids, ``--protect-top``) are never removed."""
+    units = [PruneUnit(NONE, 0.0, seed, None, (), fold, "uniform", NONE)]
     costs = None
     if "causal" in allocations:
         if importance is None:
@@ -122,6 +129,9 @@ def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_s
             for s in seeds:
                 scores = criterion_scores(criterion, layers, metrics=metrics, importance=importance,
                                           geometry=geometry, seed=s)
+                if protected:
+                    scores = protect(scores, {int(k): tuple(v) for k, v in protected.items()},
+                                     n_removed(geometry, fraction))
                 for allocation in allocations:
                     plan = plan_allocation(scores, fraction, geometry, seed=s, allocation=allocation, costs=costs)
                     for method in methods:
@@ -146,13 +156,21 @@ def pruned_table(units: Sequence[PruneUnit]) -> pd.DataFrame:
 
 @torch.no_grad()
 def sequence_losses(model: nn.Module, sequences: Sequence, removed: dict[int, tuple[int, ...]] | None = None, *,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int], None] | None = None, method: str = DELETE,
+                    means=None) -> np.ndarray:
     """Next-token cross-entropy of every predicted token of every sequence (positions 0..T-2 predicting 1..T-1),
     concatenated in sequence order, float64 [sum of (T - 1)]: one plain forward per sequence, pruned in memory by
-    :func:`moeaudit.pruning.pruned` when ``removed`` is given."""
+    :func:`moeaudit.pruning.pruned` when ``removed`` is given (``method="mean"``: mean-replaced by
+    :func:`moeaudit.pruning.mean_replaced` with ``means``, an :class:`moeaudit.ExpertMeans`)."""
     device = model_device(model)
     out = []
-    with pruned(model, removed) if removed else nullcontext():
+    if not removed:
+        context = nullcontext()
+    elif method == "mean":
+        context = mean_replaced(model, removed, means)
+    else:
+        context = pruned(model, removed)
+    with context:
         for seq in sequences:
             ids = torch.as_tensor(getattr(seq, "input_ids", seq)).long().to(device)
             logits = model(input_ids=ids[None]).logits[0]

@@ -11,6 +11,7 @@ import pandas as pd
 
 from moeaudit.report import _prune_figures as F
 from moeaudit.report._document import Block, Heading, Paragraph, Table, figure_block, write_document
+from moeaudit.report._prune_extra import extra_blocks, first_method, only_method
 from moeaudit.report._style import metric_label
 from moeaudit.report._tables import fmt, fmt_ci
 from moeaudit.rundir import RunDirectory
@@ -132,6 +133,8 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     alpha = float(config.get("alpha", 0.05))
     prune, answer = _read_csv(run_dir, "prune.csv"), _read_csv(run_dir, "answer.csv")
     agreement, allocations = _read_csv(run_dir, "fold_agreement.csv"), _read_csv(run_dir, "allocation.csv")
+    shown = first_method(prune, config)  # several removal methods: the answer sections show the first
+    prune, answer, agreement, allocations = (only_method(t, shown) for t in (prune, answer, agreement, allocations))
     splits = run_dir.read_json("splits.json") or {}
     pruning = manifest.get("pruning", {})
     ev = splits.get("evaluation", {})
@@ -179,7 +182,7 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
             "perplexity", "Held-out perplexity (pooled over folds) against the fraction of experts removed per layer, "
             "one panel per criterion; grey: random pruning (range and mean of the seeds); black: the causal "
             "reference; dotted: unpruned.", fig), _results_table(pooled, label, primary)]
-    effects = _read_csv(run_dir, "per_layer.csv")
+    effects = only_method(_read_csv(run_dir, "per_layer.csv"), shown)
     if effects is not None:
         fig = F.per_layer_curves(effects, label)
         blocks += [Heading("Pruning one layer at a time")]
@@ -189,6 +192,7 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     lm = _read_csv(run_dir, "lm_eval.csv")
     if lm is not None and not lm.empty:
         blocks += [Heading("Downstream tasks (lm-evaluation-harness)"), _lm_table(lm, label)]
+    blocks += extra_blocks(run_dir, label, alpha)
     importance = run_dir.read_parquet("importance.parquet")
     if importance is not None:
         first = importance[importance["fold"] == importance["fold"].min()] if "fold" in importance else importance
