@@ -191,7 +191,9 @@ def test_prune_eval_end_to_end_resumes_refuses_and_saves(tmp_path):
     prune = pd.read_csv(out / "prune.csv")
     keys = ["criterion", "fraction", "seed", "fold", "allocation", "method"]
     assert len(prune) == 2 * (1 + 2 * 2 * (2 + 2)) and not prune.duplicated(keys).any()
-    assert set(prune.columns) >= {*keys, "n_tokens", "mean_loss", "perplexity"} and set(prune["method"]) == {"delete"}
+    assert set(prune.columns) >= {*keys, "n_tokens", "mean_loss", "perplexity"}
+    assert set(prune.loc[prune["criterion"] != "none", "method"]) == {"delete"}
+    assert set(prune.loc[prune["criterion"] == "none", "method"]) == {"none"}  # the unpruned model removes nothing
     # splits: disjoint within a fold, every document evaluated once, every builtin domain in both splits
     splits = json.loads((out / "splits.json").read_text())
     domains = [d for d, _ in builtin_labelled_documents("heldout")]
