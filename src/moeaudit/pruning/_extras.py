@@ -105,6 +105,64 @@ def save_pairs(loaded, units, config, pairs: list[tuple[str, float]], root: Path
     return out
 
 
+def save_plan(config, criteria: list[str], save_pruned, save_criterion: str | None, save_fraction: float | None,
+              save_pairs) -> tuple[list[tuple[str, float]], str | None, float | None]:
+    """Check, before any work, the checkpoints a prune-eval is asked to write; returns the ``--save-pairs`` pairs
+    and the (``--save-criterion``, ``--save-fraction``) of a single checkpoint (filled in when the run has one
+    criterion and one fraction).
+
+    Raises:
+        ConfigError: both kinds named, a pair the run cannot write, a missing criterion or fraction, no uniform
+            allocation, or a model spread by ``device_map``.
+    """
+    pairs = parse_save_pairs(save_pairs)
+    if pairs and (save_criterion is not None or save_fraction is not None):
+        raise ConfigError("--save-pairs and --save-criterion / --save-fraction both name checkpoints; use one.")
+    check_save_pairs(pairs, None if save_pruned is None else Path(save_pruned), config, criteria)
+    if save_pruned is not None and not pairs and (save_criterion is None or save_fraction is None):
+        if len(criteria) == 1 and len(config.fractions) == 1:
+            save_criterion, save_fraction = criteria[0], config.fractions[0]
+        else:
+            raise ConfigError("--save-pruned needs --save-criterion and --save-fraction: the run prunes by "
+                              f"{len(criteria)} criteria at {len(config.fractions)} fractions.")
+    if save_pruned is not None and "uniform" not in config.allocation:
+        raise ConfigError(f"--save-pruned writes a standard checkpoint, whose config has one expert count for every "
+                          f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
+                          "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
+                          "pruned.parquet lists every other pruning's removed experts).")
+    if save_pruned is not None and config.device_map is not None:
+        raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
+                          f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "
+                          "without device_map= to write the pruned checkpoint (pruned.parquet lists the removed "
+                          "experts of every pruned model).")
+    return pairs, save_criterion, save_fraction
+
+
+def check_save(config, criteria: list[str], geometry, layers, save_criterion, save_fraction) -> None:
+    """Refuse a checkpoint (criterion, fraction) the run cannot write, once the model's layers are known."""
+    if save_criterion not in criteria:
+        raise ConfigError(f"--save-criterion {save_criterion!r} is not a criterion of this run; choose one of "
+                          f"{', '.join(criteria)}.")
+    if save_fraction not in config.fractions:
+        raise ConfigError(f"--save-fraction {save_fraction} is not a fraction of this run; choose one of "
+                          f"{', '.join(map(str, config.fractions))}.")
+    if tuple(layers) != tuple(geometry.moe_layers):
+        raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
+                          "layers); leave layers= unset.")
+
+
+def save_one(loaded, units, config, out, criterion: str, fraction: float, run_dir) -> Path:
+    """``--save-pruned`` with one (criterion, fraction): the uniform pruning of fold 0, experts deleted."""
+    from moeaudit.pruning._slice import save_pruned as save
+
+    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None
+                and u.allocation == "uniform" and u.fold == 0 and u.method == "delete")
+    provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
+                                  "fold": 0, "allocation": "uniform", "method": unit.method,
+                                  "source_model": config.model, "run_directory": str(run_dir.path)}
+    return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)
+
+
 def calibration_means(loaded, run_dir, s, progress):
     """``--method mean``: c_e of every pruned layer on the calibration split (unpruned model), stored in
     ``expert_means.parquet`` and read back on resume."""

@@ -170,18 +170,6 @@ def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, pro
     return table, records
 
 
-def _check_save(config: PruneConfig, criteria: list[str], geometry, layers, save_criterion, save_fraction):
-    if save_criterion not in criteria:
-        raise ConfigError(f"--save-criterion {save_criterion!r} is not a criterion of this run; choose one of "
-                          f"{', '.join(criteria)}.")
-    if save_fraction not in config.fractions:
-        raise ConfigError(f"--save-fraction {save_fraction} is not a fraction of this run; choose one of "
-                          f"{', '.join(map(str, config.fractions))}.")
-    if tuple(layers) != tuple(geometry.moe_layers):
-        raise ConfigError("--save-pruned needs every MoE layer pruned (a checkpoint has one expert count for all "
-                          "layers); leave layers= unset.")
-
-
 def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink | None = None, report: bool = True,
                save_pruned: str | Path | None = None, save_criterion: str | None = None,
                save_fraction: float | None = None, trust_remote_code: bool = False,
@@ -218,7 +206,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
-    from moeaudit.pruning._extras import check_save_pairs, parse_save_pairs
+    from moeaudit.pruning._extras import save_plan
 
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
@@ -227,34 +215,15 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     from moeaudit.pruning._units import resolve_criteria
 
     criteria = resolve_criteria(config.criteria)
-    pairs = parse_save_pairs(save_pairs)
-    if pairs and (save_criterion is not None or save_fraction is not None):
-        raise ConfigError("--save-pairs and --save-criterion / --save-fraction both name checkpoints; use one.")
-    check_save_pairs(pairs, None if save_pruned is None else Path(save_pruned), config, criteria)
-    if save_pruned is not None and not pairs and (save_criterion is None or save_fraction is None):
-        if len(criteria) == 1 and len(config.fractions) == 1:
-            save_criterion, save_fraction = criteria[0], config.fractions[0]
-        else:
-            raise ConfigError("--save-pruned needs --save-criterion and --save-fraction: the run prunes by "
-                              f"{len(criteria)} criteria at {len(config.fractions)} fractions.")
-    if save_pruned is not None and "uniform" not in config.allocation:
-        raise ConfigError(f"--save-pruned writes a standard checkpoint, whose config has one expert count for every "
-                          f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
-                          "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
-                          "pruned.parquet lists every other pruning's removed experts).")
-    if save_pruned is not None and config.device_map is not None:
-        raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
-                          f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "
-                          "without device_map= to write the pruned checkpoint (pruned.parquet lists the removed "
-                          "experts of every pruned model).")
+    pairs, save_criterion, save_fraction = save_plan(config, criteria, save_pruned, save_criterion, save_fraction,
+                                                     save_pairs)
     if config.lm_eval_tasks:
         from moeaudit.pruning._lmeval import check_lm_eval
 
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
-        from moeaudit.pruning._extras import calibration_means, super_expert_table, unrouted_summary
-        from moeaudit.pruning._extras import save_pairs as save_many
+        from moeaudit.pruning import _extras as X
         from moeaudit.pruning._loading import load_splits
         from moeaudit.pruning._plan import n_removed
         from moeaudit.pruning._size import size_table
@@ -268,7 +237,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             raise ConfigError(f"allocation={','.join(config.allocation)}: the router is group-limited, so every "
                               "group and layer must lose the same number of experts; use allocation=uniform.")
         for criterion, fraction in pairs or ([(save_criterion, save_fraction)] if save_pruned is not None else []):
-            _check_save(config, criteria, geometry, layers, criterion, fraction)
+            X.check_save(config, criteria, geometry, layers, criterion, fraction)
         s.manifest["pruning"] = {
             "criteria": criteria, "removed_per_layer": removed_counts, "layers": list(layers),
             "allocation": list(config.allocation), "folds": len(loaded.folds),
@@ -285,10 +254,10 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if importance is not None and (config.reference == "loo" or CAUSAL_LOO in criteria):
                 importance = importance.merge(_loo(view, fold_dir, s, progress), on=["layer", "expert"])
             metrics = _metrics(view, fold_dir, s, progress, criteria)
-            top = super_expert_table(config, importance, fold_dir, layers)
+            top = X.super_expert_table(config, importance, fold_dir, layers)
             protected = protected_map(top[top["protected"]]) if config.protect_top else None
             if "mean" in config.method:  # c_e of the unpruned model on this fold's calibration split
-                means[fold.fold] = calibration_means(view, fold_dir, s, progress)
+                means[fold.fold] = X.calibration_means(view, fold_dir, s, progress)
             mine = build_units([*criteria, *([CAUSAL_LOO] if config.reference == "loo" and CAUSAL_LOO not in
                                               criteria else [])],
                                config.fractions, random_seeds=config.random_seeds, seed=config.seed,
@@ -301,7 +270,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if protected or fold.fold in means:
                 extra[str(fold.fold)] = {
                     "protected": {str(k): list(v) for k, v in (protected or {}).items()},
-                    **({"mean_replacement": unrouted_summary(means[fold.fold], mine)} if fold.fold in means else {})}
+                    **({"mean_replacement": X.unrouted_summary(means[fold.fold], mine)} if fold.fold in means else {})}
             if importance is not None:
                 maps.append(importance.assign(fold=fold.fold))
             if metrics is not None:
@@ -325,9 +294,9 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
 
             result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
         if pairs:
-            result.saved_pairs = save_many(loaded, units, config, pairs, Path(save_pruned), run_dir)
+            result.saved_pairs = X.save_pairs(loaded, units, config, pairs, Path(save_pruned), run_dir)
         elif save_pruned is not None:
-            result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
+            result.saved = X.save_one(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
         return result
 
     from moeaudit.report._prune import write_prune_report
@@ -440,18 +409,6 @@ def _evaluate(config: PruneConfig, loaded: Loaded, units: list[PruneUnit], run_d
         run_dir.write_text("per_layer.csv", effects.to_csv(index=False))
     return PruneResult(run_dir.path, prune, answer, pruned_table(units), None,
                        per_layer if config.per_layer else None, effects, agreement=agreement, methods=methods)
-
-
-def _save(loaded: Loaded, units: list[PruneUnit], config: PruneConfig, out, criterion: str, fraction: float,
-          run_dir: RunDirectory) -> Path:
-    from moeaudit.pruning._slice import save_pruned as save
-
-    unit = next(u for u in units if u.criterion == criterion and u.fraction == fraction and u.layer is None
-                and u.allocation == "uniform" and u.fold == 0 and u.method == "delete")
-    provenance: dict[str, Any] = {"criterion": criterion, "fraction": fraction, "seed": unit.seed,
-                                  "fold": 0, "allocation": "uniform", "method": unit.method,
-                                  "source_model": config.model, "run_directory": str(run_dir.path)}
-    return save(loaded.model, unit.removal, out, tokenizer=loaded.tokenizer, provenance=provenance)
 
 
 __all__ = ["MapResult", "PruneResult", "importance_map", "prune_eval"]
