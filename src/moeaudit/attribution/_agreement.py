@@ -144,7 +144,7 @@ def agreement_table(joined: pd.DataFrame, importance: pd.DataFrame, modes: Seque
             row.update(sign_agree=agree.estimate, sign_agree_low=agree.ci_low, sign_agree_high=agree.ci_high)
             pairs = {name: within_token_pairs(rows, exact, by) for name, by in (("attr", est), ("control", "weight"))}
             for name, p in pairs.items():
-                if len(p) >= 3:
+                if len(p) >= 3 and p["doc_id"].nunique() >= 2:  # one document: this run cannot tell
                     test = paired_test(p["high"], p["low"], clusters=p["doc_id"], n_perm=n_perm, seed=seed)
                     row.update({f"d_{name}": test.cohens_d, f"d_{name}_low": test.ci_low,
                                 f"d_{name}_high": test.ci_high, f"p_{name}_t": test.p_t,
