@@ -188,3 +188,39 @@ def _block_input(model, ids, layer):
     finally:
         handle.remove()
     return store["x"]
+
+
+def test_attribution_is_an_opt_in_prune_criterion():
+    from moeaudit.intervene._attribution import attribute, attribution_importance
+    from moeaudit.pruning._plan import prune_geometry
+    from moeaudit.pruning._units import criterion_scores, resolve_criteria
+    from moeaudit.testing import tiny_model
+
+    assert "attribution" not in resolve_criteria(None)
+    assert resolve_criteria(["attribution", "random"]) == ["attribution", "random"]
+    model = tiny_model("olmoe")
+    rows = attribute(model, [torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(0))],
+                     layers=[1, 2], modes=("reroute",))
+    table = attribution_importance(rows, ["reroute"], 16)
+    scores = criterion_scores("attribution", [1, 2], metrics=None, importance=None, attribution=table,
+                              geometry=prune_geometry(model), seed=0)
+    for layer in (1, 2):
+        expected = table[table["layer"] == layer].sort_values("expert")["attr_removal_cost"].to_numpy()
+        np.testing.assert_array_equal(scores[layer], expected)
+
+
+@pytest.mark.slow
+def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
+    from moeaudit.pruning import PruneConfig, prune_eval
+
+    config = PruneConfig(model="builtin:tiny-moe", corpus="builtin", n_docs=2, n_docs_eval=2, max_length=48, n=4,
+                         criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=20,
+                         n_perm=50, dtype="float32", device="cpu")
+    prune_eval(config, tmp_path / "run", report=False)
+    costs = pd.read_parquet(tmp_path / "run" / "attribution_importance.parquet")
+    removed = pd.read_parquet(tmp_path / "run" / "pruned.parquet").query("criterion == 'attribution'")
+    for layer, part in costs.groupby("layer"):
+        values = part.sort_values("expert")["attr_removal_cost"].fillna(-np.inf).to_numpy()
+        m = len(removed[removed["layer"] == layer])
+        assert m == 4
+        assert set(removed.loc[removed["layer"] == layer, "expert"]) == set(np.argsort(values, kind="stable")[:m])

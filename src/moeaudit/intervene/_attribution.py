@@ -201,6 +201,25 @@ def attribute(model: nn.Module, sequences: Sequence, *, layers: Sequence[int] | 
     return pd.concat(frames, ignore_index=True)
 
 
+def attribution_importance(attribution: pd.DataFrame, modes: Sequence[str], n_experts: int) -> pd.DataFrame:
+    """The attribution importance map: one row per (layer, expert, mode) with ``n_routed``, ``routed_share``
+    (share of the layer's positions routing the expert), ``mean_estimate`` (over those positions) and
+    ``attr_removal_cost`` = routed_share x mean_estimate (the estimated mean ΔL per position of removing the expert
+    at every position, to first order; NaN for an expert never routed)."""
+    out = []
+    for layer, part in attribution.groupby("layer", sort=True):
+        n_pos = part.groupby(["doc_id", "position"]).ngroups
+        counts = part.groupby("expert").size().reindex(range(n_experts), fill_value=0)
+        for mode in modes:
+            sums = part.groupby("expert")[f"estimate_{mode}"].sum().reindex(range(n_experts))
+            mean = sums / counts.replace(0, np.nan)
+            out.append(pd.DataFrame({"layer": int(layer), "expert": np.arange(n_experts), "mode": mode,
+                                     "n_routed": counts.to_numpy(np.int64), "routed_share": counts.to_numpy() / n_pos,
+                                     "mean_estimate": mean.to_numpy(float),
+                                     "attr_removal_cost": (sums / n_pos).where(counts > 0).to_numpy(float)}))
+    return pd.concat(out, ignore_index=True)
+
+
 def _check_modes(modes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(modes, str):
         modes = (modes,)

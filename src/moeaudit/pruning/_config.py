@@ -18,6 +18,9 @@ RANDOM = "random"
 CAUSAL = "causal"
 #: Criterion ranking experts by their exact single-removal cost (``reference="loo"``: each removed alone).
 CAUSAL_LOO = "causal_loo"
+#: Criterion ranking experts by their attribution removal cost (routed share x mean first-order estimate of ΔL over
+#: every calibration position, in the run's mode; see :func:`moeaudit.attribute`). Opt-in: not in the default set.
+ATTRIBUTION = "attribution"
 #: The unpruned model's row in the result tables.
 NONE = "none"
 #: How the total number of removed experts is spread over the pruned layers (see :mod:`moeaudit.pruning._plan`).

@@ -32,7 +32,7 @@ import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
-from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
+from moeaudit.pruning._config import ATTRIBUTION, CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
 from moeaudit.pruning._preflight import MapPlan, preflight_map
 from moeaudit.rundir import RunDirectory
 
@@ -260,11 +260,13 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if importance is not None and (config.reference == "loo" or CAUSAL_LOO in criteria):
                 importance = importance.merge(_loo(view, fold_dir, s, progress), on=["layer", "expert"])
             metrics = _metrics(view, fold_dir, s, progress, criteria)
+            attribution = _attribution(config, view, fold_dir, s, progress) if ATTRIBUTION in criteria else None
             units += build_units([*criteria, *([CAUSAL_LOO] if config.reference == "loo" and CAUSAL_LOO not in
                                                criteria else [])],
                                  config.fractions, random_seeds=config.random_seeds, seed=config.seed,
                                  geometry=geometry, layers=layers, metrics=metrics, importance=importance,
-                                 per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation)
+                                 per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation,
+                                 attribution=attribution)
             if importance is not None:
                 maps.append(importance.assign(fold=fold.fold))
             if metrics is not None:
@@ -311,6 +313,21 @@ def _loo(loaded, run_dir: RunDirectory, s, progress: ProgressSink) -> pd.DataFra
             table = loo_costs(loaded.model, loaded.calibration, loaded.layers, loaded.geometry.n_experts,
                               progress=progress.advance)
         run_dir.write_parquet("loo.parquet", table)
+    return table
+
+
+def _attribution(config: PruneConfig, loaded, run_dir: RunDirectory, s, progress: ProgressSink):
+    """The attribution importance map of the (fold's) calibration split in the run's mode (``attribution``
+    criterion; ``attribution_importance.parquet``, reused on resume)."""
+    from moeaudit.intervene._attribution import attribute, attribution_importance
+
+    table = run_dir.read_parquet("attribution_importance.parquet")
+    if table is None:
+        progress.stage("attribution on the calibration split", None)
+        with s.timer("attribution"):
+            rows = attribute(loaded.model, loaded.calibration, layers=loaded.layers, modes=(config.mode,))
+            table = attribution_importance(rows, [config.mode], loaded.geometry.n_experts)
+        run_dir.write_parquet("attribution_importance.parquet", table)
     return table
 
 
