@@ -8,8 +8,8 @@ import sys
 import moeaudit
 
 EXPECTED = [
-    "Ablation", "AblationResult", "CorpusSequence", "Execution", "ExperimentSettings", "MapConfig", "MoEDescription",
-    "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "describe", "importance_map",
+    "Ablation", "AblationResult", "AttributeConfig", "CorpusSequence", "Execution", "ExperimentSettings", "MapConfig", "MoEDescription",
+    "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "attribute", "attribution_run", "describe", "importance_map",
     "load_corpus", "load_model", "load_run", "merge_runs", "moe_layers", "observe", "preset", "prune_eval", "pruned",
     "run_audit", "run_experiments", "slice_experts", "summarize", "valid_positions", "validate", "verify",
     "write_report",
