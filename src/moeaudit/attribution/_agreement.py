@@ -30,7 +30,8 @@ AGREEMENT_COLUMNS: tuple[str, ...] = (
     "d_control", "d_control_low", "d_control_high", "p_control_t", "p_control_wilcoxon", "p_control_cluster",
     "significant_control",
     "attr_minus_control", "p_attr_vs_control",  # mean D_attr - D_control, document sign-flip p
-    "map_spearman", "map_overlap", "map_overlap_chance", "map_m",  # per-expert removal cost vs the exact one
+    "map_spearman", "map_overlap", "map_overlap_chance", "map_m",  # per-expert importance vs the exact map
+    "map_spearman_full",  # attr_removal_cost (every position) vs the pool's removal cost
     "verdict",
 )
 
@@ -84,21 +85,38 @@ def within_token_pairs(rows: pd.DataFrame, exact: str, rank_by: str) -> pd.DataF
     return pd.DataFrame(out, columns=["doc_id", "high", "low"])
 
 
-def map_agreement(rows: pd.DataFrame, importance: pd.DataFrame, exact: str, mode: str, n_experts: int):
-    """Spearman over experts, and overlap of the m = n_experts // 4 lowest, between the exact pool's removal cost
-    (routed share x mean ΔL over the pool's positions) and attribution's ``attr_removal_cost`` (all positions)."""
+def map_agreement(rows: pd.DataFrame, importance: pd.DataFrame, est: str, exact: str, mode: str,
+                  n_experts: int) -> dict:
+    """Per-expert importance from the estimate against the exact map.
+
+    ``map_spearman`` / ``map_overlap``: over the experts the pool ablated, Spearman ρ and the overlap of the
+    m = n_experts // 4 lowest between the mean estimate and the mean exact ΔL over the same pool rows (the exact
+    side is ``moeaudit map``'s ``mean_delta``; same positions, so only the estimate's error separates them).
+    ``map_spearman_full``: attribution's ``attr_removal_cost`` over every position against the pool's removal cost
+    (routed share x mean ΔL over the pool's positions; adds the pool's sampling noise). ``map_overlap_chance``:
+    the overlap two random rankings have in expectation (m / experts compared)."""
+    nan = {"map_spearman": np.nan, "map_overlap": np.nan, "map_overlap_chance": np.nan, "map_m": 0,
+           "map_spearman_full": np.nan}
+    grouped = rows.groupby("expert")
+    exact_mean, est_mean = grouped[exact].mean(), grouped[est].mean()
+    if len(exact_mean) < 3:
+        return nan
+    a, b = exact_mean.to_numpy(), est_mean.loc[exact_mean.index].to_numpy()
+    m = max(1, min(n_experts // 4, len(a) - 1))
+    out = {"map_spearman": _rho(a, b), "map_m": m, "map_overlap_chance": m / len(a),
+           "map_overlap": len(set(exact_mean.index[np.argsort(a, kind="stable")[:m]])
+                              & set(exact_mean.index[np.argsort(b, kind="stable")[:m]])) / m}
     n_pos = rows.groupby(["doc_id", "position"]).ngroups
-    exact_cost = rows.groupby("expert")[exact].sum() / max(n_pos, 1)
-    attr = importance[importance["mode"] == mode].set_index("expert")["attr_removal_cost"]
-    common = exact_cost.index.intersection(attr.dropna().index)
-    if len(common) < 3:
-        return np.nan, np.nan, np.nan, 0
-    a, b = exact_cost.loc[common].to_numpy(), attr.loc[common].to_numpy()
-    rho = float(sps.spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
-    m = max(1, min(n_experts // 4, len(common) - 1))
-    lowest_exact = set(common[np.argsort(a, kind="stable")[:m]])
-    lowest_attr = set(common[np.argsort(b, kind="stable")[:m]])
-    return rho, len(lowest_exact & lowest_attr) / m, m / len(common), m
+    exact_cost = grouped[exact].sum() / max(n_pos, 1)
+    attr = importance[importance["mode"] == mode].set_index("expert")["attr_removal_cost"].dropna()
+    common = exact_cost.index.intersection(attr.index)
+    out["map_spearman_full"] = _rho(exact_cost.loc[common].to_numpy(), attr.loc[common].to_numpy()) \
+        if len(common) >= 3 else np.nan
+    return out
+
+
+def _rho(a: np.ndarray, b: np.ndarray) -> float:
+    return float(sps.spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
 
 
 def verdict(row: dict) -> str:
@@ -156,9 +174,7 @@ def agreement_table(joined: pd.DataFrame, importance: pd.DataFrame, modes: Seque
                 diff = clustered_difference(a["high"] - a["low"], c["high"] - c["low"], a["doc_id"], n_perm=n_perm,
                                             seed=seed)
                 row.update(attr_minus_control=diff.estimate, p_attr_vs_control=diff.p_signflip)
-            rho, overlap, chance, m = map_agreement(rows, importance[importance["layer"] == layer], exact, mode,
-                                                    n_experts)
-            row.update(map_spearman=rho, map_overlap=overlap, map_overlap_chance=chance, map_m=m)
+            row.update(map_agreement(rows, importance[importance["layer"] == layer], est, exact, mode, n_experts))
             cells.append(row)
     table = pd.DataFrame(cells)
     for name in ("attr", "control"):

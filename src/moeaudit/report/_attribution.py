@@ -59,8 +59,9 @@ def _agreement_table(table: pd.DataFrame, label: str) -> Table:
                        "D = ΔL(top-ranked active expert) − ΔL(bottom-ranked) per token, ranked by the estimate "
                        "(attr) or by routing weight (control); ✓ = paired t and Wilcoxon both below 0.05 / cells, "
                        "positive. p attr vs control: document sign-flip test of mean D_attr − D_control. map: "
-                       "Spearman over experts and overlap of the n_experts/4 lowest between attr_removal_cost and "
-                       "the exact pool's removal cost. Full table: tables/attribution.csv.")
+                       "Spearman over experts and overlap of the n_experts/4 lowest between each expert's mean "
+                       "estimate and its mean exact ΔL (the map's mean_delta) over the same positions. Full table "
+                       "(also attr_removal_cost over every position vs the pool): tables/attribution.csv.")
 
 
 def scatter(attribution: pd.DataFrame, modes: list[str], label: str) -> MplFigure | None:
