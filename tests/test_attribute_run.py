@@ -224,3 +224,29 @@ def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
         m = len(removed[removed["layer"] == layer])
         assert m == 4
         assert set(removed.loc[removed["layer"] == layer, "expert"]) == set(np.argsort(values, kind="stable")[:m])
+
+
+@pytest.mark.slow
+def test_cli_refuses_before_work_with_flag_names(tmp_path):
+    from test_cli_refusals import _flags, cli, refused, snapshot
+
+    small = {"layers": "1", "n_exact": "4", "n_docs": "2", "max_length": "32", "min_length": "8", "device": "cpu"}
+    (tmp_path / "afile").write_text("not a directory")
+    before = snapshot(tmp_path)
+    cases = [
+        (["--modes", "zero,bogus"], ["--modes=zero,bogus: bogus not a mode; valid: zero, renormalize, reroute"]),
+        (["--n-exact", "1"], ["--n-exact=1 is too small"]),
+        (["--out", "afile"], ["--out='afile' is an existing file, not a directory"]),
+        (["--layers", "99"], ["--layers=99: 99 not MoE layer(s) of 'builtin:tiny-moe'"]),
+    ]
+    for args, fragments in cases:
+        out = ["--out", "run"] if "--out" not in args else []
+        kept = {k: v for k, v in small.items() if f"--{k.replace('_', '-')}" not in args}
+        refused(cli("attribute", *_flags(kept), *args, *out, cwd=tmp_path), *fragments)
+        assert snapshot(tmp_path) == before, args
+    done = cli("attribute", *_flags(small), "--no-report", "--out", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "attribution against exact ablation" in done.stdout
+    refused(cli("map", "--layers", "1", "--n", "6", "--n-docs", "2", "--max-length", "32", "--min-length", "8",
+                "--device", "cpu", "--out", "run", cwd=tmp_path),
+            "holds a `moeaudit attribute` run, not a `moeaudit map` one")
