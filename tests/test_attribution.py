@@ -186,3 +186,26 @@ def test_public_attribute_rows_and_refusals():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         attribute(model, [torch.tensor([5])])
     assert isinstance(table, pd.DataFrame)
+
+
+def test_out_of_memory_halves_the_chunk_with_the_same_gradients(monkeypatch):
+    from moeaudit.intervene import _attribution
+
+    model = f64("qwen2_moe")
+    ids = random_ids(15, seed=4)
+    state = clean_state(model, ids)
+    layers = list(describe(model).moe_layers)
+    whole = own_loss_gradients(model, state, layers, max_query_tokens=64)
+    real, sizes = _attribution._chunk_gradients, []
+
+    def fussy(ctx, first, layers, lo, hi):
+        sizes.append(hi - lo)
+        if hi - lo > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(ctx, first, layers, lo, hi)
+
+    monkeypatch.setattr(_attribution, "_chunk_gradients", fussy)
+    halved = own_loss_gradients(model, state, layers, max_query_tokens=64)
+    assert sizes[:4] == [14, 7, 3, 3] and max(sizes[3:]) <= 3
+    for layer in layers:
+        assert torch.allclose(halved[layer], whole[layer], rtol=0, atol=1e-12)

@@ -35,6 +35,7 @@ from torch import nn
 
 from moeaudit.intervene._fast import _chunk_deltas
 from moeaudit.intervene._incremental import Context, mask_capable_attention, run_queries
+from moeaudit.intervene._memory import is_out_of_memory, release_memory
 from moeaudit.intervene._spec import MODES, check_choice, check_input_ids, check_layers
 from moeaudit.intervene._state import CleanState, clean_state
 from moeaudit.models import adapter_for, describe, execution_device
@@ -71,27 +72,44 @@ def own_loss_gradients(model: nn.Module, state: CleanState, layers: Sequence[int
     ctx = Context.build(model, state, describe(model), adapter)
     first = layers[0] - 1
     n = state.seq_len - 1
-    grads = {layer: [] for layer in layers}
+    grads: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    devices = sorted(set(ctx.devices), key=str)
+    lo = 0
     with mask_capable_attention(model, adapter), torch.enable_grad():
-        for lo in range(0, n, chunk):
-            device = ctx.devices[max(first, 0)]
-            pos = torch.arange(lo, min(lo + chunk, n), device=device)
-            if first >= 0:
-                start_hidden = state.layer_out[first][pos.to(state.layer_out[first].device)]
-            else:
-                embed = model.get_input_embeddings()
-                start_hidden = embed(state.input_ids[pos.to(state.input_ids.device)].to(execution_device(embed)))
-            hidden = start_hidden.detach().clone().requires_grad_(True)
-            outputs: dict[int, torch.Tensor] = {}
-            block = torch.arange(len(pos), device=device)
-            final, _ = run_queries(ctx, first, hidden.to(device), pos, pos, block, outputs=outputs)
-            targets = state.input_ids[(pos + 1).to(state.input_ids.device)]
-            losses = _query_losses(ctx, final, targets)
-            found = torch.autograd.grad(losses.sum(), [outputs[layer] for layer in layers], allow_unused=True)
+        while lo < n:
+            hi = min(lo + chunk, n)
+            try:
+                found = _chunk_gradients(ctx, first, layers, lo, hi)
+            except Exception as exc:  # out of memory: halve the chunk and retry it (nothing was kept)
+                if not is_out_of_memory(exc) or hi - lo == 1:
+                    raise
+                release_memory(devices)
+                chunk = max(1, (hi - lo) // 2)
+                continue
             for layer, g in zip(layers, found):
-                grads[layer].append(torch.zeros_like(outputs[layer][0]) if g is None else g[0].detach())
-            del outputs, final, losses, found
+                grads[layer].append(g)
+            lo = hi
     return {layer: torch.cat(parts) for layer, parts in grads.items()}
+
+
+def _chunk_gradients(ctx: Context, first: int, layers: list[int], lo: int, hi: int) -> list[torch.Tensor]:
+    """Own-loss gradients of positions ``lo..hi-1`` at ``layers``: one forward of those queries from the output of
+    layer ``first`` (embeddings when -1) to the loss, one backward."""
+    state, model = ctx.state, ctx.model
+    device = ctx.devices[max(first, 0)]
+    pos = torch.arange(lo, hi, device=device)
+    if first >= 0:
+        start_hidden = state.layer_out[first][pos.to(state.layer_out[first].device)]
+    else:
+        embed = model.get_input_embeddings()
+        start_hidden = embed(state.input_ids[pos.to(state.input_ids.device)].to(execution_device(embed)))
+    hidden = start_hidden.detach().clone().requires_grad_(True)
+    outputs: dict[int, torch.Tensor] = {}
+    block = torch.arange(len(pos), device=device)
+    final, _ = run_queries(ctx, first, hidden.to(device), pos, pos, block, outputs=outputs)
+    losses = _query_losses(ctx, final, state.input_ids[(pos + 1).to(state.input_ids.device)])
+    found = torch.autograd.grad(losses.sum(), [outputs[layer] for layer in layers], allow_unused=True)
+    return [torch.zeros_like(outputs[layer][0]) if g is None else g[0].detach() for layer, g in zip(layers, found)]
 
 
 def _query_losses(ctx: Context, final: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
