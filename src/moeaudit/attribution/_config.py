@@ -19,10 +19,11 @@ ATTRIBUTION_MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
 class AttributeConfig(FlatConfig):
     """Everything that determines an attribution run (the output directory is not part of it).
 
+    ``model``, ``name``, ``corpus``, ``text_field``, ``encoding``, ``n_docs``, ``max_length``, ``min_length``,
+    ``layers``, ``min_context``, ``dtype``, ``device``, ``device_map`` and ``seed`` mean what they mean in
+    :class:`moeaudit.MapConfig` (``n_docs`` documents are attributed at every position).
+
     Attributes:
-        model, name, corpus, text_field, encoding, n_docs, max_length, min_length, layers, min_context, dtype,
-            device, device_map, seed: As in :class:`moeaudit.MapConfig` (``n_docs`` documents are attributed at
-            every position).
         modes: Ablation modes to estimate (``zero``, ``renormalize``, ``reroute``); each gets an
             ``estimate_<mode>`` column and its own validation.
         n_exact: Positions per layer (sampled like the map's, seeded) where every active expert is also ablated
