@@ -217,13 +217,15 @@ def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
                          criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=20,
                          n_perm=50, dtype="float32", device="cpu")
     prune_eval(config, tmp_path / "run", report=False)
-    costs = pd.read_parquet(tmp_path / "run" / "attribution_importance.parquet")
-    removed = pd.read_parquet(tmp_path / "run" / "pruned.parquet").query("criterion == 'attribution'")
-    for layer, part in costs.groupby("layer"):
-        values = part.sort_values("expert")["attr_removal_cost"].fillna(-np.inf).to_numpy()
-        m = len(removed[removed["layer"] == layer])
-        assert m == 4
-        assert set(removed.loc[removed["layer"] == layer, "expert"]) == set(np.argsort(values, kind="stable")[:m])
+    pruned = pd.read_parquet(tmp_path / "run" / "pruned.parquet")
+    for fold in sorted(pruned["fold"].unique()):  # each fold ranks by its own calibration split's costs
+        costs = pd.read_parquet(tmp_path / "run" / f"fold{fold}" / "attribution_importance.parquet")
+        removed = pruned.query("criterion == 'attribution' and fold == @fold and allocation == 'uniform'")
+        for layer, part in costs.groupby("layer"):
+            values = part.sort_values("expert")["attr_removal_cost"].fillna(-np.inf).to_numpy()
+            m = len(removed[removed["layer"] == layer])
+            assert m == 4
+            assert set(removed.loc[removed["layer"] == layer, "expert"]) == set(np.argsort(values, kind="stable")[:m])
 
 
 @pytest.mark.slow
