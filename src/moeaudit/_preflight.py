@@ -145,6 +145,31 @@ class Positions:
         return {"requested": self.requested, "available": self.available, "n": self.n}
 
 
+def check_documents(config: RunConfig, available: int, *, allow_fewer: bool, message=None) -> None:
+    """Refuse ``n_docs`` / ``n_docs_progressive`` above the documents the corpus has (those of at least
+    ``min_length`` tokens), as ``map`` and ``prune-eval`` do, unless ``allow_fewer`` (then ``message`` says so);
+    and ranking stability with fewer than 4 documents (two per random half), before the model loads.
+
+    Raises:
+        ConfigError: Naming the counts and the fix.
+    """
+    wanted = [("n_docs", config.n_docs)]
+    if "progressive" in config.experiments:
+        wanted.append(("n_docs_progressive", config.n_docs_progressive))
+    for key, n in wanted:
+        if n > available and not allow_fewer:
+            raise ConfigError(f"{config.corpus!r} has only {available} documents of at least min_length="
+                              f"{config.min_length} tokens, but the run asks for {key}={n}. Lower {key}= or "
+                              f"min_length=, use a larger corpus, or pass allow_fewer=True to run with {available}.")
+        if n > available and message is not None:
+            message(f"the corpus has {available} documents for {key}={n}; running with {available} "
+                    "(allow_fewer=True)")
+    if "stability" in config.experiments and min(config.n_docs, available) < 4:
+        raise ConfigError(f"ranking stability compares random halves of the documents and needs at least 4, but the "
+                          f"run has {min(config.n_docs, available)} (n_docs={config.n_docs}); raise n_docs=, or "
+                          "leave stability out of experiments=.")
+
+
 def check_positions(config: RunConfig, lengths: dict[str, Sequence[int]], *, allow_fewer: bool) -> dict[str, Positions]:
     """Count each cell kind's valid positions from its sequences' lengths; refuse ``n`` above that count unless
     ``allow_fewer``, and a sample whose positions all lie in one document (the summary's clustered bootstrap

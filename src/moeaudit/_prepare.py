@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moeaudit._checkpoint import hub_identity
-from moeaudit._preflight import Positions, Preflight, check_identity, check_layers, check_positions
+from moeaudit._preflight import Positions, Preflight, check_documents, check_identity, check_layers, check_positions
 from moeaudit._provenance import corpus_fingerprint
 from moeaudit.errors import RunDirectoryError
 from moeaudit.execution import Execution
@@ -62,6 +62,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
         raise RunDirectoryError(f"the corpus {config.corpus!r} tokenises differently from when "
                                 f"{str(run_dir.path)!r} was started (its contents or the tokenizer changed); the "
                                 "stored cells would not match new ones. Run into another directory (out=).")
+    check_documents(config, len(sequences), allow_fewer=options.allow_fewer, message=progress.message)
     kinds = {}
     if any(e != "progressive" for e in config.ablation_experiments):
         kinds["single"] = [len(s) for s in sequences[: config.n_docs]]

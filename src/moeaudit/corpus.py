@@ -113,7 +113,11 @@ def _read_file(path: Path, text_field: str, encoding: str = "utf-8") -> list[str
             if not isinstance(row, dict) or text_field not in row:
                 raise CorpusError(f"corpus file {str(path)!r} line {lineno} has no {text_field!r} field; pass "
                                   "text_field= to name the field that holds the text.")
-            docs.append(str(row[text_field]))
+            if not isinstance(row[text_field], str):
+                raise CorpusError(f"corpus file {str(path)!r} line {lineno}: field {text_field!r} holds "
+                                  f"{json.dumps(row[text_field])[:40]}, not a string; give every line's "
+                                  f"{text_field!r} as text (or pass text_field= naming the field that holds it).")
+            docs.append(row[text_field])
     elif suffix == ".parquet":
         import pandas as pd
 
@@ -125,7 +129,13 @@ def _read_file(path: Path, text_field: str, encoding: str = "utf-8") -> list[str
         if text_field not in frame.columns:
             raise CorpusError(f"corpus file {str(path)!r} has no {text_field!r} column (columns: "
                               f"{', '.join(map(str, frame.columns))}); pass text_field= to name the text column.")
-        docs = [str(t) for t in frame[text_field].tolist()]
+        texts = frame[text_field].tolist()
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise CorpusError(f"corpus file {str(path)!r}: column {text_field!r} holds {len(bad)} value(s) that are "
+                              f"not strings (row {bad[0]}: {texts[bad[0]]!r}); drop or fill those rows, or pass "
+                              "text_field= naming the text column.")
+        docs = texts
         if docs and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in docs) > 1:
             docs = wikitext_articles(docs)  # a WikiText export: one row per line
     else:
