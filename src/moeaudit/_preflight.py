@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from moeaudit._checkpoint import ModelSource, identity_changes, locate_model, manifest_identity, model_identity
-from moeaudit.config import BEFORE_KEY_EXISTED, CORPUS_SOURCES, RunConfig
+from moeaudit.config import BEFORE_KEY_EXISTED, CORPUS_SOURCES, SUMMARY_KEYS, RunConfig
 from moeaudit.errors import ConfigError, RunDirectoryError, did_you_mean
-from moeaudit.rundir import RunDirectory
+from moeaudit.rundir import RUN_TOOL, RunDirectory
 
 
 def check_device(device: str) -> str:
@@ -111,7 +111,10 @@ def check_resumable(run_dir: RunDirectory, plan: Preflight) -> bool:
     if not run_dir.exists():
         return False
     manifest = run_dir.manifest()
-    run_dir.check_config(manifest, plan.config.to_dict(), defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED})
+    if run_dir.restartable(manifest) and manifest.get("tool", RUN_TOOL) == RUN_TOOL:
+        return True  # failed before its first cell: the run starts afresh (RunDirectory.claim)
+    run_dir.check_config(manifest, plan.config.to_dict(), defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED},
+                         relaxed=SUMMARY_KEYS)
     check_identity(run_dir, manifest, plan.identity)
     run_dir.check_files()
     return True

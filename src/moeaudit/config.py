@@ -60,6 +60,9 @@ LEGACY_KEYS: tuple[str, ...] = ("trust_remote_code",)
 #: Keys that place the computation without changing its numbers beyond rounding: a run may be resumed (and shards
 #: merged) with other values of these (each session records its own placement in the manifest).
 PLACEMENT_KEYS: tuple[str, ...] = ("device_map",)
+#: Keys that change only the summary, not a cell's records: a run that did not complete (e.g. failed in its
+#: summary) may be resumed with other values of these, and its summary is computed with them.
+SUMMARY_KEYS: tuple[str, ...] = ("name", "n_boot", "sesoi_d", "progressive_sesoi")
 #: Corpus names that are not files (kept in step with :data:`moeaudit.corpus.NAMED_SOURCES`, tested).
 CORPUS_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
 #: Fewest bootstrap resamples a configuration accepts: each 2.5% tail of a 95% interval must hold at least one
