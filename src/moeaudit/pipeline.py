@@ -31,7 +31,7 @@ from moeaudit._prepare import RunOptions, load_for_run
 from moeaudit._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
 from moeaudit._provenance import environment, now
 from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
-from moeaudit.errors import ConfigError, CorpusError, UnsupportedModelError
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory, config_differences
 
@@ -311,7 +311,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     pending = [c for c in mine if c.key not in done]
     resumed = [c.name for c in mine if c.key in done]
 
-    if pending:
+    if pending or not _verification_stored(run_dir):  # a missing or damaged report is rewritten
         progress.stage("verifying the ablation engine", None)
         with timer("verification"):
             verification = verify(model, tokenizer, single_seqs[:2], seed=config.seed, modes=(config.mode,))
@@ -359,6 +359,15 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed,
                      positions={kind: p.to_dict() for kind, p in loaded.positions.items()})
+
+
+def _verification_stored(run_dir: RunDirectory) -> bool:
+    """Whether ``verification.json`` holds a readable verification report."""
+    try:
+        stored = run_dir.read_json("verification.json")
+    except RunDirectoryError:
+        return False
+    return isinstance(stored, dict) and "passed" in stored
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
