@@ -44,7 +44,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
     """Tokenizer and corpus first (the positions check needs no weights), then the model and the layers check;
     every refusal here comes before observing or ablating."""
     from moeaudit.corpus import load_corpus
-    from moeaudit.models import describe, load_tokenizer, load_weights
+    from moeaudit.models import check_finite, describe, load_tokenizer, load_weights
 
     config = plan.config
     progress.stage(f"loading the tokenizer of {config.model}", None)
@@ -81,6 +81,8 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                              trust_remote_code=options.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
     layers = check_layers(config, desc)  # before any observation or ablation
+    progress.stage("checking weights and activations for NaN / inf", None)
+    check_finite(model, sequences[0].input_ids, n_experts=desc.n_experts)
     if plan.source.kind == "hub":
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
         check_identity(run_dir, manifest, identity)
