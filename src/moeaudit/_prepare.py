@@ -81,7 +81,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                              trust_remote_code=options.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
     layers = check_layers(config, desc)  # before any observation or ablation
-    progress.stage("checking weights and activations for NaN / inf", None)
+    progress.stage("checking for NaN / inf", None)
     check_finite(model, sequences[0].input_ids, n_experts=desc.n_experts)
     if plan.source.kind == "hub":
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))

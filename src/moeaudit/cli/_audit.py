@@ -15,6 +15,7 @@ from moeaudit.cli._common import (
     expected_errors,
     fail,
     flag_names,
+    header,
     interrupted,
     make_console,
     rich_table,
@@ -122,6 +123,10 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
     target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
     console = make_console()
     try:
+        for run in runs:
+            if run.exists() and not run.is_dir():
+                raise FileExistsError(f"{str(run)!r} is a file, not a run directory; pass the directory a run wrote "
+                                      "(the one holding manifest.json).")
         if target.exists() and not target.is_dir():
             raise FileExistsError(f"out={str(target)!r} is an existing file, not a directory; pass a directory for "
                                   "the report.")
@@ -142,7 +147,7 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
     console = make_console()
     start = time.perf_counter()
     shard = f" (shard {execution.shard})" if execution is not None and execution.shard is not None else ""
-    console.print(f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}", highlight=False)
+    header(console, f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}")
     try:
         with RichProgress(console, RUN_FLAGS) as progress:
             result = run_audit(cfg, out, progress=progress, report=report, execution=execution,

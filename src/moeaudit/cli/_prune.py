@@ -17,6 +17,7 @@ from moeaudit.cli._common import (
     expected_errors,
     fail,
     flag_names,
+    header,
     interrupted,
     make_console,
     rich_table,
@@ -48,7 +49,7 @@ def _flags(cls) -> dict[str, str]:
 def _run(call, out: Path, what: str, flags: dict[str, str]):
     console = make_console()
     start = time.perf_counter()
-    console.print(f"[bold]moeaudit {what}[/bold] -> {escape(out)}", highlight=False)
+    header(console, f"[bold]moeaudit {what}[/bold] -> {escape(out)}")
     try:
         with RichProgress(console) as progress:
             result = call(progress)
