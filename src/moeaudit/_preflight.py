@@ -91,7 +91,7 @@ def preflight(config: RunConfig, out: str | Path) -> Preflight:
                                 "for the run (a new one, or a run directory to resume).")
     source = locate_model(config.model)
     documents = None
-    if config.corpus not in CORPUS_SOURCES:
+    if config.corpus not in CORPUS_SOURCES or config.corpus == "wikitext-2":  # offline: refused in seconds
         documents = read_documents(config.corpus, text_field=config.text_field, encoding=config.encoding)
     identity = model_identity(source)
     if source.kind == "hub":  # its cached files may be incomplete before loading: the commit decides until then

@@ -1,0 +1,202 @@
+"""What a command will cost before it runs (``--dry-run``): its plan counted exactly from the configuration, the
+corpus and the model's geometry, and estimates of time, peak memory and disk on the chosen device.
+
+The plan (:class:`Workload`) is counted, not guessed: cells, documents, clean passes, ablations, records and
+full forwards follow from the configuration the way the run computes them. The estimates come from the model's
+*geometry*, read from its ``config.json`` (a model that cannot be downloaded is described by its published
+geometry, :data:`KNOWN_GEOMETRIES`) and built on the ``meta`` device (no memory) to count its parameters, plus a
+few timed operations on a *reduced* copy of it: the same configuration with only the decoder layers up to two
+past its first MoE layer, random weights, on the chosen device and precision. On that copy a clean forward and
+ablations at the last two layers are timed; a full clean pass then costs ``head + n_layers x layer``, and an
+ablation at layer L ``c + q x (n_layers - 1 - L)`` (``c``: the ablated layer's delta and the LM head, ``q``: one
+query token through one later decoder layer). Peak memory is weights + one document's clean state + the largest
+chunk (:func:`moeaudit.intervene.chunk_memory_bytes`) + the process's own baseline; disk is records x bytes per
+record (measured on the embedded demo) + tables, report and figures.
+
+On the embedded demo the estimates are within a factor of :data:`TIME_FACTOR` of the real run's stage timings on
+an idle or busy machine alike (tested); the counts are exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: The estimated time is within this factor of the real run's (either way) on the embedded demo (tested).
+TIME_FACTOR = 3.0
+#: Bytes one ablation record takes in a cell's Parquet file (measured on the embedded demo: 1.9 MB for 8,700
+#: records of 2 cells of one layer, about 215 bytes each; it grows slowly with the metrics per record).
+RECORD_BYTES = 220
+#: Report, figures, tables and the manifest of one run (measured on the demo: 2.7 MB).
+REPORT_BYTES = 3_000_000
+#: Published geometries of checkpoints that are described without downloading anything: hub id -> ``moeaudit
+#: bench`` preset (their ``config.json`` shapes, :data:`moeaudit.bench.BENCH_PRESETS`).
+KNOWN_GEOMETRIES = {"allenai/OLMoE-1B-7B-0924": "olmoe-1b-7b", "Qwen/Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
+                    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a command computes, counted from its configuration (every count exact unless its name says ``max``).
+
+    Attributes:
+        command: ``run``, ``map``, ``prune-eval``, ``attribute``, ...
+        cells: Names of the cells (units written and resumed one at a time).
+        documents: Documents the command reads (tokenised).
+        tokens: Tokens of those documents.
+        clean_passes: Clean forwards of whole documents (observing, clean passes of the ablations, verification).
+        ablations: Ablated (position, experts) units, each run through the layers after its layer:
+            ``{layer: count}``.
+        records: Rows the cells write.
+        full_forwards: Other whole-document forwards (a pruned model's evaluation), each ``tokens_per_forward``.
+        query_tokens: Tokens each ablation sends through the later layers (1 for token scope).
+        notes: What the counts assume.
+    """
+
+    command: str
+    cells: list[str]
+    documents: int
+    tokens: int
+    clean_passes: int
+    ablations: dict[int, int]
+    records: int
+    full_forwards: int = 0
+    query_tokens: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_ablations(self) -> int:
+        return int(sum(self.ablations.values()))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds of the primitive operations, measured on the reduced model (see the module docstring).
+
+    Attributes:
+        layer: One decoder layer over one document of ``seq_len`` tokens (a clean pass).
+        head: Embedding, final norm and LM head over one document.
+        ablation: ``c``: an ablation at the last layer (its layer's delta and the LM head).
+        query_layer: ``q``: one ablation's query tokens through one later decoder layer.
+        seq_len: Tokens of the timed document.
+    """
+
+    layer: float
+    head: float
+    ablation: float
+    query_layer: float
+    seq_len: int
+
+    def clean_pass(self, n_layers: int, tokens: float) -> float:
+        return (self.head + n_layers * self.layer) * tokens / self.seq_len
+
+    def ablations(self, n_layers: int, counts: dict[int, int], query_tokens: float) -> float:
+        return sum(n * (self.ablation + self.query_layer * query_tokens * (n_layers - 1 - layer))
+                   for layer, n in counts.items())
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """A dry run's plan and estimates (:func:`dry_run`); ``to_dict`` is what ``dry-run.json`` holds."""
+
+    workload: Workload
+    model: dict[str, Any]
+    device: str
+    dtype: str
+    threads: int
+    estimate: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = asdict(self.workload)
+        plan["ablations"] = {str(k): v for k, v in plan["ablations"].items()}
+        plan["n_ablations"] = self.workload.n_ablations
+        plan["n_cells"] = len(self.workload.cells)
+        return {"plan": plan, "model": self.model, "device": self.device, "dtype": self.dtype,
+                "threads": self.threads, "estimate": self.estimate, "time_factor": TIME_FACTOR}
+
+    def lines(self) -> list[str]:
+        """The dry run for a console, one line each."""
+        w, e, m = self.workload, self.estimate, self.model
+        return [
+            f"model: {m['name']} ({m['family']}, {m['n_layers']} layers, {m['n_experts']} experts, top-{m['top_k']}, "
+            f"{m['parameters'] / 1e9:.2f} B parameters; geometry from {m['geometry_from']})",
+            f"device: {self.device}, {self.dtype}, {self.threads} thread(s)",
+            f"plan: {len(w.cells)} cells, {w.n_ablations:,} ablations, {w.records:,} records, {w.documents} documents "
+            f"({w.tokens:,} tokens), {w.clean_passes:,} clean passes, {w.full_forwards:,} other forwards",
+            f"time: about {_duration(e['seconds'])} (within x{TIME_FACTOR:g} on the demo: "
+            f"{_duration(e['seconds'] / TIME_FACTOR)} to {_duration(e['seconds'] * TIME_FACTOR)})",
+            f"peak memory: about {_size(e['peak_memory_bytes'])} ({_size(e['weights_bytes'])} weights)",
+            f"disk: about {_size(e['disk_bytes'])} in the run directory"
+            + (f" (+ {_size(e['download_bytes'])} to download the checkpoint)" if e.get("download_bytes") else ""),
+            *[f"note: {n}" for n in w.notes],
+        ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def write_dry_run(result: DryRun, path: str | Path) -> Path:
+    """``dry-run.json`` at ``path`` (atomically)."""
+    from moeaudit._atomic import atomic_write_json
+
+    return atomic_write_json(path, result.to_dict())
+
+
+def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dtype: str, seq_len: int,
+            trust_remote_code: bool = False, label: str | None = None) -> DryRun:
+    """The plan and estimates of a command (``--dry-run``): ``workload(geometry)`` counts the plan from the
+    model's :class:`Geometry`; the estimates follow from it and a few timings on a reduced copy of the model on
+    ``device`` in ``dtype`` over ``seq_len`` tokens. Nothing of a run is computed or written.
+
+    This is the one function every command's ``--dry-run`` calls (``run``, ``map``, ``prune-eval``,
+    ``attribute``): a command only says how it counts its work.
+    """
+    from moeaudit._geometry import model_geometry, time_primitives
+
+    geometry = model_geometry(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    plan = workload(geometry)
+    timings = time_primitives(geometry, device, seq_len)
+    n = geometry.n_layers
+    seconds = (timings.clean_pass(n, plan.tokens / max(1, plan.documents)) * (plan.clean_passes + plan.full_forwards)
+               + timings.ablations(n, plan.ablations, plan.query_tokens))
+    state = geometry.clean_state_bytes(seq_len)
+    peak = geometry.weights_bytes + state + geometry.chunk_bytes(seq_len) + _baseline_bytes(device)
+    disk = plan.records * RECORD_BYTES + REPORT_BYTES + geometry.n_layers * geometry.n_experts * 400
+    import torch
+
+    estimate = {"seconds": round(seconds, 1), "peak_memory_bytes": int(peak),
+                "weights_bytes": int(geometry.weights_bytes), "clean_state_bytes": int(state),
+                "disk_bytes": int(disk),
+                "download_bytes": int(geometry.checkpoint_bytes) if geometry.needs_download else 0,
+                "timings": asdict(timings)}
+    info = {"name": label or geometry.name, "family": geometry.family, "n_layers": n,
+            "moe_layers": list(geometry.moe_layers), "n_experts": geometry.n_experts, "top_k": geometry.top_k,
+            "parameters": geometry.parameters, "geometry_from": geometry.source}
+    return DryRun(plan, info, device, dtype=geometry.dtype, threads=torch.get_num_threads(), estimate=estimate)
+
+
+def _baseline_bytes(device: str) -> int:
+    """What the process holds besides the model on ``device``: its resident set now on the CPU (torch, transformers,
+    pandas imported), the CUDA context on a GPU."""
+    if device.startswith("cuda"):
+        return 600_000_000
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 500_000_000
