@@ -179,7 +179,7 @@ def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablation
     head = best(lambda: model.lm_head(model.model.norm(hidden)))
     layer = max(forward - head, 1e-9) / n_reduced
     moe = [m for m in (first, first + 1) if m < n_reduced and m in _moe_layers(model)]
-    positions = torch.linspace(1, seq_len - 1, n_ablations).long().tolist()
+    positions = torch.linspace(1, seq_len - 2, n_ablations).long().tolist()
     per_layer = {}
     for m in moe:
         ablator = SequenceAblator(model, ids, layers=[m])

@@ -49,6 +49,8 @@ FORMAT_VERSION = 1
 RUN_TOOL = "moeaudit"
 MANIFEST = "manifest.json"
 RECORDS = "records"
+#: What ``--dry-run`` writes into a run directory before the run (the only file a new run tolerates there).
+DRY_RUN = "dry-run.json"
 CELL_KINDS: tuple[str, ...] = ("single", "progressive")
 #: Key of a record file's Parquet metadata holding its cell (``L004-single``).
 CELL_KEY = "moeaudit.cell"
@@ -235,7 +237,7 @@ class RunDirectory:
                                   relaxed=relaxed)
                 manifest["config"] = config
                 return manifest, True
-        if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
+        if self.path.exists() and any(p.name not in (".lock", DRY_RUN) for p in self.path.iterdir()):
             raise RunDirectoryError(f"{str(self.path)!r} is not empty and holds no moeaudit run ({MANIFEST} "
                                     "missing); choose a new or empty run directory (out=).")
         self.path.mkdir(parents=True, exist_ok=True)

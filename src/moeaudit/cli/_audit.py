@@ -11,6 +11,7 @@ from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import (
     RichProgress,
     build_config,
+    dry_run_exit,
     escape,
     expected_errors,
     fail,
@@ -26,7 +27,7 @@ from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, Ru
 _DEFAULTS = RunConfig()
 #: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
 RUN_FLAGS = flag_names(*RunConfig.__dataclass_fields__, "allow_fewer", "trust_remote_code", "out", "report",
-                       "shard", "executor", "ray_actors", "clean_cache")
+                       "shard", "executor", "ray_actors", "clean_cache", "dry_run")
 
 
 def _option(key: str, help: str, shown: str | None = None):
@@ -84,6 +85,8 @@ def run(
     ray_actors: int = typer.Option(None, help="Ray actors (default: one per GPU, else one per node)"),
     clean_cache: str = typer.Option("auto", help="memory for clean passes shared by every cell: auto (half the "
                                                  "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="compute nothing: print the plan (cells, ablations, "
+                                 "documents) and estimates of time, peak memory and disk; write OUT/dry-run.json"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
     from moeaudit.execution import Execution, parse_bytes
@@ -103,6 +106,13 @@ def run(
         raise fail(exc, RUN_FLAGS) from None
     default = cfg.label if execution.shard is None else \
         f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
+    if dry_run:
+        from moeaudit._workloads import run_workload
+
+        console = make_console()
+        header(console, f"[bold]moeaudit run --dry-run[/bold] {escape(cfg.label)} -> {escape(out or Path('runs') / default)}")
+        raise dry_run_exit(console, "run", cfg, out or Path("runs") / default, run_workload, RUN_FLAGS,
+                           trust_remote_code=trust_remote_code)
     _execute(cfg, out or Path("runs") / default, report, execution, allow_fewer=allow_fewer,
              trust_remote_code=trust_remote_code)
 

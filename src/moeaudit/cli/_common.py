@@ -120,6 +120,32 @@ def header(console, text: str) -> None:
     console.print(f"  {escape(choice.describe())}", highlight=False)
 
 
+def dry_run_exit(console, command: str, cfg, out, workload, flags: Mapping[str, str] | None = None, *,
+                 trust_remote_code: bool = False) -> typer.Exit:
+    """``--dry-run`` of any command: print the plan and the estimates (:func:`moeaudit.estimate.dry_run`), write
+    them to ``out/dry-run.json`` (nothing else), and return the exit to raise. ``workload(cfg, geometry)`` counts
+    the command's work (:mod:`moeaudit._workloads`); ``cfg`` needs ``model``, ``device``, ``dtype``,
+    ``max_length`` and ``label``."""
+    from pathlib import Path
+
+    from moeaudit._preflight import check_device, resolve_device
+    from moeaudit.estimate import dry_run, write_dry_run
+
+    try:
+        device = check_device(resolve_device(cfg.device))
+        with status(console, f"dry run of {command}: reading the model's geometry and timing a reduced copy"):
+            result = dry_run(lambda geometry: workload(cfg, geometry), model=cfg.model, device=device,
+                             dtype=cfg.dtype, seq_len=cfg.max_length, trust_remote_code=trust_remote_code,
+                             label=cfg.label)
+        path = write_dry_run(result, Path(out) / "dry-run.json")
+    except expected_errors() as exc:
+        raise fail(exc, flags) from None
+    for line in result.lines():
+        console.print(escape(line), highlight=False)
+    console.print(f"dry run: nothing computed; plan and estimates in {escape(path)}", highlight=False)
+    return typer.Exit(0)
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     from moeaudit.errors import MoEAuditError
 
