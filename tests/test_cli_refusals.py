@@ -30,7 +30,7 @@ from moeaudit.rundir import FORMAT_VERSION
 
 SRC = str(Path(moeaudit.__file__).resolve().parents[1])
 SMALL = {"layers": "7", "n": "12", "n_docs": "2", "n_docs_progressive": "2", "max_length": "32",
-         "experiments": "audit", "n_boot": "20", "device": "cpu"}
+         "experiments": "audit", "n_boot": "40", "device": "cpu"}
 
 
 def _flags(values: dict[str, str]) -> list[str]:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,8 +70,10 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file open on a temporary name next to ``path``; on success flush, fsync and rename it into
+    place, on failure delete it (a full disk or read-only file system re-raised by :func:`translated`)."""
     path = Path(path)
     with translated(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,14 +81,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         try:
             os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -116,7 +124,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_parquet(path: str | Path, frame: pd.DataFrame, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``frame`` as Parquet, with ``metadata`` added to the file's key-value metadata."""
+    """Write ``frame`` as Parquet (through :func:`atomic_file`), with ``metadata`` added to the file's key-value
+    metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,8 +133,8 @@ def atomic_write_parquet(path: str | Path, frame: pd.DataFrame, metadata: dict[s
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                **{k.encode(): v.encode() for k, v in metadata.items()}})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_file(path) as fh:
+        pq.write_table(table, fh)
     return Path(path)
 
 
