@@ -35,7 +35,7 @@ def storage_error(exc: OSError, path: str | Path) -> OSError:
     if code is None:
         text = str(exc)
         code = next((c for c in (*_NO_SPACE, *_READ_ONLY) if f"[errno {c}]" in text.lower()), None)
-    where = Path(path).parent
+    where = Path(os.path.abspath(path)).parent
     if code in _NO_SPACE:
         return StorageError(code, f"no space left on the device holding {str(where)!r} while writing {Path(path).name!r}; "
                              "free space there (or pass another out= on a disk with room) and run the same command "

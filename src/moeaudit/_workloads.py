@@ -79,12 +79,13 @@ def run_workload(config, geometry) -> Workload:
         touched.add(_distinct_documents(single_lengths, config.n, config.seed, config.min_context))
     if progressive:
         touched.add(_distinct_documents(prog_lengths, config.n_progressive, config.seed, config.min_context))
-    clean = len(single_lengths) + max(touched, default=0) + VERIFICATION_FORWARDS \
-        + (len(single_lengths) if "stability" in config.experiments else 0)
+    clean = max(touched, default=0) + VERIFICATION_FORWARDS
+    observed = len(single_lengths) * (2 if "stability" in config.experiments else 1)
     if progressive and arms > 1:
         notes.append("progressive ablations are counted per arm; a set two arms remove alike is ablated once")
     return Workload("run", cells, documents=len(lengths), tokens=int(sum(lengths)), clean_passes=clean,
-                    ablations=ablations, records=records, query_tokens=_query_tokens(config), notes=notes)
+                    ablations=ablations, records=records, observed=observed, query_tokens=_query_tokens(config),
+                    notes=notes)
 
 
 def map_workload(config, geometry, *, command: str = "map") -> Workload:
@@ -122,7 +123,7 @@ def prune_workload(config, geometry) -> Workload:
     notes.append(f"{units} pruned models (the unpruned one included), each evaluated on {len(eval_lengths)} "
                  "documents")
     return Workload("prune-eval", base.cells, documents=calibration + len(eval_lengths),
-                    tokens=base.tokens + tokens_eval, clean_passes=base.clean_passes + observe,
+                    tokens=base.tokens + tokens_eval, clean_passes=base.clean_passes, observed=observe,
                     ablations=base.ablations, records=base.records, full_forwards=units * len(eval_lengths),
                     query_tokens=base.query_tokens, notes=notes)
 

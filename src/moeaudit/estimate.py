@@ -32,6 +32,18 @@ TIME_FACTOR = 3.0
 RECORD_BYTES = 220
 #: Report, figures, tables and the manifest of one run (measured on the demo: 2.7 MB).
 REPORT_BYTES = 3_000_000
+#: CPU-bound stages, measured on the embedded demo on the idle dev box (AMD EPYC, one thread): summarising its
+#: 75,200 records with n_boot = 2000, and writing the report of its 16 cells (matplotlib figures, HTML).
+DEMO_RECORDS, SUMMARY_SECONDS, REPORT_SECONDS = 75_200, 4.4, 17.0
+#: Seconds of :func:`cpu_slowdown`'s numpy work on one idle core of the dev box (CPU time, 3 runs: 0.29 s).
+CPU_REFERENCE_SECONDS = 0.29
+#: An observing pass (every routed expert's statistics) costs about this many clean passes (demo, idle: 3.8 s for
+#: 64 documents).
+OBSERVE_COST = 2.0
+#: Memory the report's figures add on the CPU (matplotlib; the demo's peak RSS was 1.05 GiB with the report).
+REPORT_MEMORY_BYTES = 400_000_000
+#: Reading a checkpoint from disk into memory (a local SSD; a network disk is slower).
+LOAD_BYTES_PER_SECOND = 1e9
 #: Published geometries of checkpoints that are described without downloading anything: hub id -> ``moeaudit
 #: bench`` preset (their ``config.json`` shapes, :data:`moeaudit.bench.BENCH_PRESETS`).
 KNOWN_GEOMETRIES = {"allenai/OLMoE-1B-7B-0924": "olmoe-1b-7b", "Qwen/Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
@@ -51,6 +63,8 @@ class Workload:
         ablations: Ablated (position, experts) units, each run through the layers after its layer:
             ``{layer: count}``.
         records: Rows the cells write.
+        observed: Whole-document passes that also compute every routed expert's statistics (``observe``,
+            ranking stability), each costing about :data:`OBSERVE_COST` clean passes.
         full_forwards: Other whole-document forwards (a pruned model's evaluation), each ``tokens_per_forward``.
         query_tokens: Tokens each ablation sends through the later layers (1 for token scope).
         notes: What the counts assume.
@@ -63,6 +77,7 @@ class Workload:
     clean_passes: int
     ablations: dict[int, int]
     records: int
+    observed: int = 0
     full_forwards: int = 0
     query_tokens: float = 1.0
     notes: list[str] = field(default_factory=list)
@@ -126,8 +141,10 @@ class DryRun:
             f"device: {self.device}, {self.dtype}, {self.threads} thread(s)",
             f"plan: {len(w.cells)} cells, {w.n_ablations:,} ablations, {w.records:,} records, {w.documents} documents "
             f"({w.tokens:,} tokens), {w.clean_passes:,} clean passes, {w.full_forwards:,} other forwards",
-            f"time: about {_duration(e['seconds'])} (within x{TIME_FACTOR:g} on the demo: "
-            f"{_duration(e['seconds'] / TIME_FACTOR)} to {_duration(e['seconds'] * TIME_FACTOR)})",
+            f"time: about {_duration(e['seconds'])} ("
+            + ", ".join(f"{k} {_duration(v)}" for k, v in e["seconds_by_stage"].items() if v) + "; within "
+            f"x{TIME_FACTOR:g} on the demo: {_duration(e['seconds'] / TIME_FACTOR)} to "
+            f"{_duration(e['seconds'] * TIME_FACTOR)})",
             f"peak memory: about {_size(e['peak_memory_bytes'])} ({_size(e['weights_bytes'])} weights)",
             f"disk: about {_size(e['disk_bytes'])} in the run directory"
             + (f" (+ {_size(e['download_bytes'])} to download the checkpoint)" if e.get("download_bytes") else ""),
@@ -158,7 +175,8 @@ def write_dry_run(result: DryRun, path: str | Path) -> Path:
 
 
 def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dtype: str, seq_len: int,
-            trust_remote_code: bool = False, label: str | None = None) -> DryRun:
+            trust_remote_code: bool = False, label: str | None = None, n_boot: int = 2000,
+            report: bool = True) -> DryRun:
     """The plan and estimates of a command (``--dry-run``): ``workload(geometry)`` counts the plan from the
     model's :class:`Geometry`; the estimates follow from it and a few timings on a reduced copy of the model on
     ``device`` in ``dtype`` over ``seq_len`` tokens. Nothing of a run is computed or written.
@@ -172,14 +190,24 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
     plan = workload(geometry)
     timings = time_primitives(geometry, device, seq_len)
     n = geometry.n_layers
-    seconds = (timings.clean_pass(n, plan.tokens / max(1, plan.documents)) * (plan.clean_passes + plan.full_forwards)
-               + timings.ablations(n, plan.ablations, plan.query_tokens))
+    slowdown = cpu_slowdown()
+    parts = {
+        "loading": round(2.0 * slowdown + geometry.checkpoint_bytes / LOAD_BYTES_PER_SECOND, 1),
+        "forwards": round(timings.clean_pass(n, plan.tokens / max(1, plan.documents))
+                          * (plan.clean_passes + plan.full_forwards + OBSERVE_COST * plan.observed), 1),
+        "ablations": round(timings.ablations(n, plan.ablations, plan.query_tokens), 1),
+        "summary": round(SUMMARY_SECONDS * plan.records / DEMO_RECORDS * (0.5 + 0.5 * n_boot / 2000) * slowdown, 1),
+        "report": round(REPORT_SECONDS * (0.5 + 0.5 * len(plan.cells) / 16) * slowdown, 1) if report else 0.0,
+    }
+    seconds = sum(parts.values())
     state = geometry.clean_state_bytes(seq_len)
-    peak = geometry.weights_bytes + state + geometry.chunk_bytes(seq_len) + _baseline_bytes(device)
+    peak = geometry.weights_bytes + state + geometry.chunk_bytes(seq_len) + _baseline_bytes(device) \
+        + (REPORT_MEMORY_BYTES if report else 0)
     disk = plan.records * RECORD_BYTES + REPORT_BYTES + geometry.n_layers * geometry.n_experts * 400
     import torch
 
-    estimate = {"seconds": round(seconds, 1), "peak_memory_bytes": int(peak),
+    estimate = {"seconds": round(seconds, 1), "seconds_by_stage": parts, "cpu_slowdown": round(slowdown, 2),
+                "peak_memory_bytes": int(peak),
                 "weights_bytes": int(geometry.weights_bytes), "clean_state_bytes": int(state),
                 "disk_bytes": int(disk),
                 "download_bytes": int(geometry.checkpoint_bytes) if geometry.needs_download else 0,
@@ -188,6 +216,21 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
             "moe_layers": list(geometry.moe_layers), "n_experts": geometry.n_experts, "top_k": geometry.top_k,
             "parameters": geometry.parameters, "geometry_from": geometry.source}
     return DryRun(plan, info, device, dtype=geometry.dtype, threads=torch.get_num_threads(), estimate=estimate)
+
+
+def cpu_slowdown() -> float:
+    """How much slower this CPU runs single-threaded numpy work now than the dev box's idle core
+    (:data:`CPU_REFERENCE_SECONDS`): its speed and its load in one factor (at least 1/4)."""
+    import time
+
+    import numpy as np
+
+    x = np.random.default_rng(0).random(1_000_000)
+    start = time.perf_counter()
+    for _ in range(5):
+        np.sort(x)
+        np.cumsum(x)
+    return max(0.25, (time.perf_counter() - start) / CPU_REFERENCE_SECONDS)
 
 
 def _baseline_bytes(device: str) -> int:

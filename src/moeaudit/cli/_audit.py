@@ -110,9 +110,10 @@ def run(
         from moeaudit._workloads import run_workload
 
         console = make_console()
-        header(console, f"[bold]moeaudit run --dry-run[/bold] {escape(cfg.label)} -> {escape(out or Path('runs') / default)}")
-        raise dry_run_exit(console, "run", cfg, out or Path("runs") / default, run_workload, RUN_FLAGS,
-                           trust_remote_code=trust_remote_code)
+        target = out or Path("runs") / default
+        header(console, f"[bold]moeaudit run --dry-run[/bold] {escape(cfg.label)} -> {escape(target)}")
+        raise dry_run_exit(console, "run", cfg, target, run_workload, RUN_FLAGS,
+                           trust_remote_code=trust_remote_code, report=report)
     _execute(cfg, out or Path("runs") / default, report, execution, allow_fewer=allow_fewer,
              trust_remote_code=trust_remote_code)
 

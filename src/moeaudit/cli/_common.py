@@ -121,7 +121,7 @@ def header(console, text: str) -> None:
 
 
 def dry_run_exit(console, command: str, cfg, out, workload, flags: Mapping[str, str] | None = None, *,
-                 trust_remote_code: bool = False) -> typer.Exit:
+                 trust_remote_code: bool = False, report: bool = True) -> typer.Exit:
     """``--dry-run`` of any command: print the plan and the estimates (:func:`moeaudit.estimate.dry_run`), write
     them to ``out/dry-run.json`` (nothing else), and return the exit to raise. ``workload(cfg, geometry)`` counts
     the command's work (:mod:`moeaudit._workloads`); ``cfg`` needs ``model``, ``device``, ``dtype``,
@@ -136,7 +136,7 @@ def dry_run_exit(console, command: str, cfg, out, workload, flags: Mapping[str, 
         with status(console, f"dry run of {command}: reading the model's geometry and timing a reduced copy"):
             result = dry_run(lambda geometry: workload(cfg, geometry), model=cfg.model, device=device,
                              dtype=cfg.dtype, seq_len=cfg.max_length, trust_remote_code=trust_remote_code,
-                             label=cfg.label)
+                             label=cfg.label, n_boot=getattr(cfg, "n_boot", 2000), report=report)
         path = write_dry_run(result, Path(out) / "dry-run.json")
     except expected_errors() as exc:
         raise fail(exc, flags) from None

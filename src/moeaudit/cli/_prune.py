@@ -51,10 +51,12 @@ _DRY_RUN_HELP = ("compute nothing: print the plan (cells, ablations, documents, 
                  "peak memory and disk; write OUT/dry-run.json")
 
 
-def _dry_run(what: str, cfg, out: Path, workload, flags: dict[str, str], trust_remote_code: bool) -> typer.Exit:
+def _dry_run(what: str, cfg, out: Path, workload, flags: dict[str, str], trust_remote_code: bool,
+             report: bool) -> typer.Exit:
     console = make_console()
     header(console, f"[bold]moeaudit {what} --dry-run[/bold] -> {escape(out)}")
-    return dry_run_exit(console, what, cfg, out, workload, flags, trust_remote_code=trust_remote_code)
+    return dry_run_exit(console, what, cfg, out, workload, flags, trust_remote_code=trust_remote_code,
+                        report=report)
 
 
 def _run(call, out: Path, what: str, flags: dict[str, str]):
@@ -108,7 +110,7 @@ def map_cmd(
     if dry_run:
         from moeaudit._workloads import map_workload
 
-        raise _dry_run("map", cfg, target, map_workload, flags, trust_remote_code)
+        raise _dry_run("map", cfg, target, map_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report,
                                                              trust_remote_code=trust_remote_code),
                                     target, "map", flags)
@@ -189,7 +191,7 @@ def prune_eval_cmd(
     if dry_run:
         from moeaudit._workloads import prune_workload
 
-        raise _dry_run("prune-eval", cfg, target, prune_workload, flags, trust_remote_code)
+        raise _dry_run("prune-eval", cfg, target, prune_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(
         lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
                              save_criterion=save_criterion, save_fraction=save_fraction,
