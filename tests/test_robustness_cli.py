@@ -274,3 +274,36 @@ def test_save_pruned_target_is_refused_before_any_work(tmp_path):
             "directory")
     refused(cli(*args, "--save-pruned", "full", cwd=tmp_path), "is a directory that is not empty")
     assert time.perf_counter() - start < 120 and not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_counts_the_real_run_and_estimates_its_time_within_the_stated_factor(tmp_path):
+    """``run --dry-run`` computes nothing, writes only OUT/dry-run.json, and counts what the run then does: cells,
+    records, documents and single-expert ablations exactly; its time within TIME_FACTOR of the run's wall time."""
+    import re
+
+    from moeaudit.estimate import TIME_FACTOR
+
+    demo = {**SMALL, "layers": "3,7", "experiments": "audit,control,rank_validity,progressive,redistribution",
+            "n": "40", "n_progressive": "20", "n_docs": "8", "n_docs_progressive": "6", "max_length": "96",
+            "n_boot": "100"}
+    dry = cli("run", *_flags(demo), "--dry-run", "--out", "run", "--no-report", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dry-run.json"]
+    plan = json.loads((tmp_path / "run" / "dry-run.json").read_text())
+    start = time.perf_counter()
+    real = cli("run", *_flags(demo), "--out", "run", "--no-report", cwd=tmp_path)
+    wall = time.perf_counter() - start
+    assert real.returncode == 0, real.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    records = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "run" / "records").iterdir()))
+    assert plan["plan"]["cells"] == manifest["cells"]
+    assert plan["plan"]["records"] == len(records)
+    assert plan["plan"]["documents"] == manifest["corpus"]["n_sequences"]
+    pool = records[records["experiment"] == "pool"].groupby("layer").size().to_dict()
+    progressive = records[records["experiment"] == "progressive"].groupby("layer").size().to_dict()
+    assert {int(k): v for k, v in plan["plan"]["ablations"].items()} == \
+        {layer: pool[layer] + progressive[layer] for layer in pool}
+    seconds = plan["estimate"]["seconds"]
+    assert wall / TIME_FACTOR <= seconds <= wall * TIME_FACTOR, (seconds, wall, plan["estimate"])
+    assert re.search(r"plan: 4 cells, [\d,]+ ablations", dry.stdout.replace("\n", " "))

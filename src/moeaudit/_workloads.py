@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from moeaudit.estimate import Workload
-from moeaudit.rundir import cell_name
 
 #: Full forwards the verification suite runs on its 2 sequences in one mode (its checks' clean passes and
 #: reference ablations, counted on the embedded model).
@@ -61,18 +60,19 @@ def run_workload(config, geometry) -> Workload:
     n_docs = max(config.n_docs, config.n_docs_progressive if progressive else 0)
     lengths = _lengths(config, n_docs, notes)
     single_lengths, prog_lengths = lengths[: config.n_docs], lengths[: config.n_docs_progressive]
-    cells, ablations, records, touched = [], {}, 0, set()
+    ablations, records, touched = {}, 0, set()
     per_position = (k + (2 * n_metrics if "audit" in single else 0) + (2 if "control" in single else 0)
                     + (k * (n_metrics + 1) if "rank_validity" in single else 0)
                     + (k if "redistribution" in single else 0))
     arms = len(config.progressive_arms)
+    from moeaudit.execution import canonical_cells
+
+    cells = [c.name for c in canonical_cells(layers, single=bool(single), progressive=progressive)]
     for layer in layers:
         if single:
-            cells.append(cell_name("single", layer).removesuffix(".parquet"))
             ablations[layer] = ablations.get(layer, 0) + config.n * k
             records += config.n * per_position
         if progressive:
-            cells.append(cell_name("progressive", layer).removesuffix(".parquet"))
             ablations[layer] = ablations.get(layer, 0) + config.n_progressive * arms * (k - 1)
             records += config.n_progressive * arms * (k - 1)
     if single:
@@ -94,7 +94,7 @@ def map_workload(config, geometry, *, command: str = "map") -> Workload:
     layers = list(config.layers or geometry.moe_layers)
     lengths = _lengths(config, config.n_docs, notes)
     k = geometry.top_k
-    cells = [cell_name("single", layer).removesuffix(".parquet") for layer in layers]
+    cells = [f"L{layer}-single" for layer in layers]
     touched = _distinct_documents(lengths, config.n, config.seed, config.min_context)
     return Workload(command, cells, documents=len(lengths), tokens=int(sum(lengths)),
                     clean_passes=touched + VERIFICATION_FORWARDS, ablations={layer: config.n * k for layer in layers},

@@ -35,6 +35,9 @@ REPORT_BYTES = 3_000_000
 #: CPU-bound stages, measured on the embedded demo on the idle dev box (AMD EPYC, one thread): summarising its
 #: 75,200 records with n_boot = 2000, and writing the report of its 16 cells (matplotlib figures, HTML).
 DEMO_RECORDS, SUMMARY_SECONDS, REPORT_SECONDS = 75_200, 4.4, 17.0
+#: Starting the command (importing torch, transformers, pandas) and loading the embedded model and tokenizer: the
+#: rest of the demo's 52.6 s wall time on the idle dev box.
+STARTUP_SECONDS = 4.0
 #: Seconds of :func:`cpu_slowdown`'s numpy work on one idle core of the dev box (CPU time, 3 runs: 0.29 s).
 CPU_REFERENCE_SECONDS = 0.29
 #: An observing pass (every routed expert's statistics) costs about this many clean passes (demo, idle: 3.8 s for
@@ -192,6 +195,7 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
     n = geometry.n_layers
     slowdown = cpu_slowdown()
     parts = {
+        "startup": round(STARTUP_SECONDS * slowdown, 1),
         "loading": round(2.0 * slowdown + geometry.checkpoint_bytes / LOAD_BYTES_PER_SECOND, 1),
         "forwards": round(timings.clean_pass(n, plan.tokens / max(1, plan.documents))
                           * (plan.clean_passes + plan.full_forwards + OBSERVE_COST * plan.observed), 1),
