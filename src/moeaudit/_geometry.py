@@ -118,7 +118,7 @@ def model_geometry(model: str, *, dtype: str = "auto", trust_remote_code: bool =
     from moeaudit.models import attention_dims, describe
 
     config, source, download = _config(model, trust_remote_code)
-    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    own = getattr(config, "dtype", None) or torch.float32
     own = getattr(torch, own) if isinstance(own, str) else own
     run_dtype = str(own).removeprefix("torch.") if dtype == "auto" else dtype
     with torch.device("meta"):

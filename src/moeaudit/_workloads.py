@@ -26,10 +26,10 @@ def document_lengths(config, n_docs: int) -> tuple[list[int] | None, str]:
         tokenizer = load_tokenizer(locate_model(config.model, probe_timeout=3.0))
         sequences = load_corpus(config.corpus, tokenizer, n_samples=n_docs, max_length=config.max_length,
                                 min_length=config.min_length, text_field=config.text_field, encoding=config.encoding)
-    except Exception as exc:  # offline hub, uncached tokenizer or corpus: count from the configuration alone
-        reason = str(exc).split(";")[0][:100]
-        return None, (f"documents assumed {config.max_length} tokens each (the corpus or tokenizer is not on this "
-                      f"machine: {reason})")
+    except Exception:  # offline hub, uncached tokenizer or corpus: count from the configuration alone
+        return None, (f"documents assumed {config.max_length} tokens each: the corpus {config.corpus!r} or the "
+                      f"tokenizer of {config.model!r} is not on this machine (the counts of documents are then "
+                      "those asked for)")
     return [len(s) for s in sequences], f"documents tokenised: {config.corpus}"
 
 
