@@ -1,7 +1,7 @@
 """A model's geometry without its weights, and the primitive timings of a dry run (:mod:`moeaudit.estimate`).
 
 The geometry comes from the checkpoint's ``config.json`` (built-in, local, or cached from the hub) or, for a
-checkpoint that cannot be reached, from its published shapes (:data:`moeaudit.estimate.KNOWN_GEOMETRIES`); the
+checkpoint that cannot be reached, from its published shapes (:data:`KNOWN_GEOMETRIES`); the
 model is built on the ``meta`` device to count its parameters and describe it the way a run will. The timings run
 on a reduced copy (decoder layers up to two past the first MoE layer, random weights) on the chosen device.
 """
@@ -16,6 +16,39 @@ from typing import Any
 import torch
 
 from moeaudit.errors import ModelSourceError
+
+#: Published geometries of checkpoints that are described without downloading anything: hub id -> ``moeaudit
+#: bench`` preset (their ``config.json`` shapes, :data:`moeaudit.bench.BENCH_PRESETS`) and the precision their
+#: weights are published in (``torch_dtype`` of their ``config.json``).
+KNOWN_GEOMETRIES = {"allenai/OLMoE-1B-7B-0924": ("olmoe-1b-7b", "float32"),
+                    "Qwen/Qwen1.5-MoE-A2.7B": ("qwen1.5-moe-a2.7b", "bfloat16"),
+                    "deepseek-ai/DeepSeek-V2-Lite": ("deepseek-v2-lite", "bfloat16")}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds of the primitive operations, measured on the reduced model (see the module docstring).
+
+    Attributes:
+        layer: One decoder layer over one document of ``seq_len`` tokens (a clean pass).
+        head: Embedding, final norm and LM head over one document.
+        ablation: ``c``: an ablation at the last layer (its layer's delta and the LM head).
+        query_layer: ``q``: one ablation's query tokens through one later decoder layer.
+        seq_len: Tokens of the timed document.
+    """
+
+    layer: float
+    head: float
+    ablation: float
+    query_layer: float
+    seq_len: int
+
+    def clean_pass(self, n_layers: int, tokens: float) -> float:
+        return (self.head + n_layers * self.layer) * tokens / self.seq_len
+
+    def ablations(self, n_layers: int, counts: dict[int, int], query_tokens: float) -> float:
+        return sum(n * (self.ablation + self.query_layer * query_tokens * (n_layers - 1 - layer))
+                   for layer, n in counts.items())
 
 
 @dataclass(frozen=True)
@@ -85,7 +118,6 @@ def _config(model: str, trust_remote_code: bool) -> tuple[Any, str, bool]:
     import transformers
 
     from moeaudit._checkpoint import hub_snapshot, looks_like_path, resolve_model_name
-    from moeaudit.estimate import KNOWN_GEOMETRIES
 
     name = resolve_model_name(model)
     if name.startswith("builtin:") or looks_like_path(name):
@@ -103,10 +135,12 @@ def _config(model: str, trust_remote_code: bool) -> tuple[Any, str, bool]:
         from moeaudit.bench._config import BenchConfig
         from moeaudit.models import FAMILIES
 
-        family, values = BenchConfig(preset=KNOWN_GEOMETRIES[name]).model_config()
+        preset, published = KNOWN_GEOMETRIES[name]
+        family, values = BenchConfig(preset=preset).model_config()
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             values.setdefault(key, None)
         config = transformers.AutoConfig.for_model(FAMILIES[family].model_types[0], **values)
+        config.dtype = published
         return config, f"the published config.json shapes of {name} (nothing downloaded)", True
     raise ModelSourceError(
         f"the dry run needs the config.json of {name!r}, which is not in the hub cache; download it alone (a few "
@@ -148,8 +182,7 @@ def reduced_config(config, n_layers: int):
 
 @torch.no_grad()
 def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablations: int = 32, repeats: int = 2):
-    """:class:`moeaudit.estimate.Timings` measured on a reduced copy of the model (see the module docstring)."""
-    from moeaudit.estimate import Timings
+    """:class:`Timings` measured on a reduced copy of the model (see the module docstring)."""
     from moeaudit.intervene import Ablation, SequenceAblator
 
     first = geometry.moe_layers[0]

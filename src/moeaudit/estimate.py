@@ -25,6 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeaudit._geometry import KNOWN_GEOMETRIES as KNOWN_GEOMETRIES
+from moeaudit._geometry import Timings as Timings
+from moeaudit._geometry import model_geometry, time_primitives
+
 #: The estimated time is within this factor of the real run's (either way) on the embedded demo (tested).
 TIME_FACTOR = 3.0
 #: Bytes one ablation record takes in a cell's Parquet file (measured on the embedded demo: 1.9 MB for 8,700
@@ -47,10 +51,6 @@ OBSERVE_COST = 2.0
 REPORT_MEMORY_BYTES = 400_000_000
 #: Reading a checkpoint from disk into memory (a local SSD; a network disk is slower).
 LOAD_BYTES_PER_SECOND = 1e9
-#: Published geometries of checkpoints that are described without downloading anything: hub id -> ``moeaudit
-#: bench`` preset (their ``config.json`` shapes, :data:`moeaudit.bench.BENCH_PRESETS`).
-KNOWN_GEOMETRIES = {"allenai/OLMoE-1B-7B-0924": "olmoe-1b-7b", "Qwen/Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
-                    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite"}
 
 
 @dataclass(frozen=True)
@@ -88,32 +88,6 @@ class Workload:
     @property
     def n_ablations(self) -> int:
         return int(sum(self.ablations.values()))
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Seconds of the primitive operations, measured on the reduced model (see the module docstring).
-
-    Attributes:
-        layer: One decoder layer over one document of ``seq_len`` tokens (a clean pass).
-        head: Embedding, final norm and LM head over one document.
-        ablation: ``c``: an ablation at the last layer (its layer's delta and the LM head).
-        query_layer: ``q``: one ablation's query tokens through one later decoder layer.
-        seq_len: Tokens of the timed document.
-    """
-
-    layer: float
-    head: float
-    ablation: float
-    query_layer: float
-    seq_len: int
-
-    def clean_pass(self, n_layers: int, tokens: float) -> float:
-        return (self.head + n_layers * self.layer) * tokens / self.seq_len
-
-    def ablations(self, n_layers: int, counts: dict[int, int], query_tokens: float) -> float:
-        return sum(n * (self.ablation + self.query_layer * query_tokens * (n_layers - 1 - layer))
-                   for layer, n in counts.items())
 
 
 @dataclass(frozen=True)
@@ -187,8 +161,6 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
     This is the one function every command's ``--dry-run`` calls (``run``, ``map``, ``prune-eval``,
     ``attribute``): a command only says how it counts its work.
     """
-    from moeaudit._geometry import model_geometry, time_primitives
-
     geometry = model_geometry(model, dtype=dtype, trust_remote_code=trust_remote_code)
     plan = workload(geometry)
     timings = time_primitives(geometry, device, seq_len)
