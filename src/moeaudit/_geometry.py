@@ -51,6 +51,10 @@ class Timings:
                    for layer, n in counts.items())
 
 
+#: Tokens of the document a dry run times on the CPU (longer documents are scaled from it).
+CPU_TIMED_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class Geometry:
     """What the estimates need to know about a model (no weights).
@@ -193,6 +197,8 @@ def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablation
         for p in model.parameters():  # small random weights: finite, routing spread over the experts
             p.normal_(0.0, 0.02)
     seq_len = max(8, min(seq_len, getattr(geometry.config, "max_position_embeddings", seq_len) or seq_len))
+    if device == "cpu":  # a CPU times a shorter document (the costs scale with its tokens): the dry run stays quick
+        seq_len = min(seq_len, CPU_TIMED_TOKENS)
     ids = torch.randint(0, geometry.config.vocab_size, (seq_len,), device=device)
 
     def best(fn) -> float:
