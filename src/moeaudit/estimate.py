@@ -31,11 +31,11 @@ from moeaudit._geometry import model_geometry, time_primitives
 
 #: The estimated time is within this factor of the real run's (either way) on the embedded demo (tested).
 TIME_FACTOR = 3.0
-#: Bytes one ablation record takes in a cell's Parquet file (measured on the embedded demo: 1.9 MB for 8,700
-#: records of 2 cells of one layer, about 215 bytes each; it grows slowly with the metrics per record).
-RECORD_BYTES = 220
-#: Report, figures, tables and the manifest of one run (measured on the demo: 2.7 MB).
-REPORT_BYTES = 3_000_000
+#: Bytes one ablation record takes in a cell's Parquet file (measured on the embedded demo: 2.02 MB for 75,200
+#: records, 27 bytes each; compression of the repeated columns), with a margin.
+RECORD_BYTES = 30
+#: Report, figures, summary tables and the manifest of one run (measured on the demo: 5.8 MB).
+REPORT_BYTES = 6_000_000
 #: CPU-bound stages, measured on the embedded demo on the idle dev box (AMD EPYC, one thread): summarising its
 #: 75,200 records with n_boot = 2000, and writing the report of its 16 cells (matplotlib figures, HTML).
 DEMO_RECORDS, SUMMARY_SECONDS, REPORT_SECONDS = 75_200, 4.4, 17.0
