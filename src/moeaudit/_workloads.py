@@ -125,7 +125,7 @@ def prune_workload(config, geometry) -> Workload:
     return Workload("prune-eval", base.cells, documents=calibration + len(eval_lengths),
                     tokens=base.tokens + tokens_eval, clean_passes=base.clean_passes, observed=observe,
                     ablations=base.ablations, records=base.records, full_forwards=units * len(eval_lengths),
-                    query_tokens=base.query_tokens, notes=notes)
+                    query_tokens=base.query_tokens, notes=list(dict.fromkeys(notes)))
 
 
 class _Eval:
