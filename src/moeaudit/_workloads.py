@@ -113,7 +113,14 @@ def prune_workload(config, geometry) -> Workload:
         Workload("prune-eval", [], 0, 0, 0, {}, 0, notes=[])
     notes = list(base.notes)
     seeds = sum(config.random_seeds if c == RANDOM else 1 for c in criteria)
-    units = 1 + len(config.fractions) * seeds * (1 + (len(layers) if config.per_layer else 0))
+    allocations = tuple(getattr(config, "allocation", ("uniform",)))
+    folds = max(1, int(getattr(config, "folds", 1) or 1)) if not config.eval_corpus else 1
+    per_fold = 1 + len(config.fractions) * seeds * (
+        len(allocations) + (len(layers) if config.per_layer and "uniform" in allocations else 0))
+    units = folds * per_fold
+    if folds > 1 or getattr(config, "reference", "") == "loo":
+        notes.append(f"{folds} folds, each with its own importance map and evaluation; leave-one-out references "
+                     "(reference=loo) add ablations not counted here: counts for prune-eval are approximate")
     eval_config = _Eval(config)
     eval_lengths = _lengths(eval_config, config.n_docs_eval, notes) if config.eval_corpus else \
         _lengths(config, config.n_docs + config.n_docs_eval, notes)[config.n_docs:]
@@ -123,8 +130,9 @@ def prune_workload(config, geometry) -> Workload:
     notes.append(f"{units} pruned models (the unpruned one included), each evaluated on {len(eval_lengths)} "
                  "documents")
     return Workload("prune-eval", base.cells, documents=calibration + len(eval_lengths),
-                    tokens=base.tokens + tokens_eval, clean_passes=base.clean_passes, observed=observe,
-                    ablations=base.ablations, records=base.records, full_forwards=units * len(eval_lengths),
+                    tokens=base.tokens + tokens_eval, clean_passes=base.clean_passes * folds,
+                    observed=observe * folds, ablations={k: v * folds for k, v in base.ablations.items()},
+                    records=base.records * folds, full_forwards=units * len(eval_lengths),
                     query_tokens=base.query_tokens, notes=list(dict.fromkeys(notes)))
 
 
