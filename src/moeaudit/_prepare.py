@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moeaudit._checkpoint import hub_identity
-from moeaudit._preflight import Positions, Preflight, check_identity, check_layers, check_positions
+from moeaudit._preflight import Positions, Preflight, check_documents, check_identity, check_layers, check_positions
 from moeaudit._provenance import corpus_fingerprint
 from moeaudit.errors import RunDirectoryError
 from moeaudit.execution import Execution
@@ -44,7 +44,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
     """Tokenizer and corpus first (the positions check needs no weights), then the model and the layers check;
     every refusal here comes before observing or ablating."""
     from moeaudit.corpus import load_corpus
-    from moeaudit.models import describe, load_tokenizer, load_weights
+    from moeaudit.models import check_finite, describe, load_tokenizer, load_weights
 
     config = plan.config
     progress.stage(f"loading the tokenizer of {config.model}", None)
@@ -62,6 +62,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
         raise RunDirectoryError(f"the corpus {config.corpus!r} tokenises differently from when "
                                 f"{str(run_dir.path)!r} was started (its contents or the tokenizer changed); the "
                                 "stored cells would not match new ones. Run into another directory (out=).")
+    check_documents(config, len(sequences), allow_fewer=options.allow_fewer, message=progress.message)
     kinds = {}
     if any(e != "progressive" for e in config.ablation_experiments):
         kinds["single"] = [len(s) for s in sequences[: config.n_docs]]
@@ -80,6 +81,8 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                              trust_remote_code=options.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
     layers = check_layers(config, desc)  # before any observation or ablation
+    progress.stage("checking for NaN / inf", None)
+    check_finite(model, sequences[0].input_ids, n_experts=desc.n_experts)
     if plan.source.kind == "hub":
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
         check_identity(run_dir, manifest, identity)

@@ -60,8 +60,15 @@ LEGACY_KEYS: tuple[str, ...] = ("trust_remote_code",)
 #: Keys that place the computation without changing its numbers beyond rounding: a run may be resumed (and shards
 #: merged) with other values of these (each session records its own placement in the manifest).
 PLACEMENT_KEYS: tuple[str, ...] = ("device_map",)
+#: Keys that change only the summary, not a cell's records: a run that did not complete (e.g. failed in its
+#: summary) may be resumed with other values of these, and its summary is computed with them.
+SUMMARY_KEYS: tuple[str, ...] = ("name", "n_boot", "sesoi_d", "progressive_sesoi")
 #: Corpus names that are not files (kept in step with :data:`moeaudit.corpus.NAMED_SOURCES`, tested).
 CORPUS_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
+#: Fewest bootstrap resamples a configuration accepts: each 2.5% tail of a 95% interval must hold at least one
+#: resample beyond the quantile, (n_boot + 1) * 0.025 >= 1 (Davison & Hinkley 1997, sec. 5.2.3); fewer gives
+#: intervals that are one resample wide, or exclude their own estimate.
+MIN_N_BOOT = 39
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,14 @@ class RunConfig(FlatConfig):
         if not self.metrics and ("audit" in self.experiments or "rank_validity" in self.experiments):
             raise ConfigError("metrics= names no metric but the audit / rank_validity experiments rank experts by "
                               "metrics; name at least one metric (e.g. utilization_rate).")
-        for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
+        for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", MIN_N_BOOT)):
             if getattr(self, key) < low:
-                raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
+                raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}"
+                                  + (" (a 95% interval needs (n_boot + 1) x 0.025 >= 1; default 2000)."
+                                     if key == "n_boot" else "."))
+        if "stability" in self.experiments and self.n_docs < 4:
+            raise ConfigError(f"n_docs={self.n_docs}: ranking stability compares random halves of the documents and "
+                              "needs at least 4; raise n_docs=, or leave stability out of experiments=.")
         if not 0.0 < self.sesoi_d < 10.0:
             raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
                               "e.g. 0.2 (Cohen's small).")
@@ -197,7 +209,10 @@ def check_common(config) -> None:
     if not _DEVICE.match(config.device):
         raise ConfigError(f"device={config.device!r} is not a device; valid: {DEVICES}.")
     layers = config.layers
-    if layers is not None and (not layers or min(layers) < 0):
+    if layers is not None and not layers:
+        raise ConfigError("layers= is empty; name at least one MoE layer, or leave layers= unset (or 'all') for "
+                          "every MoE layer.")
+    if layers is not None and min(layers) < 0:
         raise ConfigError(f"layers={','.join(map(str, layers))}: give non-negative decoder-layer indices, or leave "
                           "layers= unset for every MoE layer.")
     if layers is not None and len(set(layers)) < len(layers):

@@ -11,10 +11,12 @@ from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import (
     RichProgress,
     build_config,
+    dry_run_exit,
     escape,
     expected_errors,
     fail,
     flag_names,
+    header,
     interrupted,
     make_console,
     rich_table,
@@ -25,7 +27,7 @@ from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, Ru
 _DEFAULTS = RunConfig()
 #: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
 RUN_FLAGS = flag_names(*RunConfig.__dataclass_fields__, "allow_fewer", "trust_remote_code", "out", "report",
-                       "shard", "executor", "ray_actors", "clean_cache")
+                       "shard", "executor", "ray_actors", "clean_cache", "dry_run")
 
 
 def _option(key: str, help: str, shown: str | None = None):
@@ -83,6 +85,8 @@ def run(
     ray_actors: int = typer.Option(None, help="Ray actors (default: one per GPU, else one per node)"),
     clean_cache: str = typer.Option("auto", help="memory for clean passes shared by every cell: auto (half the "
                                                  "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="compute nothing: print the plan (cells, ablations, "
+                                 "documents) and estimates of time, peak memory and disk; write OUT/dry-run.json"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
     from moeaudit.execution import Execution, parse_bytes
@@ -102,6 +106,14 @@ def run(
         raise fail(exc, RUN_FLAGS) from None
     default = cfg.label if execution.shard is None else \
         f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
+    if dry_run:
+        from moeaudit._workloads import run_workload
+
+        console = make_console()
+        target = out or Path("runs") / default
+        header(console, f"[bold]moeaudit run --dry-run[/bold] {escape(cfg.label)} -> {escape(target)}")
+        raise dry_run_exit(console, "run", cfg, target, run_workload, RUN_FLAGS,
+                           trust_remote_code=trust_remote_code, report=report)
     _execute(cfg, out or Path("runs") / default, report, execution, allow_fewer=allow_fewer,
              trust_remote_code=trust_remote_code)
 
@@ -122,6 +134,10 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
     target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
     console = make_console()
     try:
+        for run in runs:
+            if run.exists() and not run.is_dir():
+                raise FileExistsError(f"{str(run)!r} is a file, not a run directory; pass the directory a run wrote "
+                                      "(the one holding manifest.json).")
         if target.exists() and not target.is_dir():
             raise FileExistsError(f"out={str(target)!r} is an existing file, not a directory; pass a directory for "
                                   "the report.")
@@ -142,7 +158,7 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
     console = make_console()
     start = time.perf_counter()
     shard = f" (shard {execution.shard})" if execution is not None and execution.shard is not None else ""
-    console.print(f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}", highlight=False)
+    header(console, f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}")
     try:
         with RichProgress(console, RUN_FLAGS) as progress:
             result = run_audit(cfg, out, progress=progress, report=report, execution=execution,

@@ -222,6 +222,10 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
                           f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
                           "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
                           "pruned.parquet lists every other pruning's removed experts).")
+    if save_pruned is not None:
+        from moeaudit.pruning._slice import check_save_target
+
+        save_pruned = check_save_target(save_pruned)  # before any work, not after it
     if save_pruned is not None and config.device_map is not None:
         raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
                           f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "
