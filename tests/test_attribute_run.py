@@ -214,7 +214,7 @@ def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
     from moeaudit.pruning import PruneConfig, prune_eval
 
     config = PruneConfig(model="builtin:tiny-moe", corpus="builtin", n_docs=2, n_docs_eval=2, max_length=48, n=4,
-                         criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=20,
+                         criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=40,
                          n_perm=50, dtype="float32", device="cpu")
     prune_eval(config, tmp_path / "run", report=False)
     pruned = pd.read_parquet(tmp_path / "run" / "pruned.parquet")
