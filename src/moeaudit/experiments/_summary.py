@@ -15,7 +15,9 @@ from moeaudit import stats
 from moeaudit.config import PROGRESSIVE_SESOI
 from moeaudit.experiments._arms import arm_comparisons, progressive_cells
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
+from moeaudit.experiments._audit_expert import audit_expert_level
 from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
+from moeaudit.experiments._metric_test import N_METRIC_DRAWS
 from moeaudit.experiments._pool import pools
 
 
@@ -274,7 +276,8 @@ def summary_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_boot: int = 2000,
               seed: int | None = 0, sesoi_d: float = stats.SESOI_D, n_relabel: int = N_RELABEL,
-              n_splits: int = N_SPLITS, progressive_sesoi: float = PROGRESSIVE_SESOI) -> dict[str, pd.DataFrame]:
+              n_splits: int = N_SPLITS, progressive_sesoi: float = PROGRESSIVE_SESOI,
+              n_metric_draws: int = N_METRIC_DRAWS) -> dict[str, pd.DataFrame]:
     """Every cell table, from the record table (and, for the expert-level null, the run's metric table).
 
     Args:
@@ -290,9 +293,12 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
             more, up to 20 / alpha_corrected, where fewer than 10 are as extreme.
         n_splits: Random document halvings of the causal ceiling.
         progressive_sesoi: Equivalence bound (nats of mean ΔL) of the progressive arms' comparison.
+        n_metric_draws: Relabelings of each layer's shared null (the metric-level test and ``p_perm``).
 
     Returns:
-        ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
+        ``metrics`` (per model x metric: the pooled one-sided relabeling test ``p_metric`` with Holm over the
+        model's metrics, the pooled share of the ceiling with its document-bootstrap interval and ``decision``; see
+        :mod:`moeaudit.experiments._metric_test`), ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
         documents as clusters, the design effect; the expert-level null ``p_perm`` with the band
         ``d_perm_low..d_perm_high`` of d under random relabelings of the metric across the layer's experts, and
         the layer's causal ceiling ``d_ceiling`` / ``d_ceiling_low`` / ``d_ceiling_high``; and the decision:
@@ -313,11 +319,13 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     layer_pools = pools(records)
     expert = {"metric_table": metrics, "n_perm": n_relabel, "n_splits": n_splits, "seed": seed}
     audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
-    audit = _decided(add_expert_level(audit, layer_pools, kind="audit", **expert), expert_level=True)
+    audit, metric_level = audit_expert_level(add_expert_level(audit, layer_pools, kind="audit", **expert),
+                                             layer_pools, metrics, seed=seed, n_draws=n_metric_draws)
+    audit = _decided(audit, expert_level=True)
     control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
     control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
     experts, layers = _redistribution(records, n_boot, seed)
-    tables = {"audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
+    tables = {"metrics": metric_level, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
               "progressive": progressive_cells(records),
               "progressive_arms": arm_comparisons(
                   records, sesoi=progressive_sesoi, n_perm_for=_n_perm,
