@@ -16,6 +16,7 @@ from moeaudit.stats._clustered import (
 from moeaudit.stats._correlation import KendallTauCI, kendall_tau_ci, sign_test, spearman
 from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d, tost_mean
 from moeaudit.stats._intervals import HodgesLehmann, bca_interval, hodges_lehmann
+from moeaudit.stats._mean_test import ClusteredMeanTest, NullLevel, clustered_mean_test, skewed_null_level
 from moeaudit.stats._multiple import (
     CORRECTION_METHODS,
     CorrectionResult,
@@ -42,6 +43,7 @@ __all__ = [
     "PRIOR_SCALES",
     "SESOI_D",
     "ClusteredDifference",
+    "ClusteredMeanTest",
     "ClusteredMean",
     "ClusteredRows",
     "ClusteredTests",
@@ -50,6 +52,7 @@ __all__ = [
     "Decision",
     "HodgesLehmann",
     "KendallTauCI",
+    "NullLevel",
     "PairedTest",
     "PredictionTest",
     "SpearmanCI",
@@ -58,6 +61,7 @@ __all__ = [
     "bf0plus",
     "clustered_difference",
     "clustered_mean",
+    "clustered_mean_test",
     "clustered_tests",
     "clustered_tests_rows",
     "correct",
@@ -73,6 +77,7 @@ __all__ = [
     "sign_flip_test",
     "sign_test",
     "significant_both",
+    "skewed_null_level",
     "spearman",
     "spearman_cluster_ci",
     "spearman_cluster_cis",
