@@ -14,8 +14,8 @@ import pandas as pd
 from moeaudit import stats
 from moeaudit.config import PROGRESSIVE_SESOI
 from moeaudit.experiments._arms import arm_comparisons, progressive_cells
-from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
 from moeaudit.experiments._audit_expert import audit_expert_level
+from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
 from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
 from moeaudit.experiments._metric_test import N_METRIC_DRAWS
 from moeaudit.experiments._pool import pools
