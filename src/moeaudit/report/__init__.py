@@ -79,6 +79,26 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
     return runs
 
 
+def _answer(runs: list[RunData]) -> list[Block]:
+    """The Answer (per run, at most five sentences from the metric-level tests and estimates) and the scorecard."""
+    from moeaudit.report._answer import answer_sentences, scorecard_figure
+
+    blocks: list[Block] = []
+    for run in runs:
+        sentences = answer_sentences(run.tables.get("metrics"), run.tables.get("audit"), run.validation)
+        if not sentences:
+            continue
+        blocks.append(Heading("Answer" if len(runs) == 1 else f"Answer: {run.label}"))
+        blocks.append(Paragraph(" ".join(sentences)))
+        fig = scorecard_figure(run.tables["audit"], run.label)
+        if fig is not None:
+            blocks.append(_figure(f"{_stem(run.label)}-scorecard", "Scorecard: each cell's d as a percentile among "
+                                  "random rankings of the layer's experts (red: above most random rankings) and, at "
+                                  "informative layers, its share of the causal ceiling (d / d_ceiling); hatched "
+                                  "layers are uninformative (the ceiling does not rise above the random band).", fig))
+    return blocks
+
+
 def _concat(runs: list[RunData], name: str) -> pd.DataFrame:
     parts = [r.tables.get(name) for r in runs if r.tables.get(name) is not None and len(r.tables[name])]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -95,6 +115,7 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         f"({', '.join(f'`{r.path}`' for r in runs)}). Every number is recomputed from the stored per-token records. "
         "Question: do observational expert statistics (how often the router picks an expert, how large its output "
         "is) predict what removing the expert does to the next-token loss, token by token?")]
+    blocks += _answer(runs)
     blocks += [Heading("Verdict")]
     for run in runs:
         if len(runs) > 1:

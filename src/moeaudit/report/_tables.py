@@ -79,7 +79,7 @@ def fmt_bf(value: float) -> str:
 DECISION_LABELS: dict[str, str] = {
     "positive": "+ (higher costs more)",
     "negative": "− (lower costs more)",
-    "not_beyond_random": "no better than random rankings",
+    "not_beyond_random": "not shown beyond random rankings",
     "directions_disagree": "mean and typical disagree",
     "typical_only": "typical token only",
     "mean_only": "mean only",
@@ -101,8 +101,8 @@ def _decision_note(table: pd.DataFrame, what: str, expert_level: bool = False) -
     sesoi = f"{table['sesoi_d'].iloc[0]:g}" if "sesoi_d" in table else "0.2"
     with_perm = expert_level and "p_perm" in table and table["p_perm"].notna().any()
     tests = "p_mean, p_rank and p_perm all survive" if with_perm else "p_mean and p_rank both survive"
-    beyond = ("; 'no better than random rankings' when p_mean and p_rank survive in one direction but p_perm "
-              "does not") if with_perm else ""
+    beyond = ("; 'not shown beyond random rankings' when p_mean and p_rank survive in one direction but p_perm "
+              "does not (not a test that it is no better)") if with_perm else ""
     return (f"Decision: '+' / '−' when {tests} Bonferroni correction over the model's "
             f"{len(table)} {what} (α = 0.05/{len(table)} = {alpha:.4g}) and point the same way{beyond}; 'typical "
             "token only' / 'mean only' when one of p_mean, p_rank does; 'equivalent' when neither does and TOST "
