@@ -166,3 +166,47 @@ def test_ratio_interval_and_decision():
         == "supported"
     assert metric_decision(pd.Series({"n_informative": 1, "p_metric_holm": 0.2, "ceiling_share_high": 0.9})) \
         == "not_distinguishable"
+
+
+def test_decision_checks_hold_the_level_and_find_a_strong_ranking():
+    """validate's checks of the rule that decides on synthetic pools: the planted s = 0 metric is rejected at about
+    α, the causal ranking of strongly differing experts is found, the document-flip null holds the mean test's
+    level, and n_needed falls where the effect is strong."""
+    from moeaudit.experiments._rule_power import decision_checks
+
+    importance = np.linspace(0, 1.2, 8)
+    layer_pools = {}
+    for layer in range(3):
+        p = synthetic_pool(n_positions=120, n_experts=8, top_k=3, importance=importance, n_docs=30, seed=20 + layer)
+        layer_pools[layer] = (Pool(p.model, layer, p.seq_id, p.position, p.experts, p.delta, p.weights), 8)
+    out = decision_checks(layer_pools, {0: 2, 1: 2, 2: 2}, seed=0, n_skewed=300, n_power_draws=40)
+    assert set(out["null_rate_skewed"]) == {"clustered_mean", "mean_test"}
+    flip = out["null_rate_docflip"]["mean_test"]
+    assert flip["ci_low"] <= 0.05 <= flip["ci_high"] + 0.02
+    rows = pd.DataFrame(out["power_rule"])
+    assert set(rows["scope"]) == {"layer 0", "layer 1", "layer 2", "pooled"}
+    null_rate = rows[(rows["strength"] == 0.0) & (rows["scope"] == "pooled")]["rate"].iloc[0]
+    assert null_rate <= 0.15
+    assert out["p_detect_ceiling"]["pooled"] > 0.8
+    assert np.isfinite(out["n_needed_ceiling"]) and out["n_needed_ceiling"] < 120
+
+
+def test_answer_has_at_most_five_sentences_each_from_a_test():
+    from moeaudit.report._answer import answer_sentences, scorecard_figure
+
+    metrics = pd.DataFrame({"metric": ["a", "b", "c", "d"], "p_metric_holm": [0.01, 0.3, 0.4, np.nan],
+                            "ceiling_share": [0.9, 0.6, 0.1, np.nan], "ceiling_share_low": [0.7, 0.1, -0.2, np.nan],
+                            "ceiling_share_high": [1.1, 1.0, 0.4, np.nan],
+                            "decision": ["supported", "not_distinguishable", "below_half_ceiling", "cannot_tell"]})
+    audit = pd.DataFrame({"layer": [0, 0, 1, 1], "metric": ["a", "b", "a", "b"], "n": 200,
+                          "layer_informative": [True, True, False, False], "d_perm_pct": [99.0, 60.0, 50.0, 40.0],
+                          "ceiling_share": [0.9, 0.6, 2.0, -1.0]})
+    validation = {"p_detect_ceiling": {"pooled": 0.11}, "n_needed": float("nan"), "n_needed_ceiling": 900.0}
+    sentences = answer_sentences(metrics, audit, validation)
+    assert len(sentences) <= 5
+    text = " ".join(sentences)
+    assert "better than random rankings (pooled one-sided relabeling test" in text and "a (p = 0.01" in text
+    assert "Not distinguishable from random rankings" in text and "less than half of the causal ceiling" in text
+    assert "no better than random" not in text.lower()
+    assert len(sentences) == 5 and "1 of 2 layers is informative" in text and "probability 0.11" in text and "n = 900" in text
+    assert scorecard_figure(audit, "m") is not None

@@ -48,13 +48,15 @@ def answer_sentences(metrics: pd.DataFrame | None, audit: pd.DataFrame | None,
         rows = metrics[metrics["decision"] == decision]
         if len(rows):
             out.append(f"{lead}: " + "; ".join(_metric_item(r) for _, r in rows.iterrows()) + ".")
+    last = []
     if audit is not None and "layer_informative" in audit and len(audit):
         layers = audit.groupby("layer")["layer_informative"].first()
         informative = [int(x) for x, v in layers.items() if bool(v) is True]
-        verb = "layer is" if len(layers) == 1 else "layers are"
-        out.append(f"{len(informative)} of {len(layers)} {verb} informative (the causal ranking's d above the "
-                   f"97.5% point of random rankings'{': ' + ', '.join(f'L{x}' for x in informative) if informative else ''}); "
-                   "elsewhere no static ranking can be told from a random one at this n.")
+        verb = "is" if len(informative) == 1 else "are"
+        named = ": " + ", ".join(f"L{x}" for x in informative) if informative else ""
+        last.append(f"{len(informative)} of {len(layers)} layers {verb} informative (the causal ranking's d above "
+                    f"the 97.5% point of random rankings'{named}), elsewhere no static ranking can be told from a "
+                    "random one at this n")
     if validation and "p_detect_ceiling" in validation:
         pooled = validation["p_detect_ceiling"].get("pooled", math.nan)
         n_half, n_full = validation.get("n_needed", math.nan), validation.get("n_needed_ceiling", math.nan)
@@ -65,8 +67,11 @@ def answer_sentences(metrics: pd.DataFrame | None, audit: pd.DataFrame | None,
         if n_full is not None and np.isfinite(n_full):
             need += f", about n = {n_full:,.0f} for the causal ranking itself"
         n_run = int(audit["n"].median()) if audit is not None and len(audit) else 0
-        out.append(f"At n = {n_run} even the causal ranking is found with probability {_num(pooled)} "
-                   f"(`moeaudit validate`); {need}.")
+        last.append(f"at n = {n_run} even the causal ranking is found with probability {_num(pooled)} "
+                    f"(`moeaudit validate`); {need}")
+    if last:
+        text = "; ".join(last)
+        out.append(text[0].upper() + text[1:] + ".")
     return out[:5]
 
 
