@@ -162,3 +162,16 @@ def test_single_arm_has_no_comparison():
     recs = recs[recs["role"].str.startswith("lowest")]
     assert arm_comparisons(recs).empty and arms_verdict(arm_comparisons(recs)) is None
     assert set(progressive_cells(recs)["arm"]) == {"lowest"}
+
+
+def test_verdict_counts_what_the_cli_counts():
+    """A comparison that differs and is also equivalent within the margin is counted as 'differs, within bounds'
+    (the CLI's count), not among the equivalent ones."""
+    recs = _synthetic(np.random.default_rng(1), planted={(1, "highest"): 0.5}, noise=0.01)
+    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
+    i = table.index[table["decision"] == "equivalent"][0]
+    table.loc[i, ["significant", "decision"]] = [True, "differs, within bounds"]
+    text = arms_verdict(table)
+    counts = table["decision"].value_counts()
+    assert (f"{counts['differs']} differ, 1 differs but stays within ±0.05 nats, {counts['equivalent']} are "
+            "equivalent within ±0.05 nats") in text

@@ -287,11 +287,17 @@ def arms_verdict(arms: pd.DataFrame | None) -> str | None:
     within = arms["equivalent"].astype(bool)
     differs = arms["significant"].astype(bool) & ~within
     inconclusive = ~within & ~arms["significant"].astype(bool)
+    # counted by the table's decision, as the CLI counts them: a comparison that differs and is equivalent within
+    # the margin is "differs, within bounds", not "equivalent"
+    bounded = arms["decision"] == "differs, within bounds" if "decision" in arms else within & ~within
+    bounded_text = (f"{int(bounded.sum())} {'differs' if bounded.sum() == 1 else 'differ'} but "
+                    f"{'stays' if bounded.sum() == 1 else 'stay'} within ±{sesoi:g} nats, ") if bounded.any() else ""
     orders = ", ".join(arm_label(a) for a in dict.fromkeys([*arms["arm_a"], *arms["arm_b"]]))
     text = (f"**Does the removal order matter?** Comparing the progressive ablation's removal orders ({orders}) "
             f"at the same positions: of {n} paired comparisons (layer × k × pair of orders; document-level "
             "sign-flip tests, Holm-corrected), "
-            f"{int(differs.sum())} differ, {int(within.sum())} are equivalent within ±{sesoi:g} nats (TOST) and "
+            f"{int(differs.sum())} differ, {bounded_text}{int((within & ~bounded).sum())} are equivalent within "
+            f"±{sesoi:g} nats (TOST) and "
             f"{int(inconclusive.sum())} are inconclusive. ")
     if within.all():
         return text + (f"At every tested layer and depth the order does not matter beyond ±{sesoi:g} nats of mean "
