@@ -16,9 +16,10 @@ from moeaudit.config import PROGRESSIVE_SESOI
 from moeaudit.experiments._arms import arm_comparisons, progressive_cells
 from moeaudit.experiments._audit_expert import audit_expert_level
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
-from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
-from moeaudit.experiments._metric_test import N_METRIC_DRAWS
+from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, _metric_vector, _n_experts, add_expert_level
+from moeaudit.experiments._metric_test import N_METRIC_DRAWS, null_key
 from moeaudit.experiments._pool import pools
+from moeaudit.experiments._rank_null import N_RANK_DRAWS, rank_null, relabel_p
 
 
 def _relative_depth(frame: pd.DataFrame) -> pd.Series:
@@ -145,7 +146,8 @@ def _holm_mean(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
+def _rank_validity(records: pd.DataFrame, *, seed: int | None, metrics: pd.DataFrame | None = None,
+                   layer_pools: dict | None = None, n_draws: int = N_RANK_DRAWS) -> pd.DataFrame:
     sub = records[records["experiment"] == "rank_validity"]
     finite = np.isfinite(sub["delta"].to_numpy(dtype=float))
     token_key = ["model", "layer", "metric", "seq_id", "position"]
@@ -177,7 +179,29 @@ def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame.insert(2, "relative_depth", _relative_depth(frame))
+    frame["p_perm"] = _rank_relabeling(frame, metrics, layer_pools or {}, seed=seed, n_draws=n_draws)
     return pd.concat([decide_rank_validity(g) for _, g in frame.groupby("model", sort=False)], ignore_index=True)
+
+
+def _rank_relabeling(frame: pd.DataFrame, metrics: pd.DataFrame | None, layer_pools: dict, *, seed: int | None,
+                     n_draws: int) -> list[float]:
+    """Per rank-validity row, the relabeling p of its mean ρ (:mod:`moeaudit.experiments._rank_null`); NaN for the
+    per-token routing weight (no static ranking to relabel) and without the metric table or the pool. Tie-free
+    metrics of a layer share one null (as the audit's p_perm)."""
+    out, cache = [], {}
+    for _, row in frame.iterrows():
+        pool = layer_pools.get((str(row["model"]), int(row["layer"])))
+        if metrics is None or pool is None or row["metric"] not in metrics.columns:
+            out.append(math.nan)
+            continue
+        values = _metric_vector(metrics, int(row["layer"]), str(row["metric"]), _n_experts(pool, metrics,
+                                                                                         int(row["layer"])))
+        key = (str(row["model"]), int(row["layer"]), null_key(values))
+        if key not in cache:
+            cache[key] = rank_null(pool, values, n_draws=n_draws,
+                                   seed=None if seed is None else [int(seed), int(row["layer"]), 13])
+        out.append(relabel_p(float(row["mean_rho"]), cache[key]))
+    return out
 
 
 def _token_spearman(sub: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
@@ -356,7 +380,7 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
     control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
     experts, layers = _redistribution(records, n_boot, seed)
-    tables = {"metrics": metric_level, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
+    tables = {"metrics": metric_level, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed, metrics=metrics, layer_pools=layer_pools),
               "progressive": progressive_cells(records),
               "progressive_arms": arm_comparisons(
                   records, sesoi=progressive_sesoi, n_perm_for=_n_perm,
