@@ -38,7 +38,7 @@ def _without_timestamp(text: str) -> str:
 def test_every_artefact_is_written(clean):
     out, result = clean
     for name in ("manifest.json", "config.toml", "verification.json", "metrics.parquet", "stability.parquet",
-                 "summary.csv", "summary.json", "report.md", "report.html", "tables/audit.csv"):
+                 "summary.csv", "summary.json", "report.md", "report.html", "tables/audit.csv", "tables/metrics.csv"):
         assert (out / name).is_file(), name
     assert set(RunDirectory(out).finished_cells()) == CELLS
     figures = {p.name for p in (out / "figures").iterdir()}
@@ -356,7 +356,10 @@ def test_validate_writes_validation_json_and_the_report_section(clean, tmp_path)
     shutil.copytree(out, copy)
     result = moeaudit.validate(copy, n_families=20, n_power_draws=4)
     stored = json.loads((copy / "validation.json").read_text())
-    assert set(stored) >= {"null_rate", "fwer", "power", "mde_d", "random_ranking_rate"}
+    assert set(stored) >= {"null_rate", "fwer", "power", "mde_d", "random_ranking_rate", "null_rate_skewed",
+                           "null_rate_docflip", "power_rule", "p_detect_ceiling", "n_needed"}
+    assert set(stored["null_rate_skewed"]["mean_test"]) == {"rate", "ci_low", "ci_high", "n_draws"}
+    assert {row["scope"] for row in stored["power_rule"]} >= {"pooled"}
     assert stored["null_rate"]["t"]["n_draws"] == 20 * 8  # 20 families x 8 audit cells
     assert stored["fwer"]["family_size"] == 8 and stored["n_records"] == len(RunDirectory(copy).read_records())
     assert {row["n"] for row in stored["power"]} == {10, 12}

@@ -79,7 +79,7 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
     return runs
 
 
-def _answer(runs: list[RunData]) -> list[Block]:
+def _answer_blocks(runs: list[RunData]) -> list[Block]:
     """The Answer (per run, at most five sentences from the metric-level tests and estimates) and the scorecard."""
     from moeaudit.report._answer import answer_sentences, scorecard_figure
 
@@ -115,7 +115,7 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         f"({', '.join(f'`{r.path}`' for r in runs)}). Every number is recomputed from the stored per-token records. "
         "Question: do observational expert statistics (how often the router picks an expert, how large its output "
         "is) predict what removing the expert does to the next-token loss, token by token?")]
-    blocks += _answer(runs)
+    blocks += _answer_blocks(runs)
     blocks += [Heading("Verdict")]
     for run in runs:
         if len(runs) > 1:
