@@ -83,7 +83,6 @@ def audit_expert_level(audit: pd.DataFrame, layer_pools: dict[tuple[str, int], P
     table = metric_table(out, d_obs, nulls, alpha=alpha)
     pooled = pd.concat(shares, ignore_index=True) if shares else pd.DataFrame()
     if not table.empty:
-        table = table.drop(columns=["ceiling_share", "ceiling_share_low", "ceiling_share_high"])
         table = table.merge(pooled, on=["model", "metric"], how="left")
         table["decision"] = [metric_decision(r, alpha) for r in table.itertuples()]
         table = table[[c for c in _metric_columns() if c in table.columns]]

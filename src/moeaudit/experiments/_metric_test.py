@@ -176,20 +176,16 @@ def _crc(key: tuple) -> int:
 
 def metric_table(audit: pd.DataFrame, d_obs: dict[tuple[str, int, str], float],
                  nulls: dict[tuple[str, int, str], LayerNull], *, alpha: float = 0.05) -> pd.DataFrame:
-    """``tables/metrics.csv``: per (model, metric) the pooled test, Holm over the model's metrics, the share of the
-    ceiling pooled over layers (Σ d / Σ d_ceiling over informative layers, with the audit rows' bootstrap interval
-    combined by :func:`pooled_share`) and the decision."""
+    """Per (model, metric) the pooled test and Holm over the model's metrics (the share of the ceiling and the
+    decision are added by :func:`moeaudit.experiments._audit_expert.audit_expert_level`)."""
     rows = []
     for (model, metric), cells in audit.groupby(["model", "metric"], sort=True):
         layers = [int(x) for x in cells["layer"]]
         test = pooled_metric_test({layer: d_obs.get((model, layer, metric), np.nan) for layer in layers},
                                   {layer: nulls[(model, layer, metric)] for layer in layers
                                    if (model, layer, metric) in nulls})
-        share = cells.attrs.get("pooled_share", {}).get(metric) if cells.attrs else None
         rows.append({"model": model, "metric": metric, "n_layers": len(test.z), "pooled_z": test.pooled_z,
-                     "p_metric": test.p_metric, "n_draws": test.n_draws,
-                     **(share or {"ceiling_share": np.nan, "ceiling_share_low": np.nan,
-                                  "ceiling_share_high": np.nan})})
+                     "p_metric": test.p_metric, "n_draws": test.n_draws})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
