@@ -272,7 +272,7 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     html = (out / "report.html").read_text()
     assert not re.search(r'(src|href)="(https?:|//|figures/)', html), "the HTML must be self-contained"
     n_images = html.count("<img ")
-    assert n_images == 5
+    assert n_images == 6  # the scorecard at the top, then the five figures
     probe = html.replace("</body>", "<script>window.addEventListener('load', () => { const ok = [...document.images]"
                          ".filter(i => i.complete && i.naturalWidth > 100).length; document.title = "
                          "`images:${ok}/${document.images.length}`; });</script></body>")
