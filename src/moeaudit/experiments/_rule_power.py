@@ -48,7 +48,7 @@ def skewed_null_rates(layer_pools: list[tuple[Pool, int]], *, alpha: float, alph
                       n_draws: int, n_boot: int, rng: np.random.Generator) -> dict:
     """``{"skewed": {alpha_key: {test: rate}}, "docflip": ...}``: rejection rates of the two-sided document
     sign-flip (``clustered_mean``, the p_cluster of the tables) and of the one-sided calibrated test
-    (``mean_test``, p_mean) at α and at the corrected α, on the two document-level nulls of every layer."""
+    (``mean_test``, p_mean_greater) at α and at the corrected α, on the two document-level nulls of every layer."""
     hits: dict[str, dict[str, dict[str, list]]] = {
         null: {lvl: {t: [] for t in SKEWED_TESTS} for lvl in ("alpha", "alpha_corrected")}
         for null in ("skewed", "docflip")}
@@ -174,7 +174,7 @@ def decision_checks(layer_pools: dict[int, tuple[Pool, int]], cells: dict[int, i
             "null_rate_docflip": skewed["docflip"]["alpha"],
             "null_rate_docflip_corrected": skewed["docflip"]["alpha_corrected"],
             "skewed_tests": {"clustered_mean": "document sign-flip of the mean, two-sided (p_cluster)",
-                             "mean_test": "one-sided test of the mean, max(sign-flip, fast double bootstrap) (p_mean)"},
+                             "mean_test": "one-sided test of the mean, max(sign-flip, fast double bootstrap) (p_mean_greater)"},
             "alpha_rule": alpha_rule, "power_rule": power,
             "p_detect_ceiling": {r["scope"]: r["rate"] for r in power if r["strength"] == 1.0},
             "n_needed": half["n_needed"], "n_needed_detail": half, "n_needed_ceiling": full["n_needed"]}

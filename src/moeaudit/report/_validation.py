@@ -91,7 +91,7 @@ def rule_blocks(v: dict, label: str) -> list[Block]:
     for key, name in (("null_rate", "random orientation per token"), ("null_rate_skewed", "documents resampled "
                       "from centred D"), ("null_rate_docflip", "orientation flipped per document")):
         for test, tname in (("clustered_mean", "p_cluster (sign-flip, two-sided)"),
-                            ("mean_test", "p_mean (one-sided, calibrated)")):
+                            ("mean_test", "p_mean_greater (one-sided, calibrated)")):
             r, rc = v.get(key, {}).get(test), v.get(f"{key}_corrected", {}).get(test)
             if r:
                 rows.append([name, tname, _pct(r), _pct(rc) if rc else "n/a", str(r["n_draws"])])
