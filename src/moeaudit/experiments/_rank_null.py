@@ -15,6 +15,8 @@ Unit of inference: the expert labeling (conditional on the pooled ΔL). Referenc
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from moeaudit.experiments._pool import Pool
@@ -45,7 +47,9 @@ def mean_rho(pool: Pool, scores: np.ndarray) -> np.ndarray:
         dy = np.where(mask, ry - np.nansum(ry, -1, keepdims=True) / n[..., None], 0.0)
         sxx, syy = (dx ** 2).sum(-1), (dy ** 2).sum(-1)
         rho = np.where((n >= 3) & (sxx > 1e-12) & (syy > 1e-12), (dx * dy).sum(-1) / np.sqrt(sxx * syy), np.nan)
-    return np.nanmean(np.clip(rho, -1, 1), axis=-1)
+    with warnings.catch_warnings():  # a draw without any defined ρ gives NaN (left out by the callers)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.clip(rho, -1, 1), axis=-1)
 
 
 def rank_null(pool: Pool, metric_values, *, n_draws: int = N_RANK_DRAWS, seed=0) -> np.ndarray:
