@@ -38,22 +38,41 @@ sys.path.insert(0, str(REPO / "src"))
 
 from moeaudit.builtin import corpus  # noqa: E402
 
-DEFAULT_OUT = REPO / "src" / "moeaudit" / "builtin" / "tiny-moe"
+BUILTIN_DIR = REPO / "src" / "moeaudit" / "builtin"
+# Per family: the embedded model it produces and its MoE shape. Both have the same total and active expert
+# parameters per layer: 16 x 64 = 8 x 128 = 1024 expert-intermediate units, 4 x 64 = 2 x 128 = 256 active per token.
+FAMILY_DEFAULTS = {
+    "olmoe": {"name": "tiny-moe", "experts": 16, "top_k": 4, "intermediate_size": 64, "tokenizer_from": None},
+    "mixtral": {"name": "tiny-mixtral", "experts": 8, "top_k": 2, "intermediate_size": 128, "tokenizer_from": "tiny-moe"},
+}
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--family",
+        choices=sorted(FAMILY_DEFAULTS),
+        default="olmoe",
+        help="olmoe: builtin:tiny-moe (16 experts, top-4); mixtral: builtin:tiny-mixtral (8 experts, top-2)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="default: src/moeaudit/builtin/<family's model name>/")
+    p.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="reuse the tokenizer files of this checkpoint directory instead of training one "
+        "(mixtral default: the tiny-moe directory, so both embedded models share one tokenizer)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=64)
+    p.add_argument("--intermediate-size", type=int, default=None, help="per expert; default by family (64 / 128)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--experts", type=int, default=None, help="default by family (16 / 8)")
+    p.add_argument("--top-k", type=int, default=None, help="default by family (4 / 2)")
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -68,7 +87,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--card-only", action="store_true", help="only (re)write README.md from eval.json + training_log.csv"
     )
-    return p.parse_args()
+    args = p.parse_args()
+    fam = FAMILY_DEFAULTS[args.family]
+    for key in ("experts", "top_k", "intermediate_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, fam[key])
+    if args.out is None:
+        args.out = BUILTIN_DIR / fam["name"]
+    if args.tokenizer_from is None and fam["tokenizer_from"] is not None:
+        args.tokenizer_from = BUILTIN_DIR / fam["tokenizer_from"]
+    return args
 
 
 def seed_everything(seed: int) -> None:
@@ -205,13 +233,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t_start = time.time()
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
     train_lab = corpus.build_labelled_documents("train")
     held_lab = corpus.build_labelled_documents("heldout")
     train_docs = [t for _, t in train_lab]
     held_docs = [t for _, t in held_lab]
-    tok = train_tokenizer(train_docs, args.vocab_size)
+    if args.tokenizer_from is not None:
+        tok = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_from)
+        if len(tok) != args.vocab_size:
+            raise SystemExit(f"--vocab-size {args.vocab_size} but the tokenizer at {args.tokenizer_from} has {len(tok)}")
+    else:
+        tok = train_tokenizer(train_docs, args.vocab_size)
     train_ids = encode_docs(tok, train_docs)
     held_ids = encode_docs(tok, held_docs)
     held_labels = [d for d, _ in held_lab]
@@ -243,7 +276,7 @@ def main() -> None:
     blocks = stream[: n_blocks * args.seq_len].view(n_blocks, args.seq_len)
     print(f"{stream.numel()} training tokens -> {n_blocks} blocks of {args.seq_len}", flush=True)
 
-    config = OlmoeConfig(
+    common = dict(
         vocab_size=len(tok),
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
@@ -251,19 +284,25 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
         max_position_embeddings=512,
-        num_experts=args.experts,
         num_experts_per_tok=args.top_k,
         router_aux_loss_coef=args.aux_coef,
         output_router_logits=True,
-        norm_topk_prob=False,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         rope_theta=10000.0,
     )
+    if args.family == "mixtral":
+        # Mixtral routing: softmax over all experts, top-k, weights renormalised over the k (no flag to turn it
+        # off); full causal attention (sliding_window=None); no router jitter.
+        config = MixtralConfig(num_local_experts=args.experts, sliding_window=None, router_jitter_noise=0.0, **common)
+        model_cls = MixtralForCausalLM
+    else:
+        config = OlmoeConfig(num_experts=args.experts, norm_topk_prob=False, **common)
+        model_cls = OlmoeForCausalLM
     seed_everything(args.seed)
-    model = OlmoeForCausalLM(config)
+    model = model_cls(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     model.set_experts_implementation(args.experts_impl)
@@ -346,7 +385,7 @@ def main() -> None:
     final = evaluate(loaded, held_ids, held_labels, args.experts, args.top_k)
     eval_seconds = time.time() - t_eval
     seed_everything(args.seed + 1)
-    rand_model = OlmoeForCausalLM(config).eval()
+    rand_model = model_cls(config).eval()
     rand = evaluate(rand_model, held_ids, held_labels, args.experts, args.top_k)
     with open(args.out / "training_log.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(log_rows[0].keys()))

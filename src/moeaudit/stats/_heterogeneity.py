@@ -1,0 +1,235 @@
+"""Between-group tests with whole units permuted: heterogeneity of a clustered mean across groups (domains, with
+documents as units) and the difference of a per-layer statistic between two models (layers as units)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from math import comb
+
+import numpy as np
+from scipy import stats as sps
+
+#: Permutations of the heterogeneity and the two-model tests.
+N_PERM_GROUPS = 4000
+
+
+@dataclass(frozen=True)
+class GroupMean:
+    """One group's cluster-robust ratio mean (see :func:`cluster_heterogeneity`)."""
+
+    group: str
+    mean: float
+    se: float
+    low: float
+    high: float
+    n: int
+    n_clusters: int
+
+
+@dataclass(frozen=True)
+class Heterogeneity:
+    """Result of :func:`cluster_heterogeneity`.
+
+    Attributes:
+        groups: Per group, its mean, standard error, 95% interval, observations and clusters.
+        q: Welch-type heterogeneity statistic.
+        p_perm: Permutation p-value of ``q`` (cluster labels permuted across groups).
+        p_chi2: The asymptotic reference, chi-square with (groups - 1) degrees of freedom.
+        n_perm: Permutations drawn.
+        note: Why groups were left out (fewer than 2 clusters), or an empty string.
+    """
+
+    groups: tuple[GroupMean, ...]
+    q: float
+    p_perm: float
+    p_chi2: float
+    n_perm: int
+    note: str = ""
+
+
+def _cluster_sums(values: np.ndarray, clusters: np.ndarray, groups: np.ndarray):
+    ok = np.isfinite(values)
+    values, clusters, groups = values[ok], clusters[ok], groups[ok]
+    ids, index = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(index, weights=values, minlength=ids.size)
+    counts = np.bincount(index, minlength=ids.size).astype(float)
+    label = np.empty(ids.size, dtype=object)
+    label[index] = groups
+    first = {c: g for c, g in zip(clusters.tolist(), groups.tolist())}
+    if any(first[c] != g for c, g in zip(clusters.tolist(), groups.tolist())):
+        raise ValueError("a cluster (document) belongs to more than one group (domain); each document must carry "
+                         "one domain label.")
+    return sums, counts, label.astype(str)
+
+
+def _q_statistic(sums: np.ndarray, counts: np.ndarray, member: np.ndarray):
+    """Per row of ``member`` [R, K, G] (True where cluster g is in group k): Q, means [R, K], variances [R, K]."""
+    n_k = member @ counts                                        # [R, K]
+    g_k = member.sum(axis=-1)                                    # [R, K]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (member @ sums) / n_k
+        resid = sums[None, None, :] - mean[..., None] * counts[None, None, :]
+        var = (member * resid**2).sum(axis=-1) / n_k**2 * g_k / (g_k - 1)
+        w = 1.0 / np.maximum(var, 1e-300)
+        pooled = (w * mean).sum(axis=-1, keepdims=True) / w.sum(axis=-1, keepdims=True)
+        q = (w * (mean - pooled) ** 2).sum(axis=-1)
+    return q, mean, var
+
+
+def cluster_heterogeneity(values, clusters, groups, *, n_perm: int = N_PERM_GROUPS, seed: int = 0) -> Heterogeneity:
+    r"""Test whether the mean of ``values`` differs across groups, with clusters (documents) as the units.
+
+    Estimand: per group k, the ratio mean :math:`m_k = \sum_{g \in k} S_g / \sum_{g \in k} n_g` over its
+    clusters' sums :math:`S_g` and counts :math:`n_g` (every observation of the group weighted equally). Each
+    has the cluster-robust (linearisation) variance
+    :math:`v_k = \frac{G_k}{G_k - 1} \sum_{g \in k} (S_g - m_k n_g)^2 / (\sum_{g \in k} n_g)^2`, and the
+    heterogeneity statistic is Welch's
+
+    .. math::
+
+        Q = \sum_k w_k (m_k - \bar m_w)^2, \qquad w_k = 1 / v_k, \quad \bar m_w = \sum_k w_k m_k / \sum_k w_k
+
+    H0: every group has the same mean. The p-value comes from permuting the group labels across whole clusters
+    (group sizes in clusters kept), which respects the within-cluster correlation; because Q is studentised, the
+    permutation test stays close to its level when groups differ in spread and size (Chung & Romano 2013), which
+    a raw between-group sum of squares does not. ``p_chi2`` is the asymptotic :math:`\chi^2_{K-1}` reference,
+    reported beside it. Groups with fewer than 2 clusters have no variance and are left out (named in ``note``).
+    The 95% interval of each group mean is :math:`m_k \pm t_{G_k - 1, .975} \sqrt{v_k}`.
+
+    Args:
+        values: [N] observations (e.g. D at every (layer, position) of a metric).
+        clusters: [N] cluster (document) of each observation.
+        groups: [N] group (domain) of each observation; constant within a cluster.
+        n_perm: Random permutations of the labels.
+        seed: Seed of the permutations.
+
+    References:
+        Chung, E., & Romano, J. P. (2013). Exact and asymptotically robust permutation tests. Annals of Statistics,
+        41(2), 484-507. Welch, B. L. (1951). On the comparison of several mean values: an alternative approach.
+        Biometrika, 38, 330-336.
+    """
+    values = np.asarray(values, dtype=float)
+    sums, counts, label = _cluster_sums(values, np.asarray(clusters), np.asarray(groups).astype(str))
+    names = sorted(set(label.tolist()))
+    sizes = {k: int((label == k).sum()) for k in names}
+    dropped = [k for k in names if sizes[k] < 2]
+    kept = [k for k in names if sizes[k] >= 2]
+    note = (f"left out of the heterogeneity test (fewer than 2 documents): {', '.join(dropped)}" if dropped else "")
+    use = np.isin(label, kept)
+    sums, counts, label = sums[use], counts[use], label[use]
+    member = np.stack([label == k for k in kept])[None].astype(float)       # [1, K, G]
+    q, mean, var = _q_statistic(sums, counts, member)
+    per_group = []
+    for i, k in enumerate(kept):
+        g = sizes[k]
+        se = float(np.sqrt(var[0, i]))
+        half = float(sps.t.ppf(0.975, g - 1)) * se
+        n_obs = int(counts[label == k].sum())
+        per_group.append(GroupMean(k, float(mean[0, i]), se, float(mean[0, i]) - half, float(mean[0, i]) + half,
+                                   n_obs, g))
+    if len(kept) < 2 or not np.isfinite(q[0]):
+        return Heterogeneity(tuple(per_group), float("nan"), float("nan"), float("nan"), 0, note)
+    rng = np.random.default_rng(seed)
+    q_null = np.concatenate([
+        _q_statistic(sums, counts, np.stack([rng.permuted(np.tile(label, (r, 1)), axis=1) == k
+                                             for k in kept], axis=1).astype(float))[0]
+        for r in _blocks(n_perm, 500)])
+    q_null = q_null[np.isfinite(q_null)]
+    p_perm = (1 + int(np.sum(q_null >= q[0] * (1 - 1e-12)))) / (1 + q_null.size)
+    return Heterogeneity(tuple(per_group), float(q[0]), float(p_perm), float(sps.chi2.sf(q[0], len(kept) - 1)),
+                         int(q_null.size), note)
+
+
+def _blocks(total: int, size: int) -> list[int]:
+    return [min(size, total - s) for s in range(0, total, size)]
+
+
+@dataclass(frozen=True)
+class TwoGroupComparison:
+    """Result of :func:`layer_permutation_test`: per column, and jointly over the columns.
+
+    Attributes:
+        mean_a, mean_b: [C] column means of each group.
+        diff: [C] ``mean_a - mean_b``.
+        t: [C] Welch's t of the difference.
+        p: [C] two-sided permutation p-values of ``|t|``.
+        p_joint: Permutation p-value of the sum of squared t over columns (do the groups differ on any column?).
+        n_perm: Permutations used; ``exact`` when every split was enumerated.
+    """
+
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    diff: np.ndarray
+    t: np.ndarray
+    p: np.ndarray
+    p_joint: float
+    n_perm: int
+    exact: bool
+
+
+def _welch_t(x: np.ndarray, in_a: np.ndarray) -> np.ndarray:
+    """[R, C] Welch's t for each split ``in_a`` [R, N] of the rows of ``x`` [N, C]."""
+    a = in_a.astype(float)
+    b = 1.0 - a
+    na, nb = a.sum(1, keepdims=True), b.sum(1, keepdims=True)
+    ma, mb = a @ x / na, b @ x / nb
+    va = (a @ x**2 - na * ma**2) / (na - 1)
+    vb = (b @ x**2 - nb * mb**2) / (nb - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ma - mb) / np.sqrt(np.maximum(va, 0) / na + np.maximum(vb, 0) / nb)
+
+
+def layer_permutation_test(a, b, *, n_perm: int = N_PERM_GROUPS * 5, seed: int = 0) -> TwoGroupComparison:
+    r"""Do two groups of units (the layers of two models) differ in the mean of one or more statistics?
+
+    Estimand: per column c (e.g. a metric), :math:`\mu_{A,c} - \mu_{B,c}`, the difference between the mean over
+    group A's units and over group B's. Unit of inference: the row (a layer); H0: the rows of A and B are
+    exchangeable (the group label carries no information). Statistic: Welch's t per column, and
+    :math:`\sum_c t_c^2` for the joint question; p-values from the permutation distribution of the group labels
+    over the rows, all columns of a row moved together (so correlated columns are handled), enumerated exactly
+    when :math:`\binom{n_A + n_B}{n_A} \le` ``n_perm``, else ``n_perm`` random splits (the observed split counted,
+    Phipson & Smyth 2010). Two-sided. A studentised statistic keeps the permutation test robust to unequal
+    spreads of the groups (Chung & Romano 2013).
+
+    Args:
+        a: [n_A, C] (or [n_A]) rows of group A; rows with a NaN are dropped.
+        b: [n_B, C] (or [n_B]) rows of group B.
+
+    Raises:
+        ValueError: Fewer than 2 complete rows in a group.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=float).T).T if np.ndim(a) == 1 else np.asarray(a, dtype=float)
+    b = np.atleast_2d(np.asarray(b, dtype=float).T).T if np.ndim(b) == 1 else np.asarray(b, dtype=float)
+    a, b = a[np.isfinite(a).all(1)], b[np.isfinite(b).all(1)]
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"the two-model comparison needs at least 2 complete rows (layers) per model; got "
+                         f"{len(a)} and {len(b)}.")
+    x = np.vstack([a, b])
+    n, na = len(x), len(a)
+    observed = np.zeros((1, n), dtype=bool)
+    observed[0, :na] = True
+    t_obs = _welch_t(x, observed)[0]
+    exact = comb(n, na) <= n_perm
+    if exact:
+        splits = np.zeros((comb(n, na), n), dtype=bool)
+        for i, idx in enumerate(combinations(range(n), na)):
+            splits[i, list(idx)] = True
+    else:
+        rng = np.random.default_rng(seed)
+        keys = rng.random((n_perm, n))
+        splits = np.zeros((n_perm, n), dtype=bool)
+        np.put_along_axis(splits, np.argsort(keys, axis=1)[:, :na], True, axis=1)
+    t_null = _welch_t(x, splits)
+    tol = 1 - 1e-12
+    extreme = np.abs(t_null) >= np.abs(t_obs)[None] * tol
+    joint_obs = np.nansum(t_obs**2)
+    joint_extreme = np.nansum(t_null**2, axis=1) >= joint_obs * tol
+    if exact:  # the observed split is one of the enumerated ones
+        p = extreme.mean(0)
+        p_joint = float(joint_extreme.mean())
+    else:
+        p = (1 + extreme.sum(0)) / (1 + n_perm)
+        p_joint = float((1 + joint_extreme.sum()) / (1 + n_perm))
+    ma, mb = a.mean(0), b.mean(0)
+    return TwoGroupComparison(ma, mb, ma - mb, t_obs, p, p_joint, len(splits), exact)
