@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.experiments._pool import Pool, high_low_d, pools
-from moeaudit.stats._heterogeneity import cluster_heterogeneity
+from moeaudit.stats import cluster_heterogeneity
 
 #: Random relabelings per (layer, metric) for z (and per domain).
 N_RELABEL_Z = 1000
@@ -123,7 +123,7 @@ def layer_z_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, *, s
 
 
 def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domains: Mapping[int, str], *,
-                 seed: int = 0, n_perm: int = N_RELABEL_Z, n_perm_heterogeneity: int = 2000) -> pd.DataFrame:
+                 seed: int = 0, n_perm: int = N_RELABEL_Z) -> pd.DataFrame:
     r"""Per (model, domain, metric): the audit's effect and the metric-level statistic on the domain's positions,
     and a test of heterogeneity across domains.
 
@@ -136,9 +136,9 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
       random relabelings of that layer's experts on the same positions (:func:`relabel_z`); ``p_pooled``: its
       one-sided p-value from the sum of independent relabelings per layer (H0: the metric ranks the experts no
       better than random rankings on this domain).
-    - ``p_heterogeneity``: H0 every domain has the same :math:`\delta_k`; documents are the units (their domain
-      labels permuted, :func:`moeaudit.stats.cluster_heterogeneity`); the same value on every row of a
-      (model, metric). ``p_heterogeneity_chi2``: the asymptotic reference; ``q``: the statistic.
+    - ``p_heterogeneity``: H0 every domain has the same :math:`\delta_k`; documents are the units (Welch's F on the
+      cluster-robust domain means, :func:`moeaudit.stats.cluster_heterogeneity`); the same value on every row of
+      a (model, metric). ``p_heterogeneity_chi2``: the asymptotic chi-square reference; ``q``: the statistic.
 
     ``n`` is positions per layer (mean over the metric's layers), ``n_documents`` the domain's documents.
     """
@@ -155,8 +155,7 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
     rows = []
     names = sorted(set(domains.values()))
     for (model, metric), g in diffs.groupby(["model", "metric"], sort=True):
-        het = cluster_heterogeneity(g["x"].to_numpy(float), g["seq_id"].to_numpy(), g["domain"].to_numpy(),
-                                    n_perm=n_perm_heterogeneity, seed=seed)
+        het = cluster_heterogeneity(g["x"].to_numpy(float), g["seq_id"].to_numpy(), g["domain"].to_numpy())
         by_group = {m.group: m for m in het.groups}
         for domain, gd in g.groupby("domain", sort=True):
             z_obs, z_null = _domain_z(gd, layer_pools, metric_table, str(model), str(metric), seed, n_perm,
@@ -167,7 +166,7 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
                          "n_documents": int(gd["seq_id"].nunique()),
                          "d": m.mean if m else float(gd["x"].mean()), "d_low": m.low if m else float("nan"),
                          "d_high": m.high if m else float("nan"), "pooled_z": z_obs,
-                         "p_pooled": _p_upper(z_obs, z_null), "p_heterogeneity": het.p_perm,
+                         "p_pooled": _p_upper(z_obs, z_null), "p_heterogeneity": het.p,
                          "p_heterogeneity_chi2": het.p_chi2, "q": het.q})
     return pd.DataFrame(rows, columns=list(DOMAIN_COLUMNS))
 
@@ -208,3 +207,13 @@ def domain_labels(manifest: Mapping) -> dict[int, str]:
     """``{seq_id: domain}`` stored in a run's manifest (``corpus.domains``), or ``{}``."""
     labels: Sequence[str] | None = manifest.get("corpus", {}).get("domains")
     return {i: str(d) for i, d in enumerate(labels)} if labels else {}
+
+
+def add_domain_tables(tables: dict[str, pd.DataFrame], records: pd.DataFrame, metric_table: pd.DataFrame | None,
+                      manifest: Mapping, *, seed: int = 0) -> None:
+    """Add ``tables["layer_z"]`` (:func:`layer_z_table`) and, when the run's corpus labels its documents,
+    ``tables["domains"]`` (:func:`domain_table`) to a run's summary tables."""
+    tables["layer_z"] = layer_z_table(records, metric_table, seed=seed)
+    labels = domain_labels(manifest)
+    if labels:
+        tables["domains"] = domain_table(records, metric_table, labels, seed=seed)

@@ -15,6 +15,12 @@ from moeaudit.stats._clustered import (
 )
 from moeaudit.stats._correlation import KendallTauCI, kendall_tau_ci, sign_test, spearman
 from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d, tost_mean
+from moeaudit.stats._heterogeneity import (
+    Heterogeneity,
+    TwoGroupComparison,
+    cluster_heterogeneity,
+    layer_permutation_test,
+)
 from moeaudit.stats._intervals import HodgesLehmann, bca_interval, hodges_lehmann
 from moeaudit.stats._multiple import (
     CORRECTION_METHODS,
@@ -48,14 +54,17 @@ __all__ = [
     "CorrectionResult",
     "Criterion",
     "Decision",
+    "Heterogeneity",
     "HodgesLehmann",
     "KendallTauCI",
     "PairedTest",
     "PredictionTest",
     "SpearmanCI",
     "Tost",
+    "TwoGroupComparison",
     "bca_interval",
     "bf0plus",
+    "cluster_heterogeneity",
     "clustered_difference",
     "clustered_mean",
     "clustered_tests",
@@ -67,6 +76,7 @@ __all__ = [
     "jzs_bf10",
     "jzs_bf_one_sided",
     "kendall_tau_ci",
+    "layer_permutation_test",
     "minimum_detectable_d",
     "paired_test",
     "prediction_test",
