@@ -37,7 +37,7 @@ def comparison_blocks(runs, table: pd.DataFrame) -> list[Block]:
         Heading(f"Metric validity across redundancy levels: {a.label} ({redundancy(a)}) vs {b.label} "
                 f"({redundancy(b)})"),
         Paragraph(comparison_sentence(table, ALPHA)),
-        Table(f"Per metric: mean over layers of z = (d − mean of d under random rankings) / its sd, per model",
+        Table("Per metric: mean over layers of z = (d − mean of d under random rankings) / its sd, per model",
               ["metric", f"mean z {a.label}", f"mean z {b.label}", "difference", "Welch t", "p (permutation)",
                "p (Holm)"], rows,
               notes=f"Unit: the layer ({table['n_layers_a'].iloc[0]} + {table['n_layers_b'].iloc[0]}); p from all "
