@@ -304,3 +304,38 @@ def test_demo_configs_and_stratification_key():
     assert RunConfig(corpus="builtin").with_resolved_paths().stratify_domains is True
     assert RunConfig(corpus="wikitext-2").with_resolved_paths().stratify_domains is False  # no domains
     assert BEFORE_KEY_EXISTED["stratify_domains"] is False  # runs written before it: uniform sampling
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# end to end: a .jsonl corpus with --domain-field
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tmp_path):
+    from moeaudit.builtin import builtin_labelled_documents
+    from moeaudit.config import RunConfig
+    from moeaudit.pipeline import run_audit
+
+    held = builtin_labelled_documents("heldout")
+    rows = [{"text": t, "kind": d} for d, t in held if d in ("prose", "arithmetic")][:3]
+    rows += [{"text": t, "kind": d} for d, t in held if d == "arithmetic"][:3]
+    corpus = tmp_path / "labelled.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = RunConfig(model="builtin:tiny-moe", corpus=str(corpus), domain_field="kind", n_docs=6, max_length=96,
+                    layers=(1, 5), n=16, n_boot=50, device="cpu", dtype="float32", seed=3,
+                    experiments=("audit",))
+    out = tmp_path / "run"
+    result = run_audit(cfg, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["stratify_domains"] is True and manifest["config"]["domain_field"] == "kind"
+    assert manifest["corpus"]["domains"] == ["prose"] * 3 + ["arithmetic"] * 3
+    audit = result.records[result.records["experiment"] == "audit"]
+    per_domain = audit.drop_duplicates(["layer", "seq_id", "position"]).assign(
+        domain=lambda f: f["seq_id"].map(dict(enumerate(manifest["corpus"]["domains"]))))
+    assert (per_domain.groupby(["layer", "domain"]).size() == 8).all()  # 16 positions: 8 per domain and layer
+    table = pd.read_csv(out / "tables" / "domains.csv")
+    assert set(table["domain"]) == {"prose", "arithmetic"} and (table["n"] == 8).all()
+    assert list(table.columns) == ["model", "domain", "metric", "n", "n_documents", "d", "d_low", "d_high",
+                                   "pooled_z", "p_pooled", "p_heterogeneity", "p_heterogeneity_chi2", "q"]
+    md = (out / "report.md").read_text()
+    assert "Positions per layer by domain: arithmetic 8 (3 documents), prose 8 (3 documents)" in md
+    assert "results per domain" in md

@@ -211,9 +211,10 @@ def domain_labels(manifest: Mapping) -> dict[int, str]:
 
 def add_domain_tables(tables: dict[str, pd.DataFrame], records: pd.DataFrame, metric_table: pd.DataFrame | None,
                       manifest: Mapping, *, seed: int = 0) -> None:
-    """Add ``tables["layer_z"]`` (:func:`layer_z_table`) and, when the run's corpus labels its documents,
-    ``tables["domains"]`` (:func:`domain_table`) to a run's summary tables."""
+    """Add ``tables["layer_z"]`` (:func:`layer_z_table`) and, when the run's corpus labels its documents and the
+    audit covers two or more domains, ``tables["domains"]`` (:func:`domain_table`) to a run's summary tables."""
     tables["layer_z"] = layer_z_table(records, metric_table, seed=seed)
     labels = domain_labels(manifest)
-    if labels:
+    audited = {labels.get(int(s)) for s in records.loc[records["experiment"] == "audit", "seq_id"].unique()}
+    if len(audited - {None}) >= 2:  # one domain: the audit itself is its result
         tables["domains"] = domain_table(records, metric_table, labels, seed=seed)
