@@ -38,6 +38,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 from moeaudit.builtin import corpus  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_moe_card import summarise, write_model_card  # noqa: E402
+
 BUILTIN_DIR = REPO / "src" / "moeaudit" / "builtin"
 # Per family: the embedded model it produces and its MoE shape. Both have the same total and active expert
 # parameters per layer: 16 x 64 = 8 x 128 = 1024 expert-intermediate units, 4 x 64 = 2 x 128 = 256 active per token.
@@ -97,6 +100,12 @@ def parse_args() -> argparse.Namespace:
     if args.tokenizer_from is None and fam["tokenizer_from"] is not None:
         args.tokenizer_from = BUILTIN_DIR / fam["tokenizer_from"]
     return args
+
+
+def _repo_relative(path: Path) -> str:
+    """A path inside the repository as ``src/...`` (the recorded command stays machine independent)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -393,7 +402,7 @@ def main() -> None:
         w.writerows(log_rows)
     summary = {
         "command": "PYTHONPATH=src python scripts/train_tiny_moe.py " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "args": {k: (_repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -419,188 +428,6 @@ def main() -> None:
     print("trained:", json.dumps(summary["trained_routing_summary"]))
     print("random :", json.dumps(summary["random_init_same_config"]["routing_summary"]))
     print(f"total wall time {time.time() - t_start:.0f}s")
-
-
-def write_model_card(out: Path, ev: dict) -> None:
-    a = ev["args"]
-    tr = ev["trained"]
-    rs = ev["trained_routing_summary"]
-    rr = ev["random_init_same_config"]["routing_summary"]
-    c = ev["corpus"]
-    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md")
-    size_mb = sum(p.stat().st_size for p in files) / 1e6
-    rows = "\n".join(
-        f"| {L['layer']} | {L['min_fraction']:.4f} | {L['max_fraction']:.4f} | {L['cv']:.3f} | {L['normalised_entropy']:.3f} "
-        f"| {L['mean_router_entropy_normalised']:.3f} | {L['domain_expert_mi_normalised']:.3f} "
-        f"| {', '.join(f'{d}:{e}' for d, e in L['most_used_expert_by_domain'].items())} |"
-        for L in tr["routing"]
-    )
-    dom_rows = "\n".join(
-        f"| {split} | {d} | {v['documents']} | {v['characters']:,} | {v['tokens']:,} |"
-        for split in ("train", "heldout")
-        for d, v in c[split]["per_domain"].items()
-    )
-    with open(out / "training_log.csv", newline="") as fh:
-        log = list(csv.DictReader(fh))
-    curve = "\n".join(
-        f"| {r['step']} | {r['lm_loss']} | {r['aux_loss']} | {r['heldout_ce']} | {r['elapsed_s']} |"
-        for r in log
-        if r["heldout_ce"] or r["step"] in ("0", "50")
-    )
-
-    def fmt(d: dict, k: str) -> str:
-        return f"{d[k]['mean']:.3f} (min {d[k]['min']:.3f}, max {d[k]['max']:.3f})"
-
-    text = f"""# tiny-moe: the embedded demo/test checkpoint of moeaudit (`builtin:tiny-moe`)
-
-A ~{ev["parameters"] / 1e6:.1f}M-parameter **OLMoE-architecture** (`OlmoeForCausalLM`) causal language model trained from
-scratch on CPU on the deterministic built-in corpus (`moeaudit.builtin.corpus`). It exists so that moeaudit's
-audit runs end to end offline in minutes and so that the test suite has a model whose routing was *learned*.
-
-**Intended use: demos and tests only.** It is tiny and trained on ~{c["train"]["tokens"] / 1e6:.1f}M tokens of mostly
-synthetic text; findings about its experts say nothing about large MoE language models.
-
-## Loading
-
-```python
-import moeaudit
-loaded = moeaudit.load_model("builtin:tiny-moe")
-# or, with plain transformers (no network access needed):
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from moeaudit.builtin import builtin_model_path
-path = builtin_model_path("tiny-moe")
-model = AutoModelForCausalLM.from_pretrained(path)
-tokenizer = AutoTokenizer.from_pretrained(path)
-```
-
-Special tokens: `<|endoftext|>` (id {0}, eos, also used as bos; documents are encoded *without* a BOS and
-terminated by it) and `<|pad|>` (id 1, pad). Maximum length 512 tokens (`max_position_embeddings` and
-`model_max_length`). Weights are float32 (`model.safetensors`).
-
-## Architecture
-
-| field | value |
-|---|---|
-| architecture | `OlmoeForCausalLM` (transformers {ev["environment"]["transformers"]}) |
-| layers (all MoE) | {a["layers"]} |
-| hidden size | {a["hidden_size"]} |
-| attention heads (= KV heads) | {a["heads"]} |
-| routed experts per layer | {a["experts"]} |
-| experts per token (top-k) | {a["top_k"]} (`norm_topk_prob=False`) |
-| expert intermediate size | {a["intermediate_size"]} |
-| vocabulary | {a["vocab_size"]} (byte-level BPE) |
-| tied input/output embeddings | yes |
-| router aux (load-balancing) loss coefficient | {a["aux_coef"]} |
-| parameters | {ev["parameters"]:,} |
-| files in this directory (excluding README) | {size_mb:.1f} MB |
-
-## Data
-
-The built-in corpus (see the docstring of `moeaudit/builtin/corpus.py`), built by code on the fly:
-real English reference-manual text from the running Python's `pydoc_data.topics` (training split only,
-because it varies between Python versions) plus four seeded generated domains (templated prose with
-in-context facts and questions, small Python functions, arithmetic lines with correct results, CSV / JSON-lines
-records). The held-out split is fully generated and byte-identical on CPython 3.10-3.13.
-Corpus statistics for this build (Python {ev["environment"]["python"]}):
-
-| split | domain | documents | characters | tokens (incl. one `<|endoftext|>` per doc) |
-|---|---|---|---|---|
-{dom_rows}
-
-Totals: train {c["train"]["documents"]:,} documents / {c["train"]["characters"]:,} characters / {c["train"]["tokens"]:,} tokens;
-held-out {c["heldout"]["documents"]} documents / {c["heldout"]["characters"]:,} characters / {c["heldout"]["tokens"]:,} tokens.
-
-## Tokenizer
-
-Byte-level BPE trained with `tokenizers` on the training split (vocab {a["vocab_size"]}, min frequency 2),
-saved via `transformers.PreTrainedTokenizerFast.save_pretrained`.
-
-## Training
-
-```
-{ev["command"].strip()}
-```
-
-Seed {a["seed"]}; AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak LR {a["lr"]},
-{a["warmup"]} warm-up steps then cosine decay to 10%; {a["steps"]} steps of {a["batch_size"]} packed sequences of
-{a["seq_len"]} tokens ({a["steps"] * a["batch_size"] * a["seq_len"] / 1e6:.2f}M tokens, documents separated by
-`<|endoftext|>`); gradient clipping 1.0; loss = LM cross-entropy + {a["aux_coef"]} x the model's own
-load-balancing loss (`output_router_logits=True` during training, saved as `False`). Trained on
-{ev["environment"]["cpu_threads"]} CPU threads ({ev["environment"]["machine"]}, shared with other jobs) in
-**{ev["train_seconds"] / 60:.1f} minutes**; Python {ev["environment"]["python"]}, torch {ev["environment"]["torch"]}.
-Full loss curve: `training_log.csv` (step, loss, lm_loss, aux_loss, lr, grad_norm, tokens_seen, elapsed_s,
-heldout_ce on a quarter of the held-out documents). Excerpt:
-
-| step | LM loss (train) | aux loss | held-out CE (subset) | elapsed s |
-|---|---|---|---|---|
-{curve}
-
-## Held-out quality
-
-Measured on the whole held-out split ({tr["heldout_tokens_scored"]:,} predicted tokens; each document scored
-alone in windows of at most 512 tokens, targets include the final `<|endoftext|>`):
-
-| metric | nats / token |
-|---|---|
-| next-token cross-entropy (this model) | **{tr["heldout_ce_nats"]:.3f}** |
-| unigram entropy of the same target tokens (plug-in estimate from held-out frequencies) | {tr["heldout_unigram_entropy_nats"]:.3f} |
-| reduction vs unigram entropy | **{100 * tr["ce_reduction_vs_unigram"]:.1f}%** (bar: >= 40%) |
-| random-init model of the same config | {ev["random_init_same_config"]["heldout_ce_nats"]:.3f} |
-
-## Routing (learned, not uniform)
-
-Utilisation = fraction of the held-out (token, top-k slot) assignments that go to each expert, per layer.
-"router entropy" is the mean per-token entropy of the full softmax over experts / log({a["experts"]}).
-"domain MI" is the mutual information between the document's domain and the chosen expert divided by the
-entropy of the utilisation.
-
-| statistic (mean over layers) | trained | random init, same config |
-|---|---|---|
-| coefficient of variation of utilisation | {fmt(rs, "cv")} | {fmt(rr, "cv")} |
-| min expert fraction | {fmt(rs, "min_fraction")} | {fmt(rr, "min_fraction")} |
-| max expert fraction (uniform = {1 / a["experts"]:.4f}) | {fmt(rs, "max_fraction")} | {fmt(rr, "max_fraction")} |
-| normalised utilisation entropy | {fmt(rs, "normalised_entropy")} | {fmt(rr, "normalised_entropy")} |
-| normalised router entropy per token | {fmt(rs, "mean_router_entropy_normalised")} | {fmt(rr, "mean_router_entropy_normalised")} |
-| normalised domain-expert MI | {fmt(rs, "domain_expert_mi_normalised")} | {fmt(rr, "domain_expert_mi_normalised")} |
-
-Reading: the load-balancing loss keeps aggregate utilisation close to balanced (normalised utilisation
-entropy {rs["normalised_entropy"]["mean"]:.2f}), but not uniform: the busiest expert of a layer gets on average
-{rs["max_fraction"]["mean"] / (1 / a["experts"]):.1f}x its uniform share and the least used {rs["min_fraction"]["mean"] / (1 / a["experts"]):.2f}x.
-The clearest signature that routing was *learned* is the router's confidence: a random-init router spreads
-each token almost uniformly over the experts (normalised per-token entropy
-{rr["mean_router_entropy_normalised"]["mean"]:.2f}) while the trained one concentrates it
-({rs["mean_router_entropy_normalised"]["mean"]:.2f}, down to {rs["mean_router_entropy_normalised"]["min"]:.2f} in the sharpest layer).
-Utilisation CV alone does *not* separate trained from random-init routing here (a random router on real
-token embeddings is already lumpy, CV {rr["cv"]["mean"]:.2f}), nor does domain-expert mutual information (a random
-router is a fixed function of the token, and domains use different tokens). Tests therefore check
-non-uniform utilisation (CV > 0.2 in every layer) plus router entropy well below that of a random-init model.
-
-Per layer (trained):
-
-| layer | min frac | max frac | CV | norm. entropy | router entropy | domain MI | most used expert per domain |
-|---|---|---|---|---|---|---|---|
-{rows}
-
-Per-expert fractions for every layer are in `eval.json` (`trained.routing`).
-
-## Cost
-
-A forward pass over the whole held-out split with the default (eager) experts implementation took
-{ev["heldout_eval_seconds_eager"]:.1f} s here (one document window at a time, including routing statistics).
-
-## Reproducing
-
-`PYTHONPATH=src python scripts/train_tiny_moe.py` rewrites this directory. Results are seeded but bitwise
-reproducibility is only expected with the same Python (training text), torch build and thread count.
-"""
-    (out / "README.md").write_text(text)
-
-
-def summarise(layers: list[dict]) -> dict:
-    keys = ("cv", "min_fraction", "max_fraction", "normalised_entropy", "mean_router_entropy_normalised",
-            "domain_expert_mi_normalised")  # fmt: skip
-    return {k: {"mean": float(np.mean([L[k] for L in layers])), "min": float(np.min([L[k] for L in layers])),
-                "max": float(np.max([L[k] for L in layers]))} for k in keys}  # fmt: skip
 
 
 if __name__ == "__main__":
