@@ -130,8 +130,8 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
     - ``d``: the domain's mean of D in units of each layer's sd of D (all domains), averaged over the domain's
       (layer, position) pairs: :math:`\delta_k = \mathrm{mean}_{(l,p) \in k}\, D_{l,p} / s_l`. With a common
       denominator per layer the domains are compared on one scale (a domain with larger losses does not get a
-      smaller d for its larger spread). ``d_low`` / ``d_high``: 95% interval from the cluster-robust variance with
-      the domain's documents as units (t with documents − 1 df).
+      smaller d for its larger spread). ``d_low`` / ``d_high``: 95% interval from the bias-reduced cluster-robust
+      (CR2) variance with the domain's documents as units (t with the effective number of documents − 1 df).
     - ``pooled_z``: :math:`\sum_l z_{k,l} / \sqrt{L}`, z of each layer's d on the domain's positions against
       random relabelings of that layer's experts on the same positions (:func:`relabel_z`); ``p_pooled``: its
       one-sided p-value from the sum of independent relabelings per layer (H0: the metric ranks the experts no

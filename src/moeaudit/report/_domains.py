@@ -80,7 +80,8 @@ def domain_blocks(run) -> list[Block]:
                     "position) pairs, with a 95% interval (documents as units). Pooled z: Σ z over layers / √L, "
                     "z on the domain's positions against random rankings of the layer's experts; p one-sided. "
                     "p heterogeneity: do the domains' d differ? Welch's F on the domains' means, documents as "
-                    "units; one value per metric."),
+                    "units; one value per metric. Approximate: on nulls resampled from the demo's own skewed D it "
+                    "rejected 5-10% at α = .05, so read p between .01 and .05 as weak."),
     ]
 
 

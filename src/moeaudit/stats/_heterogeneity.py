@@ -69,23 +69,25 @@ def cluster_heterogeneity(values, clusters, groups) -> Heterogeneity:
 
     Estimand: per group k, the ratio mean :math:`m_k = \sum_{g \in k} S_g / \sum_{g \in k} n_g` over its
     clusters' sums :math:`S_g` and counts :math:`n_g` (every observation of the group weighted equally). Each
-    has the cluster-robust (linearisation) variance
-    :math:`v_k = \frac{G_k}{G_k - 1} \sum_{g \in k} (S_g - m_k n_g)^2 / (\sum_{g \in k} n_g)^2`, and the test is
-    Welch's heteroscedastic one-way ANOVA on these means (H0: every group has the same mean):
+    has the bias-reduced cluster-robust (CR2) variance
+    :math:`v_k = \sum_{g \in k} \frac{(S_g - m_k n_g)^2}{1 - n_g / N_k} / N_k^2`, :math:`N_k = \sum_{g \in k} n_g`
+    (a cluster's leverage is :math:`n_g / N_k`), with :math:`\nu_k = N_k^2 / \sum_{g \in k} n_g^2 - 1` degrees of
+    freedom (the effective number of clusters less one; :math:`G_k - 1` for equal sizes), and the test is Welch's
+    heteroscedastic one-way ANOVA on these means (H0: every group has the same mean):
 
     .. math::
 
         Q = \sum_k w_k (m_k - \bar m_w)^2, \quad w_k = 1 / v_k, \quad
-        h = \sum_k \frac{(1 - w_k / \sum_j w_j)^2}{G_k - 1}, \quad
+        h = \sum_k \frac{(1 - w_k / \sum_j w_j)^2}{\nu_k}, \quad
         F = \frac{Q / (K - 1)}{1 + \frac{2 (K - 2)}{K^2 - 1} h} \sim F\left(K - 1, \frac{K^2 - 1}{3 h}\right)
 
-    with :math:`G_k - 1` the degrees of freedom of each variance (clusters, not observations). Chosen by
-    simulation over the alternatives (tests/test_domains.py and docs/explanation/low-redundancy.md): with skewed,
-    clustered data whose groups differ 7-fold in spread and in size, permuting the groups' labels over clusters
-    rejected 12.8% at alpha = .05 (the unstudentised and studentised statistics alike are not exchangeable
-    under unequal spreads) and the chi-square reference of Q 11.5%, while Welch's F rejected 5.3% (2.3% at .01).
-    Groups with fewer than 2 clusters are left out (named in ``note``). The 95% interval of each group mean is
-    :math:`m_k \pm t_{G_k - 1, .975} \sqrt{v_k}`.
+    Chosen by simulation over the alternatives (scripts/calibrate_domains.py, docs/explanation/low-redundancy.md):
+    with skewed, clustered data whose groups differ 7-fold in spread and in size, permuting the groups' labels
+    over clusters rejected about 13% at alpha = .05 (labels are not exchangeable under unequal spreads) and the
+    chi-square reference of Q 11-20%, while Welch's F held about 5-7%. It is approximate: on nulls resampled
+    from a run's own skewed D it rejects up to about 10% at .05 (the level the report states). Groups with fewer
+    than 2 clusters are left out (named in ``note``). The 95% interval of each group mean is
+    :math:`m_k \pm t_{\nu_k, .975} \sqrt{v_k}`.
 
     Args:
         values: [N] observations (e.g. D at every (layer, position) of a metric).
@@ -94,7 +96,8 @@ def cluster_heterogeneity(values, clusters, groups) -> Heterogeneity:
 
     References:
         Welch, B. L. (1951). On the comparison of several mean values: an alternative approach. Biometrika, 38,
-        330-336. Cameron, A. C., & Miller, D. L. (2015). A practitioner's guide to cluster-robust inference.
+        330-336. Bell, R. M., & McCaffrey, D. F. (2002). Bias reduction in standard errors for linear regression
+        with multi-stage samples. Survey Methodology, 28(2), 169-181. Cameron, A. C., & Miller, D. L. (2015). A practitioner's guide to cluster-robust inference.
         Journal of Human Resources, 50(2), 317-372.
     """
     values = np.asarray(values, dtype=float)
@@ -107,13 +110,16 @@ def cluster_heterogeneity(values, clusters, groups) -> Heterogeneity:
     per_group, means, variances, dof = [], [], [], []
     for k in kept:
         s, n, g = sums[label == k], counts[label == k], sizes[k]
-        mean = float(s.sum() / n.sum())
-        var = float(((s - mean * n) ** 2).sum() / n.sum() ** 2 * g / (g - 1))
-        half = float(sps.t.ppf(0.975, g - 1)) * np.sqrt(var)
-        per_group.append(GroupMean(k, mean, float(np.sqrt(var)), mean - half, mean + half, int(n.sum()), g))
+        total = n.sum()
+        mean = float(s.sum() / total)
+        # CR2: each cluster's residual sum scaled by 1 / (1 - its leverage n_g / N_k)
+        var = float(((s - mean * n) ** 2 / (1 - n / total)).sum() / total**2)
+        df = max(1.0, float(total**2 / (n**2).sum()) - 1)  # effective clusters - 1 (g - 1 for equal sizes)
+        half = float(sps.t.ppf(0.975, df)) * np.sqrt(var)
+        per_group.append(GroupMean(k, mean, float(np.sqrt(var)), mean - half, mean + half, int(total), g))
         means.append(mean)
         variances.append(var)
-        dof.append(g - 1)
+        dof.append(df)
     nan = float("nan")
     variances = np.asarray(variances)
     if len(kept) < 2 or not np.all(variances > 0):
