@@ -349,3 +349,16 @@ def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tm
     md = (out / "report.md").read_text()
     assert "Positions per layer by domain: arithmetic 8 (3 documents), prose 8 (3 documents)" in md
     assert "results per domain" in md
+    # a second run, and the two side by side: the comparison and the combined per-domain table
+    from moeaudit.report import write_report
+
+    other = tmp_path / "other"
+    run_audit(cfg.replace(name="tiny-b", seed=4), other, report=False)
+    paths = write_report([out, other], tmp_path / "both")
+    md = paths["markdown"].read_text()
+    assert "## Metric validity across redundancy levels: tiny-moe (16 experts, top-4) vs tiny-b (16 experts, top-4)" in md
+    assert "### Redundancy levels" in md and "What this comparison can and cannot show" in md
+    both = pd.read_csv(tmp_path / "both" / "tables" / "domains.csv")
+    assert set(both["model"]) == {"tiny-moe", "tiny-b"}
+    versus = pd.read_csv(tmp_path / "both" / "tables" / "model_comparison.csv")
+    assert len(versus) == 4 and (versus["n_layers_a"] == 2).all() and versus["p_perm"].between(0, 1).all()
