@@ -66,8 +66,9 @@ def loaded():
 
 @pytest.mark.slow
 def test_loads_offline_and_describe_reports_mixtral(loaded):
-    import moeaudit
     from transformers import MixtralForCausalLM
+
+    import moeaudit
 
     model, tok, _, _ = loaded
     assert isinstance(model, MixtralForCausalLM)
