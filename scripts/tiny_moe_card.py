@@ -159,9 +159,9 @@ entropy of the utilisation.
 | normalised router entropy per token | {fmt(rs, "mean_router_entropy_normalised")} | {fmt(rr, "mean_router_entropy_normalised")} |
 | normalised domain-expert MI | {fmt(rs, "domain_expert_mi_normalised")} | {fmt(rr, "domain_expert_mi_normalised")} |
 
-Reading: the load-balancing loss keeps aggregate utilisation close to balanced (normalised utilisation
-entropy {rs["normalised_entropy"]["mean"]:.2f}), but not uniform: the busiest expert of a layer gets on average
-{rs["max_fraction"]["mean"] / (1 / a["experts"]):.1f}x its uniform share and the least used {rs["min_fraction"]["mean"] / (1 / a["experts"]):.2f}x.
+Reading: with the load-balancing loss, aggregate utilisation has a normalised entropy of
+{rs["normalised_entropy"]["mean"]:.2f} (1 = perfectly balanced) and is not uniform: the busiest expert of a layer gets on average
+{rs["max_fraction"]["mean"] / (1 / a["experts"]):.1f}x its uniform share and the least used {rs["min_fraction"]["mean"] / (1 / a["experts"]):.2f}x.{unused_text(tr["routing"])}
 The clearest signature that routing was *learned* is the router's confidence: a random-init router spreads
 each token almost uniformly over the experts (normalised per-token entropy
 {rr["mean_router_entropy_normalised"]["mean"]:.2f}) while the trained one concentrates it
@@ -248,3 +248,12 @@ split and its unigram entropy ({ev['trained']['heldout_unigram_entropy_nats']:.3
 |---|---|---|
 {table}
 """
+
+
+def unused_text(layers: list[dict]) -> str:
+    """A sentence naming layers where some expert received no held-out token (empty when there is none)."""
+    unused = [str(L["layer"]) for L in layers if L["min_fraction"] == 0.0]
+    if not unused:
+        return ""
+    return (f" In layer{'s' if len(unused) > 1 else ''} {', '.join(unused)} an expert received no held-out token "
+            "at all (it is never active there, so no audit cell ranks or ablates it).")

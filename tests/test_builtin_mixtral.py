@@ -38,7 +38,8 @@ def test_checkpoint_files_size_and_config():
 
 
 def test_tokenizer_is_tiny_moes_and_training_is_recorded():
-    assert (CKPT / "tokenizer.json").read_bytes() == (OLMOE / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (CKPT / name).read_bytes() == (OLMOE / name).read_bytes(), name
     ev = json.loads((CKPT / "eval.json").read_text())
     assert ev["args"]["family"] == "mixtral" and isinstance(ev["args"]["seed"], int)
     assert "--family mixtral" in ev["command"]
