@@ -362,3 +362,16 @@ def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tm
     assert set(both["model"]) == {"tiny-moe", "tiny-b"}
     versus = pd.read_csv(tmp_path / "both" / "tables" / "model_comparison.csv")
     assert len(versus) == 4 and (versus["n_layers_a"] == 2).all() and versus["p_perm"].between(0, 1).all()
+
+
+def test_domain_sentence_says_what_the_test_supports():
+    from moeaudit.report._domains import domain_sentence
+
+    def table(p_values):
+        return pd.DataFrame([{"metric": m, "domain": d, "n_documents": 8, "p_heterogeneity": p}
+                             for m, p in p_values.items() for d in ("code", "prose")])
+
+    hit = domain_sentence(table({"u": 0.001, "v": 0.5}), "m")
+    assert "differs across domains for u (Holm p = 0.002)" in hit and "approximate" in hit and " v " not in hit
+    none = domain_sentence(table({"u": 0.2, "v": 0.5}), "m")
+    assert none.startswith("m: this run cannot tell") and "smallest Holm p = 0.4" in none and "16 documents" in none
