@@ -81,7 +81,7 @@ def domain_blocks(run) -> list[Block]:
                     "z on the domain's positions against random rankings of the layer's experts; p one-sided. "
                     "p heterogeneity: do the domains' d differ? Welch's F on the domains' means, documents as "
                     "units; one value per metric. Approximate: on nulls resampled from the demo's own skewed D it "
-                    "rejected 5-10% at α = .05, so read p between .01 and .05 as weak."),
+                    "rejected 2-10% at α = .05, so read p between .01 and .05 as weak."),
     ]
 
 
