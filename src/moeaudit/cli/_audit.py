@@ -115,9 +115,7 @@ def run(
 def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="output directory"),
          model: str = typer.Option(None, help="audit one embedded model (builtin:tiny-moe or builtin:tiny-mixtral) "
                                               "into OUT as a run directory", show_default="both, side by side")) -> None:
-    """The whole audit (all five experiments, then the report) of both embedded models on the embedded corpus:
-    tiny-moe (16 experts, top-4) and tiny-mixtral (8 experts, top-2), one run directory each under OUT and one
-    report in OUT comparing them."""
+    """The whole audit (all five experiments, then the report) of both embedded models and corpus, side by side."""
     from moeaudit.config import demo_configs
 
     try:
