@@ -375,3 +375,18 @@ def test_domain_sentence_says_what_the_test_supports():
     assert "differs across domains for u (Holm p = 0.002)" in hit and "approximate" in hit and " v " not in hit
     none = domain_sentence(table({"u": 0.2, "v": 0.5}), "m")
     assert none.startswith("m: this run cannot tell") and "smallest Holm p = 0.4" in none and "16 documents" in none
+
+
+def test_no_comparison_section_for_runs_with_fewer_than_two_layers():
+    from types import SimpleNamespace
+
+    from moeaudit.report._domains import comparison
+
+    def run(label, layers):
+        z = pd.DataFrame([{"model": label, "layer": i, "metric": m, "z": 0.1 * i} for i in layers for m in "uv"])
+        return SimpleNamespace(label=label, tables={"layer_z": z}, config={"seed": 0})
+
+    assert comparison([run("a", [7]), run("b", [7])]) is None
+    assert comparison([run("a", [0, 7]), run("b", [7])]) is None
+    table = comparison([run("a", [0, 7]), run("b", [1, 2, 3])])
+    assert list(table["metric"]) == ["u", "v"] and table["n_layers_b"].iloc[0] == 3

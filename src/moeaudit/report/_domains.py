@@ -19,8 +19,10 @@ def redundancy(run) -> str:
 
 
 def comparison(runs) -> pd.DataFrame | None:
-    """:func:`compare_models` of the first two runs that hold per-layer z, or ``None``."""
-    usable = [r for r in runs if len(r.tables.get("layer_z", ())) and r.tables["layer_z"]["z"].notna().any()]
+    """:func:`compare_models` of the first two runs that hold per-layer z at two or more layers (layers are the
+    test's units), or ``None``."""
+    usable = [r for r in runs if len(r.tables.get("layer_z", ()))
+              and r.tables["layer_z"].dropna(subset=["z"])["layer"].nunique() >= 2]
     if len(usable) < 2:
         return None
     a, b = usable[:2]

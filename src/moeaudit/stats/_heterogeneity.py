@@ -8,6 +8,7 @@ from itertools import combinations
 from math import comb
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats as sps
 
 #: Most splits of the two-model test (exact enumeration below this, e.g. all 12,870 splits of 8 + 8 layers).
@@ -64,7 +65,7 @@ def _cluster_sums(values: np.ndarray, clusters: np.ndarray, groups: np.ndarray):
     return sums, counts, label.astype(str)
 
 
-def cluster_heterogeneity(values, clusters, groups) -> Heterogeneity:
+def cluster_heterogeneity(values: ArrayLike, clusters: ArrayLike, groups: ArrayLike) -> Heterogeneity:
     r"""Test whether the mean of ``values`` differs across groups, with clusters (documents) as the units.
 
     Estimand: per group k, the ratio mean :math:`m_k = \sum_{g \in k} S_g / \sum_{g \in k} n_g` over its
@@ -169,7 +170,7 @@ def _welch_t(x: np.ndarray, in_a: np.ndarray) -> np.ndarray:
         return (ma - mb) / np.sqrt(np.maximum(va, 0) / na + np.maximum(vb, 0) / nb)
 
 
-def layer_permutation_test(a, b, *, n_perm: int = N_PERM_LAYERS, seed: int = 0) -> TwoGroupComparison:
+def layer_permutation_test(a: ArrayLike, b: ArrayLike, *, n_perm: int = N_PERM_LAYERS, seed: int = 0) -> TwoGroupComparison:
     r"""Do two groups of units (the layers of two models) differ in the mean of one or more statistics?
 
     Estimand: per column c (e.g. a metric), :math:`\mu_{A,c} - \mu_{B,c}`, the difference between the mean over
