@@ -65,12 +65,15 @@ class Preflight:
         identity: The model's identity (:func:`moeaudit._checkpoint.model_identity`); for a hub id only its name
             and commit (its files are fingerprinted once loading has cached them).
         documents: A corpus file's documents, read and decoded (``None`` for named corpora).
+        domains: Each document's domain (:func:`moeaudit.corpus.read_domains`), or ``None`` when the corpus has
+            none.
     """
 
     config: RunConfig
     source: ModelSource
     identity: dict[str, Any]
     documents: list[str] | None
+    domains: list[str] | None = None
 
 
 def preflight(config: RunConfig, out: str | Path) -> Preflight:
@@ -82,7 +85,7 @@ def preflight(config: RunConfig, out: str | Path) -> Preflight:
         ModelSourceError: The model cannot be found (no such directory, hub unreachable and not cached).
         CorpusError: A corpus file that does not exist or does not decode.
     """
-    from moeaudit.corpus import read_documents
+    from moeaudit.corpus import read_documents, read_domains
 
     config = config.with_resolved_paths()
     run_dir = RunDirectory(out)
@@ -93,10 +96,12 @@ def preflight(config: RunConfig, out: str | Path) -> Preflight:
     documents = None
     if config.corpus not in CORPUS_SOURCES or config.corpus == "wikitext-2":  # offline: refused in seconds
         documents = read_documents(config.corpus, text_field=config.text_field, encoding=config.encoding)
+    domains = read_domains(config.corpus, domain_field=config.domain_field, text_field=config.text_field,
+                           encoding=config.encoding)
     identity = model_identity(source)
     if source.kind == "hub":  # its cached files may be incomplete before loading: the commit decides until then
         identity["files"] = None
-    plan = Preflight(config, source, identity, documents)
+    plan = Preflight(config, source, identity, documents, domains)
     check_resumable(run_dir, plan)
     return plan
 

@@ -37,6 +37,8 @@ class Loaded:
     sequences: list
     layers: tuple[int, ...]
     positions: dict[str, Positions]
+    #: Domain of each sequence (index = seq_id) when the corpus labels its documents, else ``None``.
+    domains: list[str] | None = None
 
 
 def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
@@ -97,6 +99,10 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                          "revision": getattr(model.config, "_commit_hash", None)}
     manifest["corpus"] = {"source": config.corpus, "n_sequences": len(sequences), "sha256": fingerprint,
                           "n_tokens": int(sum(len(s) for s in sequences))}
+    domains = None if plan.domains is None else [plan.domains[s.doc_index] for s in sequences]
+    if domains is not None:
+        manifest["corpus"]["domains"] = domains
+        manifest["corpus"]["domain_field"] = config.domain_field or "builtin"
     manifest["positions"] = {kind: p.to_dict() for kind, p in positions.items()}
     run_dir.write_manifest(manifest)
-    return Loaded(model, tokenizer, sequences, layers, positions)
+    return Loaded(model, tokenizer, sequences, layers, positions, domains)

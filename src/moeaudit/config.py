@@ -49,7 +49,8 @@ PROGRESSIVE_SESOI = 0.05
 #: How a run written before a key existed behaved, where that differs from today's default: resuming such a run
 #: compares its configuration with these values (before the arms, the progressive ablation removed the highest
 #: weight first only), so it resumes with ``progressive_arms = ["highest"]`` and is refused otherwise.
-BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"]})
+BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"],
+                                                          "stratify_domains": False})
 SCOPES: tuple[str, ...] = ("token", "sequence")
 MODES: tuple[str, ...] = ("zero", "renormalize", "reroute")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
@@ -81,6 +82,10 @@ class RunConfig(FlatConfig):
         corpus: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
         text_field: Field holding the text in ``.jsonl`` / ``.parquet`` corpora.
         encoding: Text encoding of ``.txt`` / ``.jsonl`` corpora (``utf-8``, ``latin-1``, ``cp1252``, ...).
+        domain_field: Field of ``.jsonl`` / ``.parquet`` rows holding each document's domain (the built-in corpus
+            labels its own): results are then also reported per domain (``tables/domains.csv``).
+        stratify_domains: Where documents have domains, sample the audit's positions stratified by domain (equal
+            numbers per domain) so that every domain gets enough; stored as ``False`` for a corpus without domains.
         n_docs: Documents for the single-expert experiments and the metric table (the paper: 100).
         n_docs_progressive: Documents for the progressive ablation (the paper: 200).
         max_length: Tokens per document after truncation (the paper: 512).
@@ -115,6 +120,8 @@ class RunConfig(FlatConfig):
     corpus: str = "builtin"
     text_field: str = "text"
     encoding: str = "utf-8"
+    domain_field: str | None = None
+    stratify_domains: bool = True
     n_docs: int = 100
     n_docs_progressive: int = 200
     max_length: int = 512
@@ -183,8 +190,10 @@ class RunConfig(FlatConfig):
         from moeaudit._checkpoint import resolve_model_name
 
         corpus = resolve_corpus(self.corpus)
+        has_domains = corpus in ("builtin", "builtin:heldout", "builtin:train") or self.domain_field is not None
         return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=corpus,
-                                   device_map=resolve_device_map_path(self.device_map))
+                                   device_map=resolve_device_map_path(self.device_map),
+                                   stratify_domains=bool(self.stratify_domains and has_domains))
 
 
 def model_label(model: str, name: str | None = None) -> str:
@@ -279,6 +288,25 @@ PRESETS: Mapping[str, RunConfig] = MappingProxyType({
 
 
 RunConfig._PRESETS = PRESETS
+
+
+#: The embedded models the demo audits (the low-redundancy one second).
+DEMO_MODELS: tuple[str, ...] = ("builtin:tiny-moe", "builtin:tiny-mixtral")
+
+
+def demo_configs(model: str | None = None) -> list[RunConfig]:
+    """The demo's configuration for each embedded model (``model`` None: both, :data:`DEMO_MODELS`), the
+    ``demo`` preset with the model and its label swapped in.
+
+    Raises:
+        ConfigError: ``model`` is not one of the embedded models.
+    """
+    if model is not None and model not in DEMO_MODELS and f"builtin:{model}" not in DEMO_MODELS:
+        raise ConfigError(f"model={model!r} is not an embedded model; valid: {', '.join(DEMO_MODELS)}."
+                          f"{did_you_mean(model, DEMO_MODELS)}")
+    chosen = DEMO_MODELS if model is None else (model if model.startswith("builtin:") else f"builtin:{model}",)
+    base = preset("demo")
+    return [dataclasses.replace(base, model=m, name=m.removeprefix("builtin:")) for m in chosen]
 
 
 def preset(name: str) -> RunConfig:

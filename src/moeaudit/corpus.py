@@ -202,6 +202,57 @@ def read_documents(source: str | Path, *, text_field: str = "text", encoding: st
                       f"{', '.join(FILE_SUFFIXES)} file.{did_you_mean(name, NAMED_SOURCES)}")
 
 
+def read_domains(source: str | Path, *, domain_field: str | None = None, text_field: str = "text",
+                 encoding: str = "utf-8") -> list[str] | None:
+    """The domain label of each document of ``source``, aligned with :func:`read_documents` (``None`` when the
+    corpus carries none): the built-in corpus's own domains (prose, code, arithmetic, records), or the
+    ``domain_field`` of each ``.jsonl`` row / ``.parquet`` row.
+
+    Raises:
+        CorpusError: ``domain_field`` given for a corpus that has no fields (``.txt``, wikitext-2, the built-in
+            corpus), or missing from a row.
+    """
+    name = str(source)
+    if name in ("builtin", "builtin:heldout", "builtin:train"):
+        if domain_field is not None:
+            raise CorpusError(f"domain_field={domain_field!r}: the built-in corpus labels its own domains; leave "
+                              "domain_field unset (it names a field of a .jsonl / .parquet corpus).")
+        from moeaudit.builtin import builtin_labelled_documents
+
+        return [d for d, _ in builtin_labelled_documents("train" if name == "builtin:train" else "heldout")]
+    if domain_field is None:
+        return None
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".parquet"):
+        raise CorpusError(f"domain_field={domain_field!r} names a field, but the corpus {name!r} has none; "
+                          "domain labels come from a .jsonl or .parquet corpus (or the built-in corpus). Leave "
+                          "domain_field unset.")
+    if suffix == ".jsonl":
+        pairs = []
+        for lineno, line in enumerate(_read_text(path, encoding).splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)  # read_documents has already refused a line that is not JSON
+            if domain_field not in row:
+                raise CorpusError(f"corpus file {name!r} line {lineno} has no {domain_field!r} field; every row "
+                                  "needs a domain label with domain_field= (or leave it unset).")
+            pairs.append((str(row.get(text_field, "")), str(row[domain_field])))
+    else:
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if domain_field not in frame.columns:
+            raise CorpusError(f"corpus file {name!r} has no {domain_field!r} column (columns: "
+                              f"{', '.join(map(str, frame.columns))}); pass domain_field= naming the domain column.")
+        texts = [str(t) for t in frame[text_field].tolist()]
+        if texts and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in texts) > 1:
+            raise CorpusError(f"corpus file {name!r} is a WikiText export (one row per line, regrouped into "
+                              "articles), so its rows carry no per-document domain; leave domain_field unset.")
+        pairs = list(zip(texts, [str(d) for d in frame[domain_field].tolist()]))
+    return [d for t, d in pairs if t.strip()]
+
+
 def load_corpus(
     source: str | Path,
     tokenizer,

@@ -278,7 +278,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
-    from moeaudit.experiments import ExperimentSettings, summarize, summary_settings
+    from moeaudit.experiments import ExperimentSettings, add_domain_tables, summarize, summary_settings
     from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
 
@@ -290,7 +290,9 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     n_progressive = loaded.positions["progressive"].n if "progressive" in loaded.positions else config.n_progressive
     settings = ExperimentSettings(layers=loaded.layers, metrics=config.metrics, n=n, n_progressive=n_progressive,
                                   progressive_arms=config.progressive_arms, seed=config.seed, scope=config.scope, mode=config.mode,
-                                  min_context=config.min_context, model_name=config.label)
+                                  min_context=config.min_context, model_name=config.label,
+                                  strata=tuple(loaded.domains) if config.stratify_domains and loaded.domains
+                                  else None)
 
     metric_table = run_dir.read_parquet("metrics.parquet")
     if metric_table is None:
@@ -356,6 +358,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     with timer("summary"):
         records = run_dir.read_records()
         tables = summarize(records, metrics=metric_table, **summary_settings(config.to_dict()))
+        add_domain_tables(tables, records, metric_table, manifest, seed=config.seed)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed,
                      positions={kind: p.to_dict() for kind, p in loaded.positions.items()})

@@ -60,6 +60,10 @@ def run(
     min_length: int = _option("min_length", "shorter documents are skipped"),
     text_field: str = _option("text_field", "field holding the text in .jsonl / .parquet corpora"),
     encoding: str = _option("encoding", "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252)"),
+    domain_field: str = _option("domain_field", "field of .jsonl / .parquet rows naming each document's domain: "
+                                                "results also per domain (the builtin corpus has its own)", "unset"),
+    stratify_domains: bool = _option("stratify_domains", "sample positions stratified by domain (where documents "
+                                                         "have domains)"),
     min_context: int = _option("min_context", "positions need at least this many tokens of context"),
     scope: str = _option("scope", "token or sequence"),
     mode: str = _option("mode", "zero, renormalize or reroute"),
@@ -95,7 +99,8 @@ def run(
              "experiments": experiments, "n": n, "n_progressive": n_progressive,
              "progressive_arms": progressive_arms, "progressive_sesoi": progressive_sesoi, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
-             "text_field": text_field, "encoding": encoding, "min_context": min_context, "scope": scope,
+             "text_field": text_field, "encoding": encoding, "domain_field": domain_field,
+             "stratify_domains": stratify_domains, "min_context": min_context, "scope": scope,
              "mode": mode, "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
              "n_boot": n_boot, "sesoi_d": sesoi_d}
     cfg = build_config(RunConfig, config, flags, RUN_FLAGS).with_resolved_paths()
@@ -119,11 +124,33 @@ def run(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="run directory")) -> None:
-    """The whole audit (all five experiments, then the report) on the embedded model and corpus."""
-    from moeaudit.config import preset
+def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="output directory"),
+         model: str = typer.Option(None, help="audit one embedded model (builtin:tiny-moe or builtin:tiny-mixtral) "
+                                              "into OUT as a run directory", show_default="both, side by side")) -> None:
+    """The whole audit (all five experiments, then the report) of both embedded models and corpus, side by side."""
+    from moeaudit.config import demo_configs
 
-    _execute(preset("demo"), out, True)
+    try:
+        configs = demo_configs(model)
+    except expected_errors() as exc:
+        raise fail(exc, flag_names("model", "out")) from None
+    if len(configs) == 1:
+        _execute(configs[0], out, True)
+        return
+    if (out / "manifest.json").is_file():
+        raise fail(FileExistsError(f"out={str(out)!r} holds one run (an earlier demo, or --model); the two-model "
+                                   "demo writes a run directory per model under OUT. Pass another --out, or "
+                                   "--model to resume that run."), flag_names("out"))
+    start = time.perf_counter()
+    for cfg in configs:
+        _execute(cfg, out / cfg.label, False)
+    from moeaudit.report import write_report
+
+    console = make_console()
+    with status(console, f"writing the report of both models to {out}"):
+        paths = write_report([out / cfg.label for cfg in configs], out)
+    console.print(f"demo of {len(configs)} models in {time.perf_counter() - start:.1f} s; report: "
+                  f"{escape(paths['html'])}", highlight=False)
 
 
 @app.command("report")
