@@ -38,22 +38,44 @@ sys.path.insert(0, str(REPO / "src"))
 
 from moeaudit.builtin import corpus  # noqa: E402
 
-DEFAULT_OUT = REPO / "src" / "moeaudit" / "builtin" / "tiny-moe"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_moe_card import summarise, write_model_card  # noqa: E402
+
+BUILTIN_DIR = REPO / "src" / "moeaudit" / "builtin"
+# Per family: the embedded model it produces and its MoE shape. Both have the same total and active expert
+# parameters per layer: 16 x 64 = 8 x 128 = 1024 expert-intermediate units, 4 x 64 = 2 x 128 = 256 active per token.
+FAMILY_DEFAULTS = {
+    "olmoe": {"name": "tiny-moe", "experts": 16, "top_k": 4, "intermediate_size": 64, "tokenizer_from": None},
+    "mixtral": {"name": "tiny-mixtral", "experts": 8, "top_k": 2, "intermediate_size": 128, "tokenizer_from": "tiny-moe"},
+}
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--family",
+        choices=sorted(FAMILY_DEFAULTS),
+        default="olmoe",
+        help="olmoe: builtin:tiny-moe (16 experts, top-4); mixtral: builtin:tiny-mixtral (8 experts, top-2)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="default: src/moeaudit/builtin/<family's model name>/")
+    p.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="reuse the tokenizer files of this checkpoint directory instead of training one "
+        "(mixtral default: the tiny-moe directory, so both embedded models share one tokenizer)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=64)
+    p.add_argument("--intermediate-size", type=int, default=None, help="per expert; default by family (64 / 128)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--experts", type=int, default=None, help="default by family (16 / 8)")
+    p.add_argument("--top-k", type=int, default=None, help="default by family (4 / 2)")
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -68,7 +90,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--card-only", action="store_true", help="only (re)write README.md from eval.json + training_log.csv"
     )
-    return p.parse_args()
+    args = p.parse_args()
+    fam = FAMILY_DEFAULTS[args.family]
+    for key in ("experts", "top_k", "intermediate_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, fam[key])
+    if args.out is None:
+        args.out = BUILTIN_DIR / fam["name"]
+    if args.tokenizer_from is None and fam["tokenizer_from"] is not None:
+        args.tokenizer_from = BUILTIN_DIR / fam["tokenizer_from"]
+    return args
+
+
+def _repo_relative(path: Path) -> str:
+    """A path inside the repository as ``src/...`` (the recorded command stays machine independent)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -205,13 +242,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t_start = time.time()
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
     train_lab = corpus.build_labelled_documents("train")
     held_lab = corpus.build_labelled_documents("heldout")
     train_docs = [t for _, t in train_lab]
     held_docs = [t for _, t in held_lab]
-    tok = train_tokenizer(train_docs, args.vocab_size)
+    if args.tokenizer_from is not None:
+        tok = PreTrainedTokenizerFast.from_pretrained(args.tokenizer_from)
+        if len(tok) != args.vocab_size:
+            raise SystemExit(f"--vocab-size {args.vocab_size} but the tokenizer at {args.tokenizer_from} has {len(tok)}")
+    else:
+        tok = train_tokenizer(train_docs, args.vocab_size)
     train_ids = encode_docs(tok, train_docs)
     held_ids = encode_docs(tok, held_docs)
     held_labels = [d for d, _ in held_lab]
@@ -243,7 +285,7 @@ def main() -> None:
     blocks = stream[: n_blocks * args.seq_len].view(n_blocks, args.seq_len)
     print(f"{stream.numel()} training tokens -> {n_blocks} blocks of {args.seq_len}", flush=True)
 
-    config = OlmoeConfig(
+    common = dict(
         vocab_size=len(tok),
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
@@ -251,19 +293,25 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
         max_position_embeddings=512,
-        num_experts=args.experts,
         num_experts_per_tok=args.top_k,
         router_aux_loss_coef=args.aux_coef,
         output_router_logits=True,
-        norm_topk_prob=False,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         rope_theta=10000.0,
     )
+    if args.family == "mixtral":
+        # Mixtral routing: softmax over all experts, top-k, weights renormalised over the k (no flag to turn it
+        # off); full causal attention (sliding_window=None); no router jitter.
+        config = MixtralConfig(num_local_experts=args.experts, sliding_window=None, router_jitter_noise=0.0, **common)
+        model_cls = MixtralForCausalLM
+    else:
+        config = OlmoeConfig(num_experts=args.experts, norm_topk_prob=False, **common)
+        model_cls = OlmoeForCausalLM
     seed_everything(args.seed)
-    model = OlmoeForCausalLM(config)
+    model = model_cls(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     model.set_experts_implementation(args.experts_impl)
@@ -346,7 +394,7 @@ def main() -> None:
     final = evaluate(loaded, held_ids, held_labels, args.experts, args.top_k)
     eval_seconds = time.time() - t_eval
     seed_everything(args.seed + 1)
-    rand_model = OlmoeForCausalLM(config).eval()
+    rand_model = model_cls(config).eval()
     rand = evaluate(rand_model, held_ids, held_labels, args.experts, args.top_k)
     with open(args.out / "training_log.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(log_rows[0].keys()))
@@ -354,7 +402,7 @@ def main() -> None:
         w.writerows(log_rows)
     summary = {
         "command": "PYTHONPATH=src python scripts/train_tiny_moe.py " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "args": {k: (_repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -380,188 +428,6 @@ def main() -> None:
     print("trained:", json.dumps(summary["trained_routing_summary"]))
     print("random :", json.dumps(summary["random_init_same_config"]["routing_summary"]))
     print(f"total wall time {time.time() - t_start:.0f}s")
-
-
-def write_model_card(out: Path, ev: dict) -> None:
-    a = ev["args"]
-    tr = ev["trained"]
-    rs = ev["trained_routing_summary"]
-    rr = ev["random_init_same_config"]["routing_summary"]
-    c = ev["corpus"]
-    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md")
-    size_mb = sum(p.stat().st_size for p in files) / 1e6
-    rows = "\n".join(
-        f"| {L['layer']} | {L['min_fraction']:.4f} | {L['max_fraction']:.4f} | {L['cv']:.3f} | {L['normalised_entropy']:.3f} "
-        f"| {L['mean_router_entropy_normalised']:.3f} | {L['domain_expert_mi_normalised']:.3f} "
-        f"| {', '.join(f'{d}:{e}' for d, e in L['most_used_expert_by_domain'].items())} |"
-        for L in tr["routing"]
-    )
-    dom_rows = "\n".join(
-        f"| {split} | {d} | {v['documents']} | {v['characters']:,} | {v['tokens']:,} |"
-        for split in ("train", "heldout")
-        for d, v in c[split]["per_domain"].items()
-    )
-    with open(out / "training_log.csv", newline="") as fh:
-        log = list(csv.DictReader(fh))
-    curve = "\n".join(
-        f"| {r['step']} | {r['lm_loss']} | {r['aux_loss']} | {r['heldout_ce']} | {r['elapsed_s']} |"
-        for r in log
-        if r["heldout_ce"] or r["step"] in ("0", "50")
-    )
-
-    def fmt(d: dict, k: str) -> str:
-        return f"{d[k]['mean']:.3f} (min {d[k]['min']:.3f}, max {d[k]['max']:.3f})"
-
-    text = f"""# tiny-moe: the embedded demo/test checkpoint of moeaudit (`builtin:tiny-moe`)
-
-A ~{ev["parameters"] / 1e6:.1f}M-parameter **OLMoE-architecture** (`OlmoeForCausalLM`) causal language model trained from
-scratch on CPU on the deterministic built-in corpus (`moeaudit.builtin.corpus`). It exists so that moeaudit's
-audit runs end to end offline in minutes and so that the test suite has a model whose routing was *learned*.
-
-**Intended use: demos and tests only.** It is tiny and trained on ~{c["train"]["tokens"] / 1e6:.1f}M tokens of mostly
-synthetic text; findings about its experts say nothing about large MoE language models.
-
-## Loading
-
-```python
-import moeaudit
-loaded = moeaudit.load_model("builtin:tiny-moe")
-# or, with plain transformers (no network access needed):
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from moeaudit.builtin import builtin_model_path
-path = builtin_model_path("tiny-moe")
-model = AutoModelForCausalLM.from_pretrained(path)
-tokenizer = AutoTokenizer.from_pretrained(path)
-```
-
-Special tokens: `<|endoftext|>` (id {0}, eos, also used as bos; documents are encoded *without* a BOS and
-terminated by it) and `<|pad|>` (id 1, pad). Maximum length 512 tokens (`max_position_embeddings` and
-`model_max_length`). Weights are float32 (`model.safetensors`).
-
-## Architecture
-
-| field | value |
-|---|---|
-| architecture | `OlmoeForCausalLM` (transformers {ev["environment"]["transformers"]}) |
-| layers (all MoE) | {a["layers"]} |
-| hidden size | {a["hidden_size"]} |
-| attention heads (= KV heads) | {a["heads"]} |
-| routed experts per layer | {a["experts"]} |
-| experts per token (top-k) | {a["top_k"]} (`norm_topk_prob=False`) |
-| expert intermediate size | {a["intermediate_size"]} |
-| vocabulary | {a["vocab_size"]} (byte-level BPE) |
-| tied input/output embeddings | yes |
-| router aux (load-balancing) loss coefficient | {a["aux_coef"]} |
-| parameters | {ev["parameters"]:,} |
-| files in this directory (excluding README) | {size_mb:.1f} MB |
-
-## Data
-
-The built-in corpus (see the docstring of `moeaudit/builtin/corpus.py`), built by code on the fly:
-real English reference-manual text from the running Python's `pydoc_data.topics` (training split only,
-because it varies between Python versions) plus four seeded generated domains (templated prose with
-in-context facts and questions, small Python functions, arithmetic lines with correct results, CSV / JSON-lines
-records). The held-out split is fully generated and byte-identical on CPython 3.10-3.13.
-Corpus statistics for this build (Python {ev["environment"]["python"]}):
-
-| split | domain | documents | characters | tokens (incl. one `<|endoftext|>` per doc) |
-|---|---|---|---|---|
-{dom_rows}
-
-Totals: train {c["train"]["documents"]:,} documents / {c["train"]["characters"]:,} characters / {c["train"]["tokens"]:,} tokens;
-held-out {c["heldout"]["documents"]} documents / {c["heldout"]["characters"]:,} characters / {c["heldout"]["tokens"]:,} tokens.
-
-## Tokenizer
-
-Byte-level BPE trained with `tokenizers` on the training split (vocab {a["vocab_size"]}, min frequency 2),
-saved via `transformers.PreTrainedTokenizerFast.save_pretrained`.
-
-## Training
-
-```
-{ev["command"].strip()}
-```
-
-Seed {a["seed"]}; AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak LR {a["lr"]},
-{a["warmup"]} warm-up steps then cosine decay to 10%; {a["steps"]} steps of {a["batch_size"]} packed sequences of
-{a["seq_len"]} tokens ({a["steps"] * a["batch_size"] * a["seq_len"] / 1e6:.2f}M tokens, documents separated by
-`<|endoftext|>`); gradient clipping 1.0; loss = LM cross-entropy + {a["aux_coef"]} x the model's own
-load-balancing loss (`output_router_logits=True` during training, saved as `False`). Trained on
-{ev["environment"]["cpu_threads"]} CPU threads ({ev["environment"]["machine"]}, shared with other jobs) in
-**{ev["train_seconds"] / 60:.1f} minutes**; Python {ev["environment"]["python"]}, torch {ev["environment"]["torch"]}.
-Full loss curve: `training_log.csv` (step, loss, lm_loss, aux_loss, lr, grad_norm, tokens_seen, elapsed_s,
-heldout_ce on a quarter of the held-out documents). Excerpt:
-
-| step | LM loss (train) | aux loss | held-out CE (subset) | elapsed s |
-|---|---|---|---|---|
-{curve}
-
-## Held-out quality
-
-Measured on the whole held-out split ({tr["heldout_tokens_scored"]:,} predicted tokens; each document scored
-alone in windows of at most 512 tokens, targets include the final `<|endoftext|>`):
-
-| metric | nats / token |
-|---|---|
-| next-token cross-entropy (this model) | **{tr["heldout_ce_nats"]:.3f}** |
-| unigram entropy of the same target tokens (plug-in estimate from held-out frequencies) | {tr["heldout_unigram_entropy_nats"]:.3f} |
-| reduction vs unigram entropy | **{100 * tr["ce_reduction_vs_unigram"]:.1f}%** (bar: >= 40%) |
-| random-init model of the same config | {ev["random_init_same_config"]["heldout_ce_nats"]:.3f} |
-
-## Routing (learned, not uniform)
-
-Utilisation = fraction of the held-out (token, top-k slot) assignments that go to each expert, per layer.
-"router entropy" is the mean per-token entropy of the full softmax over experts / log({a["experts"]}).
-"domain MI" is the mutual information between the document's domain and the chosen expert divided by the
-entropy of the utilisation.
-
-| statistic (mean over layers) | trained | random init, same config |
-|---|---|---|
-| coefficient of variation of utilisation | {fmt(rs, "cv")} | {fmt(rr, "cv")} |
-| min expert fraction | {fmt(rs, "min_fraction")} | {fmt(rr, "min_fraction")} |
-| max expert fraction (uniform = {1 / a["experts"]:.4f}) | {fmt(rs, "max_fraction")} | {fmt(rr, "max_fraction")} |
-| normalised utilisation entropy | {fmt(rs, "normalised_entropy")} | {fmt(rr, "normalised_entropy")} |
-| normalised router entropy per token | {fmt(rs, "mean_router_entropy_normalised")} | {fmt(rr, "mean_router_entropy_normalised")} |
-| normalised domain-expert MI | {fmt(rs, "domain_expert_mi_normalised")} | {fmt(rr, "domain_expert_mi_normalised")} |
-
-Reading: the load-balancing loss keeps aggregate utilisation close to balanced (normalised utilisation
-entropy {rs["normalised_entropy"]["mean"]:.2f}), but not uniform: the busiest expert of a layer gets on average
-{rs["max_fraction"]["mean"] / (1 / a["experts"]):.1f}x its uniform share and the least used {rs["min_fraction"]["mean"] / (1 / a["experts"]):.2f}x.
-The clearest signature that routing was *learned* is the router's confidence: a random-init router spreads
-each token almost uniformly over the experts (normalised per-token entropy
-{rr["mean_router_entropy_normalised"]["mean"]:.2f}) while the trained one concentrates it
-({rs["mean_router_entropy_normalised"]["mean"]:.2f}, down to {rs["mean_router_entropy_normalised"]["min"]:.2f} in the sharpest layer).
-Utilisation CV alone does *not* separate trained from random-init routing here (a random router on real
-token embeddings is already lumpy, CV {rr["cv"]["mean"]:.2f}), nor does domain-expert mutual information (a random
-router is a fixed function of the token, and domains use different tokens). Tests therefore check
-non-uniform utilisation (CV > 0.2 in every layer) plus router entropy well below that of a random-init model.
-
-Per layer (trained):
-
-| layer | min frac | max frac | CV | norm. entropy | router entropy | domain MI | most used expert per domain |
-|---|---|---|---|---|---|---|---|
-{rows}
-
-Per-expert fractions for every layer are in `eval.json` (`trained.routing`).
-
-## Cost
-
-A forward pass over the whole held-out split with the default (eager) experts implementation took
-{ev["heldout_eval_seconds_eager"]:.1f} s here (one document window at a time, including routing statistics).
-
-## Reproducing
-
-`PYTHONPATH=src python scripts/train_tiny_moe.py` rewrites this directory. Results are seeded but bitwise
-reproducibility is only expected with the same Python (training text), torch build and thread count.
-"""
-    (out / "README.md").write_text(text)
-
-
-def summarise(layers: list[dict]) -> dict:
-    keys = ("cv", "min_fraction", "max_fraction", "normalised_entropy", "mean_router_entropy_normalised",
-            "domain_expert_mi_normalised")  # fmt: skip
-    return {k: {"mean": float(np.mean([L[k] for L in layers])), "min": float(np.min([L[k] for L in layers])),
-                "max": float(np.max([L[k] for L in layers]))} for k in keys}  # fmt: skip
 
 
 if __name__ == "__main__":

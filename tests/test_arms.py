@@ -162,3 +162,27 @@ def test_single_arm_has_no_comparison():
     recs = recs[recs["role"].str.startswith("lowest")]
     assert arm_comparisons(recs).empty and arms_verdict(arm_comparisons(recs)) is None
     assert set(progressive_cells(recs)["arm"]) == {"lowest"}
+
+
+def test_verdict_counts_what_the_cli_counts():
+    """A comparison that differs and is also equivalent within the margin is counted as 'differs, within bounds'
+    (the CLI's count), not among the equivalent ones."""
+    recs = _synthetic(np.random.default_rng(1), planted={(1, "highest"): 0.5}, noise=0.01)
+    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
+    i = table.index[table["decision"] == "equivalent"][0]
+    table.loc[i, ["significant", "decision"]] = [True, "differs, within bounds"]
+    text = arms_verdict(table)
+    counts = table["decision"].value_counts()
+    assert (f"{counts['differs']} differ, 1 differs but stays within ±0.05 nats, {counts['equivalent']} are "
+            "equivalent within ±0.05 nats") in text
+
+
+def test_long_arms_table_lists_only_what_is_not_equivalent():
+    planted = {(layer, "highest"): 1.0 for layer in range(3)}
+    recs = _synthetic(np.random.default_rng(5), planted=planted, noise=0.01, layers=tuple(range(10)))
+    table = arm_comparisons(recs, n_perm_for=_n_perm)
+    t = progressive_arms_table(table, "m")
+    n_equivalent = int((table["decision"] == "equivalent").sum())
+    assert len(table) == 60 and n_equivalent > 0
+    assert len(t.rows) == 60 - n_equivalent and all(row[-1] != "equivalent" for row in t.rows)
+    assert f"The {n_equivalent} equivalent comparisons are not listed" in t.notes

@@ -57,3 +57,14 @@ def test_bench_command_line(capsys):
     assert '"speedup"' in out and '"query_tokens_per_chunk": 2' in out
     with pytest.raises(Exception, match="--set 'hidden_size': write KEY=VALUE"):
         BenchConfig(set=("hidden_size",))
+
+
+def test_attribution_bench_at_small_width():
+    from moeaudit.bench._attribution import format_attribution, run_attribution_bench
+
+    cfg = BenchConfig(preset="olmoe-1b-7b", num_hidden_layers=2, set=SMALL["olmoe-1b-7b"], seq_len=24,
+                      n_ablations=6, repeats=1, attribution=True)
+    r = run_attribution_bench(cfg)
+    assert r.estimates == 23 * 8 * 2 and r.forward_s > 0 and r.attribution_s > 0
+    assert r.exact_s == r.exact_clean_s + r.exact_per_ablation_s * r.estimates
+    assert "forward + backward" in format_attribution(r)

@@ -121,4 +121,4 @@ def test_demo_help_is_one_paragraph():
     result = runner.invoke(app, ["demo", "--help"], terminal_width=240, env={"COLUMNS": "240"})
     summary = result.output.split("Usage:")[1].split("╭")[0].strip().splitlines()[1:]
     assert [line for line in summary if line.strip()] == [
-        " The whole audit (all five experiments, then the report) on the embedded model and corpus."]
+        " The whole audit (all five experiments, then the report) of both embedded models and corpus, side by side."]

@@ -37,10 +37,12 @@ def test_verdict_and_table_say_what_p_perm_decided():
     audit = decide_family(_cells([1e-4, 0.03, 0.5]), expert_level=True)
     text = audit_verdict(audit)
     assert "1 of 3 metric × layer cells shows an effect" in text and "(p_perm) all survive" in text
-    assert "random rankings of the experts reach the same |d|" in text and "p_perm = 0.03" in text
+    assert "test against random rankings of the experts does not survive correction" in text
+    assert "p_perm = 0.03" in text and "not the same as shown no better" in text
     expert = expert_level_verdict(audit, None)
     assert "d in [-0.250, +0.270]" in expert and "of the 3 cells whose token-level tests survive" in expert
-    assert "2 do no better than random rankings" in expert and "1 of 3 cells reach p_perm" in expert
+    assert "2 are not shown to beat random rankings" in expert and "1 of 3 cells reach p_perm" in expert
+    assert "no better than random" not in expert
     table = audit_table(audit, "m")
-    assert table.rows[1][-1] == "no better than random rankings" and "p_perm" in table.columns
+    assert table.rows[1][-1] == "not shown beyond random rankings" and "p_perm" in table.columns
     assert "p_mean, p_rank and p_perm all survive" in table.notes

@@ -463,3 +463,37 @@ def test_redistribution_records_the_output_norm_and_clustered_correlations(olmoe
     # records without output_norm (written before it was stored) fall back to gap / weight in zero mode
     old = summarize(result.records.drop(columns=["output_norm"]), n_boot=50)["redistribution_layers"]
     np.testing.assert_allclose(old["rho_weight_norm"], layers["rho_weight_norm"], atol=1e-3)
+
+
+def test_metric_table_and_the_new_audit_columns(olmoe_run):
+    """tables["metrics"] has the names downstream checks read; p_metric recomputed from the pool with the audit's
+    tie keys and the run's seed; the audit's d_perm_pct / ceiling share / layer_informative are consistent."""
+    from moeaudit.experiments._expert_null import _metric_vector
+    from moeaudit.experiments._metric_test import LayerNull, observed_d, pooled_metric_test, relabeled_d, tie_keys
+    from moeaudit.experiments._pool import pools
+
+    _, _, settings, result = olmoe_run
+    metrics, audit = result.tables["metrics"], result.tables["audit"]
+    for column in ("metric", "n_layers", "pooled_z", "p_metric", "p_metric_holm", "ceiling_share",
+                   "ceiling_share_low", "ceiling_share_high", "decision"):
+        assert column in metrics.columns
+    for column in ("d_perm_pct", "ceiling_share", "ceiling_share_low", "ceiling_share_high", "layer_informative"):
+        assert column in audit.columns
+    assert metrics["p_metric"].between(0, 1).all() and (metrics["p_metric_holm"] >= metrics["p_metric"]).all()
+    assert audit["d_perm_pct"].between(0, 100).all()
+    share = audit["cohens_d"] / audit["d_ceiling"].where(audit["d_ceiling"] > 0)
+    np.testing.assert_allclose(audit["ceiling_share"], share, rtol=1e-9)
+    layer_pools = pools(result.records)
+    row = metrics.iloc[0]
+    d_obs, nulls = {}, {}
+    for layer in sorted(audit["layer"].unique()):
+        pool = layer_pools[(row["model"], int(layer))]
+        values = _metric_vector(result.metrics, int(layer), row["metric"], 16)
+        keys = tie_keys(pool, settings.seed)
+        d_obs[int(layer)] = observed_d(pool, values, keys)
+        nulls[int(layer)] = LayerNull.of(relabeled_d(pool, values, keys, 20_000, np.random.default_rng(layer)))
+        cell = audit[(audit["layer"] == layer) & (audit["metric"] == row["metric"])].iloc[0]
+        assert d_obs[int(layer)] == pytest.approx(cell["cohens_d"], abs=1e-9)
+    again = pooled_metric_test(d_obs, nulls)
+    p = row["p_metric"]
+    assert abs(again.p_metric - p) < 5 * np.sqrt(max(p * (1 - p), 1e-4) / 10_000) + 2e-3

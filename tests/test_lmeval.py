@@ -67,7 +67,7 @@ def test_in_memory_pruned_scores_equal_the_sliced_checkpoint(task_dir):
 def test_prune_eval_writes_lm_eval_scores_per_pruned_model(task_dir, tmp_path):
     config = PruneConfig(model="builtin:tiny-moe", n_docs=3, n_docs_eval=3, max_length=48, criteria=("reap",),
                          fractions=(0.25,), lm_eval_tasks=("moeaudit_tiny_ll",), lm_eval_include=str(task_dir),
-                         n_boot=20, n_perm=100, dtype="float32", device="cpu")
+                         n_boot=40, n_perm=100, dtype="float32", device="cpu")
     result = prune_eval(config, tmp_path / "run", report=False)
     table = pd.read_csv(tmp_path / "run" / "lm_eval.csv")
     assert set(table["criterion"]) == {"none", "reap"} and set(table["task"]) == {"moeaudit_tiny_ll"}

@@ -38,7 +38,7 @@ def _without_timestamp(text: str) -> str:
 def test_every_artefact_is_written(clean):
     out, result = clean
     for name in ("manifest.json", "config.toml", "verification.json", "metrics.parquet", "stability.parquet",
-                 "summary.csv", "summary.json", "report.md", "report.html", "tables/audit.csv"):
+                 "summary.csv", "summary.json", "report.md", "report.html", "tables/audit.csv", "tables/metrics.csv"):
         assert (out / name).is_file(), name
     assert set(RunDirectory(out).finished_cells()) == CELLS
     figures = {p.name for p in (out / "figures").iterdir()}
@@ -72,8 +72,10 @@ def test_summary_files_equal_the_records_summary(clean):
                        seed=CONFIG.seed, sesoi_d=CONFIG.sesoi_d)
     stored = json.loads((out / "summary.json").read_text())
     for name, table in tables.items():
-        pd.testing.assert_frame_equal(pd.DataFrame(stored[name]).reset_index(drop=True),
-                                      table.reset_index(drop=True), check_dtype=False, rtol=1e-12)
+        left = pd.DataFrame(stored[name])  # a column that is all NaN comes back from JSON as None
+        left = left.astype({c: float for c in left.columns if left[c].isna().all()})
+        pd.testing.assert_frame_equal(left.reset_index(drop=True), table.reset_index(drop=True), check_dtype=False,
+                                      rtol=1e-12)
     long = pd.read_csv(out / "summary.csv")
     assert (long["table"] == "audit").sum() == 8 and (long["table"] == "control").sum() == 2
     audit = tables["audit"]
@@ -270,7 +272,7 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     html = (out / "report.html").read_text()
     assert not re.search(r'(src|href)="(https?:|//|figures/)', html), "the HTML must be self-contained"
     n_images = html.count("<img ")
-    assert n_images == 5
+    assert n_images == 6  # the scorecard at the top, then the five figures
     probe = html.replace("</body>", "<script>window.addEventListener('load', () => { const ok = [...document.images]"
                          ".filter(i => i.complete && i.naturalWidth > 100).length; document.title = "
                          "`images:${ok}/${document.images.length}`; });</script></body>")
@@ -356,7 +358,10 @@ def test_validate_writes_validation_json_and_the_report_section(clean, tmp_path)
     shutil.copytree(out, copy)
     result = moeaudit.validate(copy, n_families=20, n_power_draws=4)
     stored = json.loads((copy / "validation.json").read_text())
-    assert set(stored) >= {"null_rate", "fwer", "power", "mde_d", "random_ranking_rate"}
+    assert set(stored) >= {"null_rate", "fwer", "power", "mde_d", "random_ranking_rate", "null_rate_skewed",
+                           "null_rate_docflip", "power_rule", "p_detect_ceiling", "n_needed"}
+    assert set(stored["null_rate_skewed"]["mean_test"]) == {"rate", "ci_low", "ci_high", "n_draws"}
+    assert {row["scope"] for row in stored["power_rule"]} >= {"pooled"}
     assert stored["null_rate"]["t"]["n_draws"] == 20 * 8  # 20 families x 8 audit cells
     assert stored["fwer"]["family_size"] == 8 and stored["n_records"] == len(RunDirectory(copy).read_records())
     assert {row["n"] for row in stored["power"]} == {10, 12}

@@ -184,7 +184,7 @@ def test_a_hub_run_binds_its_commit_and_refuses_another(tmp_path, monkeypatch):
         (repo / "refs" / "main").write_text(commit)
 
     publish("a" * 40, seed=0)
-    cfg = RunConfig(model="org/tiny", layers=(1,), n=8, n_docs=2, max_length=32, experiments=("audit",), n_boot=20,
+    cfg = RunConfig(model="org/tiny", layers=(1,), n=8, n_docs=2, max_length=32, experiments=("audit",), n_boot=40,
                     device="cpu")
     run_audit(cfg, tmp_path / "run", report=False)
     identity = json.loads((tmp_path / "run" / "manifest.json").read_text())["model_identity"]

@@ -273,7 +273,7 @@ def test_cli_map_and_prune_eval(tmp_path):
     assert (tmp_path / "map" / "report.html").is_file()
     result = runner.invoke(app, ["prune-eval", "demo", *args, "--n-docs-eval", "3", "--criteria",
                                  "utilization_rate,random", "--fractions", "0.25", "--random-seeds", "2",
-                                 "--per-layer", "--n-boot", "20", "--out", str(tmp_path / "prune")])
+                                 "--per-layer", "--n-boot", "40", "--out", str(tmp_path / "prune")])
     assert result.exit_code == 0, result.output
     per_layer = pd.read_csv(tmp_path / "prune" / "per_layer.csv")
     assert set(per_layer["layer"]) == {0, 7} and set(per_layer["criterion"]) == {"utilization_rate", "random"}

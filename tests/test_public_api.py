@@ -8,10 +8,11 @@ import sys
 import moeaudit
 
 EXPECTED = [
-    "Ablation", "AblationResult", "CorpusSequence", "Execution", "ExperimentSettings", "ExpertMeans", "MapConfig", "MoEDescription",
-    "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "describe", "expert_means", "importance_map",
-    "load_corpus", "load_model", "load_run", "mean_replaced", "merge_runs", "moe_layers", "observe", "preset", "prune_eval", "pruned",
-    "removed_size", "run_audit", "run_experiments", "slice_experts", "summarize", "valid_positions", "validate", "verify",
+    "Ablation", "AblationResult", "AttributeConfig", "CorpusSequence", "Execution", "ExperimentSettings", "ExpertMeans", "MapConfig",
+    "MoEDescription", "PruneConfig", "RunConfig", "SequenceAblator", "Shard", "__version__", "ablate", "attribute", "attribution_run",
+    "describe", "expert_means", "importance_map", "load_corpus", "load_model", "load_run", "mean_replaced", "merge_runs", "moe_layers",
+    "observe", "preset", "prune_eval", "pruned", "removed_size", "run_audit", "run_experiments", "slice_experts", "summarize",
+    "valid_positions", "validate", "verify",
     "write_report",
 ]
 

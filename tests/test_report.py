@@ -37,9 +37,11 @@ FAMILIES = pd.DataFrame([{"model": "m", "family": "audit", "m_cells": 3, "n": 20
 def test_audit_verdict_follows_the_numbers():
     null = audit_verdict(_audit([0.05, -0.02, 0.01], [0.4, 0.7, 0.9], [False] * 3), FAMILIES)
     assert "0 of 3 metric × layer cells show an effect under the decision rule" in null
-    assert "none of utilization is shown" in null and "All 3 cells are inconclusive" in null
+    assert "none of utilization is shown, cell by cell" in null and "All 3 cells are inconclusive" in null
+    assert "assumption these data do not support" not in null and "metric-level test" in null
     assert "largest |d| is utilization at L0 (d = +0.050" in null and "0 cells reach p < .05" in null
-    assert "detects |d| = 0.27 with 80% power" in null and "0.31 at the median design effect" in null
+    assert "detect a location shift of |d| = 0.27 with 80% power" in null and "0.31 at the median design effect" in null
+    assert "not the power of the rule with p_perm" in null
     assert "BF0+ exceeds 3 in 3 of 3 cells at prior scale r = 0.707, 0 of 3 cells at prior scale r = 0.5" in null
     assert "not evidence that the effect is zero" in null and "half-width" not in null
     mixed = audit_verdict(_audit([0.35, -0.30, 0.01], [1e-6, 1e-5, 0.9], [True, True, False]))
@@ -57,7 +59,8 @@ def test_audit_verdict_names_the_estimand_when_mean_and_typical_token_part():
     assert "0 of 4 metric × layer cells show an effect" in text
     assert "point opposite ways at utilization at L0 (d = +0.260, p_mean = 0.0003, but 50.0% of D > 0" in text
     assert "p_rank = 3e-14" in text and "neither an effect of known sign nor its absence" in text
-    assert "Only the typical token shifts at utilization at L1" in text and "different estimands" in text
+    assert "test of the mean does not (which does not show that the mean is zero) at utilization at L1" in text
+    assert "different estimands" in text and "Only the typical token shifts" not in text
     assert "Only the mean of D differs from zero at utilization at L2" in text
     assert "Equivalent to no effect (|d| < 0.2, TOST at the corrected α): utilization at L3" in text
     assert "inconclusive" not in text  # every cell has a named outcome

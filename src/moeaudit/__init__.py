@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "Ablation": "moeaudit.intervene",
     "AblationResult": "moeaudit.intervene",
+    "AttributeConfig": "moeaudit.attribution",
     "CorpusSequence": "moeaudit.corpus",
     "Execution": "moeaudit.execution",
     "ExpertMeans": "moeaudit.intervene",
@@ -25,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "SequenceAblator": "moeaudit.intervene",
     "Shard": "moeaudit.execution",
     "ablate": "moeaudit.intervene",
+    "attribute": "moeaudit.intervene",
+    "attribution_run": "moeaudit.attribution",
     "describe": "moeaudit.models",
     "expert_means": "moeaudit.intervene",
     "importance_map": "moeaudit.pruning",

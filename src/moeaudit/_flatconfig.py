@@ -92,6 +92,8 @@ class FlatConfig:
                 raise ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, valid)} Valid keys: "
                                   f"preset, {', '.join(valid)}.", source=source if from_file else None)
         merged = (base or cls()).to_dict()
+        if "model" in values and "name" in merged and "name" not in values and values["model"] != merged["model"]:
+            merged["name"] = None  # a preset's or file's label names its own model, not the one given here
         merged.update(values)
         if not from_file:
             return cls(**merged)
@@ -157,11 +159,12 @@ def _scalar(key: str, value: Any, kind: type) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Normalise the forms files and flags produce (``"0,4,7"`` / lists for tuples, ``fp16`` for ``float16``),
-    following the field's type hint; ``None`` (and ``"all"`` / ``""`` for optional tuples) means unset."""
+    following the field's type hint; ``None`` (and ``"all"`` for optional tuples) means unset; an empty string is an
+    empty list (which each configuration refuses where a list may not be empty, like any empty list)."""
     kind, nullable = _split(hint)
     if typing.get_origin(kind) is tuple:
         element = typing.get_args(kind)[0]
-        if value is None or (nullable and value in ("", "all")):
+        if value is None or (nullable and value == "all"):
             return None if nullable else ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

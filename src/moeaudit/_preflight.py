@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from moeaudit._checkpoint import ModelSource, identity_changes, locate_model, manifest_identity, model_identity
-from moeaudit.config import BEFORE_KEY_EXISTED, CORPUS_SOURCES, RunConfig
+from moeaudit.config import BEFORE_KEY_EXISTED, CORPUS_SOURCES, SUMMARY_KEYS, RunConfig
 from moeaudit.errors import ConfigError, RunDirectoryError, did_you_mean
-from moeaudit.rundir import RunDirectory
+from moeaudit.rundir import RUN_TOOL, RunDirectory
 
 
 def check_device(device: str) -> str:
@@ -65,12 +65,15 @@ class Preflight:
         identity: The model's identity (:func:`moeaudit._checkpoint.model_identity`); for a hub id only its name
             and commit (its files are fingerprinted once loading has cached them).
         documents: A corpus file's documents, read and decoded (``None`` for named corpora).
+        domains: Each document's domain (:func:`moeaudit.corpus.read_domains`), or ``None`` when the corpus has
+            none.
     """
 
     config: RunConfig
     source: ModelSource
     identity: dict[str, Any]
     documents: list[str] | None
+    domains: list[str] | None = None
 
 
 def preflight(config: RunConfig, out: str | Path) -> Preflight:
@@ -82,7 +85,7 @@ def preflight(config: RunConfig, out: str | Path) -> Preflight:
         ModelSourceError: The model cannot be found (no such directory, hub unreachable and not cached).
         CorpusError: A corpus file that does not exist or does not decode.
     """
-    from moeaudit.corpus import read_documents
+    from moeaudit.corpus import read_documents, read_domains
 
     config = config.with_resolved_paths()
     run_dir = RunDirectory(out)
@@ -91,12 +94,14 @@ def preflight(config: RunConfig, out: str | Path) -> Preflight:
                                 "for the run (a new one, or a run directory to resume).")
     source = locate_model(config.model)
     documents = None
-    if config.corpus not in CORPUS_SOURCES:
+    if config.corpus not in CORPUS_SOURCES or config.corpus == "wikitext-2":  # offline: refused in seconds
         documents = read_documents(config.corpus, text_field=config.text_field, encoding=config.encoding)
+    domains = read_domains(config.corpus, domain_field=config.domain_field, text_field=config.text_field,
+                           encoding=config.encoding)
     identity = model_identity(source)
     if source.kind == "hub":  # its cached files may be incomplete before loading: the commit decides until then
         identity["files"] = None
-    plan = Preflight(config, source, identity, documents)
+    plan = Preflight(config, source, identity, documents, domains)
     check_resumable(run_dir, plan)
     return plan
 
@@ -111,7 +116,10 @@ def check_resumable(run_dir: RunDirectory, plan: Preflight) -> bool:
     if not run_dir.exists():
         return False
     manifest = run_dir.manifest()
-    run_dir.check_config(manifest, plan.config.to_dict(), defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED})
+    if run_dir.restartable(manifest) and manifest.get("tool", RUN_TOOL) == RUN_TOOL:
+        return True  # failed before its first cell: the run starts afresh (RunDirectory.claim)
+    run_dir.check_config(manifest, plan.config.to_dict(), defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED},
+                         relaxed=SUMMARY_KEYS)
     check_identity(run_dir, manifest, plan.identity)
     run_dir.check_files()
     return True
@@ -143,6 +151,31 @@ class Positions:
 
     def to_dict(self) -> dict[str, int]:
         return {"requested": self.requested, "available": self.available, "n": self.n}
+
+
+def check_documents(config: RunConfig, available: int, *, allow_fewer: bool, message=None) -> None:
+    """Refuse ``n_docs`` / ``n_docs_progressive`` above the documents the corpus has (those of at least
+    ``min_length`` tokens), as ``map`` and ``prune-eval`` do, unless ``allow_fewer`` (then ``message`` says so);
+    and ranking stability with fewer than 4 documents (two per random half), before the model loads.
+
+    Raises:
+        ConfigError: Naming the counts and the fix.
+    """
+    wanted = [("n_docs", config.n_docs)]
+    if "progressive" in config.experiments:
+        wanted.append(("n_docs_progressive", config.n_docs_progressive))
+    for key, n in wanted:
+        if n > available and not allow_fewer:
+            raise ConfigError(f"{config.corpus!r} has only {available} documents of at least min_length="
+                              f"{config.min_length} tokens, but the run asks for {key}={n}. Lower {key}= or "
+                              f"min_length=, use a larger corpus, or pass allow_fewer=True to run with {available}.")
+        if n > available and message is not None:
+            message(f"the corpus has {available} documents for {key}={n}; running with {available} "
+                    "(allow_fewer=True)")
+    if "stability" in config.experiments and min(config.n_docs, available) < 4:
+        raise ConfigError(f"ranking stability compares random halves of the documents and needs at least 4, but the "
+                          f"run has {min(config.n_docs, available)} (n_docs={config.n_docs}); raise n_docs=, or "
+                          "leave stability out of experiments=.")
 
 
 def check_positions(config: RunConfig, lengths: dict[str, Sequence[int]], *, allow_fewer: bool) -> dict[str, Positions]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moeaudit._checkpoint import hub_identity
-from moeaudit._preflight import Positions, Preflight, check_identity, check_layers, check_positions
+from moeaudit._preflight import Positions, Preflight, check_documents, check_identity, check_layers, check_positions
 from moeaudit._provenance import corpus_fingerprint
 from moeaudit.errors import RunDirectoryError
 from moeaudit.execution import Execution
@@ -37,6 +37,8 @@ class Loaded:
     sequences: list
     layers: tuple[int, ...]
     positions: dict[str, Positions]
+    #: Domain of each sequence (index = seq_id) when the corpus labels its documents, else ``None``.
+    domains: list[str] | None = None
 
 
 def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
@@ -44,7 +46,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
     """Tokenizer and corpus first (the positions check needs no weights), then the model and the layers check;
     every refusal here comes before observing or ablating."""
     from moeaudit.corpus import load_corpus
-    from moeaudit.models import describe, load_tokenizer, load_weights
+    from moeaudit.models import check_finite, describe, load_tokenizer, load_weights
 
     config = plan.config
     progress.stage(f"loading the tokenizer of {config.model}", None)
@@ -62,6 +64,7 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
         raise RunDirectoryError(f"the corpus {config.corpus!r} tokenises differently from when "
                                 f"{str(run_dir.path)!r} was started (its contents or the tokenizer changed); the "
                                 "stored cells would not match new ones. Run into another directory (out=).")
+    check_documents(config, len(sequences), allow_fewer=options.allow_fewer, message=progress.message)
     kinds = {}
     if any(e != "progressive" for e in config.ablation_experiments):
         kinds["single"] = [len(s) for s in sequences[: config.n_docs]]
@@ -80,6 +83,8 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                              trust_remote_code=options.trust_remote_code, device_map=config.device_map)
     desc = describe(model)
     layers = check_layers(config, desc)  # before any observation or ablation
+    progress.stage("checking for NaN / inf", None)
+    check_finite(model, sequences[0].input_ids, n_experts=desc.n_experts)
     if plan.source.kind == "hub":
         identity = hub_identity(plan.source, getattr(model.config, "_commit_hash", None))
         check_identity(run_dir, manifest, identity)
@@ -94,6 +99,10 @@ def load_for_run(plan: Preflight, run_dir: RunDirectory, manifest: dict, session
                          "revision": getattr(model.config, "_commit_hash", None)}
     manifest["corpus"] = {"source": config.corpus, "n_sequences": len(sequences), "sha256": fingerprint,
                           "n_tokens": int(sum(len(s) for s in sequences))}
+    domains = None if plan.domains is None else [plan.domains[s.doc_index] for s in sequences]
+    if domains is not None:
+        manifest["corpus"]["domains"] = domains
+        manifest["corpus"]["domain_field"] = config.domain_field or "builtin"
     manifest["positions"] = {kind: p.to_dict() for kind, p in positions.items()}
     run_dir.write_manifest(manifest)
-    return Loaded(model, tokenizer, sequences, layers, positions)
+    return Loaded(model, tokenizer, sequences, layers, positions, domains)

@@ -30,16 +30,17 @@ def _git_revision() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions of python, torch, transformers and moeaudit, the git revision and the host."""
+    """Versions of python, torch, transformers and moeaudit, the git revision, the host and the torch threads."""
     import torch
     import transformers
 
     from moeaudit import __version__
+    from moeaudit._threads import thread_record
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "moeaudit": __version__, "git_revision": _git_revision(),
             "platform": platform.platform(), "host": platform.node(),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None, "threads": thread_record()}
 
 
 def corpus_fingerprint(sequences) -> str:

@@ -49,7 +49,8 @@ PROGRESSIVE_SESOI = 0.05
 #: How a run written before a key existed behaved, where that differs from today's default: resuming such a run
 #: compares its configuration with these values (before the arms, the progressive ablation removed the highest
 #: weight first only), so it resumes with ``progressive_arms = ["highest"]`` and is refused otherwise.
-BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"]})
+BEFORE_KEY_EXISTED: Mapping[str, Any] = MappingProxyType({"progressive_arms": ["highest"],
+                                                          "stratify_domains": False})
 SCOPES: tuple[str, ...] = ("token", "sequence")
 MODES: tuple[str, ...] = ("zero", "renormalize", "reroute", "mean")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
@@ -60,8 +61,15 @@ LEGACY_KEYS: tuple[str, ...] = ("trust_remote_code",)
 #: Keys that place the computation without changing its numbers beyond rounding: a run may be resumed (and shards
 #: merged) with other values of these (each session records its own placement in the manifest).
 PLACEMENT_KEYS: tuple[str, ...] = ("device_map",)
+#: Keys that change only the summary, not a cell's records: a run that did not complete (e.g. failed in its
+#: summary) may be resumed with other values of these, and its summary is computed with them.
+SUMMARY_KEYS: tuple[str, ...] = ("name", "n_boot", "sesoi_d", "progressive_sesoi")
 #: Corpus names that are not files (kept in step with :data:`moeaudit.corpus.NAMED_SOURCES`, tested).
 CORPUS_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
+#: Fewest bootstrap resamples a configuration accepts: each 2.5% tail of a 95% interval must hold at least one
+#: resample beyond the quantile, (n_boot + 1) * 0.025 >= 1 (Davison & Hinkley 1997, sec. 5.2.3); fewer gives
+#: intervals that are one resample wide, or exclude their own estimate.
+MIN_N_BOOT = 39
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class RunConfig(FlatConfig):
         corpus: ``wikitext-2``, ``builtin``, ``builtin:train`` or a ``.txt`` / ``.jsonl`` / ``.parquet`` path.
         text_field: Field holding the text in ``.jsonl`` / ``.parquet`` corpora.
         encoding: Text encoding of ``.txt`` / ``.jsonl`` corpora (``utf-8``, ``latin-1``, ``cp1252``, ...).
+        domain_field: Field of ``.jsonl`` / ``.parquet`` rows holding each document's domain (the built-in corpus
+            labels its own): results are then also reported per domain (``tables/domains.csv``).
+        stratify_domains: Where documents have domains, sample the audit's positions stratified by domain (equal
+            numbers per domain) so that every domain gets enough; stored as ``False`` for a corpus without domains.
         n_docs: Documents for the single-expert experiments and the metric table (the paper: 100).
         n_docs_progressive: Documents for the progressive ablation (the paper: 200).
         max_length: Tokens per document after truncation (the paper: 512).
@@ -110,6 +122,8 @@ class RunConfig(FlatConfig):
     corpus: str = "builtin"
     text_field: str = "text"
     encoding: str = "utf-8"
+    domain_field: str | None = None
+    stratify_domains: bool = True
     n_docs: int = 100
     n_docs_progressive: int = 200
     max_length: int = 512
@@ -151,9 +165,14 @@ class RunConfig(FlatConfig):
         if not self.metrics and ("audit" in self.experiments or "rank_validity" in self.experiments):
             raise ConfigError("metrics= names no metric but the audit / rank_validity experiments rank experts by "
                               "metrics; name at least one metric (e.g. utilization_rate).")
-        for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", 0)):
+        for key, low in (("n_progressive", 1), ("n_docs_progressive", 1), ("n_boot", MIN_N_BOOT)):
             if getattr(self, key) < low:
-                raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}.")
+                raise ConfigError(f"{key}={getattr(self, key)} is too small; use at least {low}"
+                                  + (" (a 95% interval needs (n_boot + 1) x 0.025 >= 1; default 2000)."
+                                     if key == "n_boot" else "."))
+        if "stability" in self.experiments and self.n_docs < 4:
+            raise ConfigError(f"n_docs={self.n_docs}: ranking stability compares random halves of the documents and "
+                              "needs at least 4; raise n_docs=, or leave stability out of experiments=.")
         if not 0.0 < self.sesoi_d < 10.0:
             raise ConfigError(f"sesoi_d={self.sesoi_d} is not a smallest effect of interest; give a d_z in (0, 10), "
                               "e.g. 0.2 (Cohen's small).")
@@ -173,8 +192,10 @@ class RunConfig(FlatConfig):
         from moeaudit._checkpoint import resolve_model_name
 
         corpus = resolve_corpus(self.corpus)
+        has_domains = corpus in ("builtin", "builtin:heldout", "builtin:train") or self.domain_field is not None
         return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=corpus,
-                                   device_map=resolve_device_map_path(self.device_map))
+                                   device_map=resolve_device_map_path(self.device_map),
+                                   stratify_domains=bool(self.stratify_domains and has_domains))
 
 
 def model_label(model: str, name: str | None = None) -> str:
@@ -199,7 +220,10 @@ def check_common(config) -> None:
     if not _DEVICE.match(config.device):
         raise ConfigError(f"device={config.device!r} is not a device; valid: {DEVICES}.")
     layers = config.layers
-    if layers is not None and (not layers or min(layers) < 0):
+    if layers is not None and not layers:
+        raise ConfigError("layers= is empty; name at least one MoE layer, or leave layers= unset (or 'all') for "
+                          "every MoE layer.")
+    if layers is not None and min(layers) < 0:
         raise ConfigError(f"layers={','.join(map(str, layers))}: give non-negative decoder-layer indices, or leave "
                           "layers= unset for every MoE layer.")
     if layers is not None and len(set(layers)) < len(layers):
@@ -266,6 +290,25 @@ PRESETS: Mapping[str, RunConfig] = MappingProxyType({
 
 
 RunConfig._PRESETS = PRESETS
+
+
+#: The embedded models the demo audits (the low-redundancy one second).
+DEMO_MODELS: tuple[str, ...] = ("builtin:tiny-moe", "builtin:tiny-mixtral")
+
+
+def demo_configs(model: str | None = None) -> list[RunConfig]:
+    """The demo's configuration for each embedded model (``model`` None: both, :data:`DEMO_MODELS`), the
+    ``demo`` preset with the model and its label swapped in.
+
+    Raises:
+        ConfigError: ``model`` is not one of the embedded models.
+    """
+    if model is not None and model not in DEMO_MODELS and f"builtin:{model}" not in DEMO_MODELS:
+        raise ConfigError(f"model={model!r} is not an embedded model; valid: {', '.join(DEMO_MODELS)}."
+                          f"{did_you_mean(model, DEMO_MODELS)}")
+    chosen = DEMO_MODELS if model is None else (model if model.startswith("builtin:") else f"builtin:{model}",)
+    base = preset("demo")
+    return [dataclasses.replace(base, model=m, name=m.removeprefix("builtin:")) for m in chosen]
 
 
 def preset(name: str) -> RunConfig:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 NAMED_SOURCES: tuple[str, ...] = ("wikitext-2", "builtin", "builtin:heldout", "builtin:train")
 FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+#: The hub dataset behind ``wikitext-2``.
+WIKITEXT_REPO = "Salesforce/wikitext"
 _HEADING = re.compile(r"^ = [^=].* = $")
 
 
@@ -61,15 +64,51 @@ def wikitext_articles(lines: Sequence[str]) -> list[str]:
     return ["".join(a).strip() for a in articles if "".join(a).strip()]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (one request, no retries); ``False`` at once
+    under ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_hf_file_metadata(hf_hub_url(WIKITEXT_REPO, "README.md", repo_type="dataset"), timeout=timeout,
+                             retry_on_errors=False)
+    except HfHubHTTPError:  # it answered (a 4xx / 5xx): reachable
+        return True
+    except Exception:  # connection refused, DNS failure, timeout, proxy error
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make the datasets library read its cache only (no retries against an unreachable hub) for the block."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _read_wikitext() -> list[str]:
+    online = hub_reachable()  # one 3-second probe instead of the datasets library's retries (27 s offline)
     try:
         import datasets
 
-        data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        with nullcontext() if online else _hub_offline():
+            data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     except Exception as exc:  # offline, no cache, hub unreachable
+        reason = ("the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and the datasets cache does not "
+                  "hold it" if not online else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         raise CorpusError(
-            "could not load wikitext-2 (wikitext-2-raw-v1, test split) through the datasets library: "
-            f"{type(exc).__name__}: {exc}. Offline? On a connected machine run "
+            f"could not load wikitext-2 (wikitext-2-raw-v1, test split) through the datasets library: {reason}. "
+            "On a connected machine run "
             "`python -c \"import datasets; datasets.load_dataset('wikitext', 'wikitext-2-raw-v1', "
             "split='test').to_parquet('wikitext2-test.parquet')\"` and pass the file as the corpus "
             "(--corpus wikitext2-test.parquet); parquet rows that are WikiText lines are regrouped into articles."
@@ -113,7 +152,11 @@ def _read_file(path: Path, text_field: str, encoding: str = "utf-8") -> list[str
             if not isinstance(row, dict) or text_field not in row:
                 raise CorpusError(f"corpus file {str(path)!r} line {lineno} has no {text_field!r} field; pass "
                                   "text_field= to name the field that holds the text.")
-            docs.append(str(row[text_field]))
+            if not isinstance(row[text_field], str):
+                raise CorpusError(f"corpus file {str(path)!r} line {lineno}: field {text_field!r} holds "
+                                  f"{json.dumps(row[text_field])[:40]}, not a string; give every line's "
+                                  f"{text_field!r} as text (or pass text_field= naming the field that holds it).")
+            docs.append(row[text_field])
     elif suffix == ".parquet":
         import pandas as pd
 
@@ -125,7 +168,13 @@ def _read_file(path: Path, text_field: str, encoding: str = "utf-8") -> list[str
         if text_field not in frame.columns:
             raise CorpusError(f"corpus file {str(path)!r} has no {text_field!r} column (columns: "
                               f"{', '.join(map(str, frame.columns))}); pass text_field= to name the text column.")
-        docs = [str(t) for t in frame[text_field].tolist()]
+        texts = frame[text_field].tolist()
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise CorpusError(f"corpus file {str(path)!r}: column {text_field!r} holds {len(bad)} value(s) that are "
+                              f"not strings (row {bad[0]}: {texts[bad[0]]!r}); drop or fill those rows, or pass "
+                              "text_field= naming the text column.")
+        docs = texts
         if docs and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in docs) > 1:
             docs = wikitext_articles(docs)  # a WikiText export: one row per line
     else:
@@ -151,6 +200,57 @@ def read_documents(source: str | Path, *, text_field: str = "text", encoding: st
         return _read_file(path, text_field, encoding)
     raise CorpusError(f"unknown corpus source {name!r}; valid: {', '.join(NAMED_SOURCES)}, or a path to a "
                       f"{', '.join(FILE_SUFFIXES)} file.{did_you_mean(name, NAMED_SOURCES)}")
+
+
+def read_domains(source: str | Path, *, domain_field: str | None = None, text_field: str = "text",
+                 encoding: str = "utf-8") -> list[str] | None:
+    """The domain label of each document of ``source``, aligned with :func:`read_documents` (``None`` when the
+    corpus carries none): the built-in corpus's own domains (prose, code, arithmetic, records), or the
+    ``domain_field`` of each ``.jsonl`` row / ``.parquet`` row.
+
+    Raises:
+        CorpusError: ``domain_field`` given for a corpus that has no fields (``.txt``, wikitext-2, the built-in
+            corpus), or missing from a row.
+    """
+    name = str(source)
+    if name in ("builtin", "builtin:heldout", "builtin:train"):
+        if domain_field is not None:
+            raise CorpusError(f"domain_field={domain_field!r}: the built-in corpus labels its own domains; leave "
+                              "domain_field unset (it names a field of a .jsonl / .parquet corpus).")
+        from moeaudit.builtin import builtin_labelled_documents
+
+        return [d for d, _ in builtin_labelled_documents("train" if name == "builtin:train" else "heldout")]
+    if domain_field is None:
+        return None
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".parquet"):
+        raise CorpusError(f"domain_field={domain_field!r} names a field, but the corpus {name!r} has none; "
+                          "domain labels come from a .jsonl or .parquet corpus (or the built-in corpus). Leave "
+                          "domain_field unset.")
+    if suffix == ".jsonl":
+        pairs = []
+        for lineno, line in enumerate(_read_text(path, encoding).splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)  # read_documents has already refused a line that is not JSON
+            if domain_field not in row:
+                raise CorpusError(f"corpus file {name!r} line {lineno} has no {domain_field!r} field; every row "
+                                  "needs a domain label with domain_field= (or leave it unset).")
+            pairs.append((str(row.get(text_field, "")), str(row[domain_field])))
+    else:
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if domain_field not in frame.columns:
+            raise CorpusError(f"corpus file {name!r} has no {domain_field!r} column (columns: "
+                              f"{', '.join(map(str, frame.columns))}); pass domain_field= naming the domain column.")
+        texts = [str(t) for t in frame[text_field].tolist()]
+        if texts and sum(bool(_HEADING.match(d.rstrip("\n"))) for d in texts) > 1:
+            raise CorpusError(f"corpus file {name!r} is a WikiText export (one row per line, regrouped into "
+                              "articles), so its rows carry no per-document domain; leave domain_field unset.")
+        pairs = list(zip(texts, [str(d) for d in frame[domain_field].tolist()]))
+    return [d for t, d in pairs if t.strip()]
 
 
 def load_corpus(

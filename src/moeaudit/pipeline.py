@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moeaudit._checkpoint import manifest_identity
+from moeaudit._checkpoint import identity_changes, manifest_identity
 from moeaudit._interrupt import sigterm_as_interrupt
 from moeaudit._preflight import (
     Preflight,
@@ -30,10 +30,10 @@ from moeaudit._preflight import (
 from moeaudit._prepare import RunOptions, load_for_run
 from moeaudit._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
 from moeaudit._provenance import environment, now
-from moeaudit.config import BEFORE_KEY_EXISTED, RunConfig
-from moeaudit.errors import ConfigError, CorpusError, UnsupportedModelError
+from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.execution import Execution, check_executor, check_shard
-from moeaudit.rundir import FORMAT_VERSION, RunDirectory
+from moeaudit.rundir import FORMAT_VERSION, RunDirectory, config_differences
 
 if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
     import pandas as pd
@@ -189,13 +189,17 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
                 timer: StageTimer, progress: ProgressSink, tool: str = "moeaudit",
                 extra: dict[str, Any] | None = None,
                 check: Callable[[dict[str, Any]], None] | None = None,
-                defaults: dict[str, Any] | None = None) -> Iterator[Session]:
+                defaults: dict[str, Any] | None = None,
+                restart: Callable[[dict[str, Any]], bool] | None = None,
+                relaxed: tuple[str, ...] = ()) -> Iterator[Session]:
     """Hold ``run_dir``'s lock, bind it to ``config`` (create it, or resume the same configuration), and record
     the session in the manifest; a failure or an interruption (Ctrl-C, SIGTERM) marks the run ``failed`` /
     ``interrupted``. ``extra`` keys go into a new run's manifest (e.g. a shard's spec); ``check`` sees the manifest
     before this session writes anything when it resumes a run, and refuses by raising (e.g. resuming a shard as
     another one, or with another model). A key the stored configuration lacks (written by an older version)
-    counts as its value in ``defaults``.
+    counts as its value in ``defaults``. ``restart`` decides whether a run that ended before its first cell is
+    started afresh, and which ``relaxed`` keys an unfinished run may be resumed with other values of
+    (:meth:`moeaudit.rundir.RunDirectory.claim`).
 
     Raises:
         RunDirectoryError: ``run_dir`` holds another configuration, or is in use.
@@ -204,7 +208,11 @@ def run_session(run_dir: RunDirectory, config: dict[str, Any], config_toml: str,
         run_dir.remove_stale_temporaries()
         new_manifest = {"format_version": FORMAT_VERSION, "tool": tool, "config": config, "status": "running",
                         "created": entry["started"], "sessions": [], **(extra or {})}
-        manifest, resumed = run_dir.claim(config, new_manifest, defaults=defaults)
+        manifest, resumed = run_dir.claim(config, new_manifest, defaults=defaults, restart=restart,
+                                          relaxed=relaxed)
+        if manifest.get("restarted"):
+            progress.message(f"the run in {run_dir.path} ended ({manifest['restarted']}) before its first cell; "
+                             "starting it afresh with this configuration and model")
         if check is not None and resumed:  # a refusal leaves the run it holds untouched (a new one has nothing)
             check(manifest)
         try:  # from here on, any exit (SIGTERM included) leaves the manifest saying how the session ended
@@ -233,9 +241,18 @@ def _run_locked(plan: Preflight, run_dir: RunDirectory, session: dict, timer: St
         check_identity(run_dir, manifest, plan.identity)
         run_dir.check_files()
 
+    def restart(manifest: dict[str, Any]) -> bool:  # another configuration or model than the failed run's
+        if manifest.get("tool", "moeaudit") != "moeaudit":
+            return False
+        stored = {**RunConfig().to_dict(), **BEFORE_KEY_EXISTED, **manifest.get("config", {})}
+        identity = manifest_identity(manifest)
+        return bool(config_differences(stored, config.to_dict())
+                    or (identity and identity_changes(identity, plan.identity)))
+
     with run_session(run_dir, config.to_dict(), config.to_toml(), entry=session, timer=timer, progress=progress,
                      extra=None if shard is None else {"shard": shard.to_dict()}, check=check,
-                     defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED}) as s:
+                     defaults={**RunConfig().to_dict(), **BEFORE_KEY_EXISTED}, restart=restart,
+                     relaxed=SUMMARY_KEYS) as s:
         if s.resumed and manifest_identity(s.manifest) is None:
             progress.message("this run directory predates model identities; recording the model's now")
         if plan.source.kind != "hub":  # a hub model's identity is complete once its files are cached (_load)
@@ -261,7 +278,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     from moeaudit._observe import observe
     from moeaudit._verify import verify
     from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
-    from moeaudit.experiments import ExperimentSettings, summarize, summary_settings
+    from moeaudit.experiments import ExperimentSettings, add_domain_tables, summarize, summary_settings
     from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
 
@@ -273,7 +290,9 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     n_progressive = loaded.positions["progressive"].n if "progressive" in loaded.positions else config.n_progressive
     settings = ExperimentSettings(layers=loaded.layers, metrics=config.metrics, n=n, n_progressive=n_progressive,
                                   progressive_arms=config.progressive_arms, seed=config.seed, scope=config.scope, mode=config.mode,
-                                  min_context=config.min_context, model_name=config.label)
+                                  min_context=config.min_context, model_name=config.label,
+                                  strata=tuple(loaded.domains) if config.stratify_domains and loaded.domains
+                                  else None)
 
     metric_table = run_dir.read_parquet("metrics.parquet")
     if metric_table is None:
@@ -296,7 +315,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     pending = [c for c in mine if c.key not in done]
     resumed = [c.name for c in mine if c.key in done]
 
-    if pending:
+    if pending or not _verification_stored(run_dir):  # a missing or damaged report is rewritten
         progress.stage("verifying the ablation engine", None)
         with timer("verification"):
             verification = verify(model, tokenizer, single_seqs[:2], seed=config.seed, modes=(config.mode,),
@@ -342,6 +361,7 @@ def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: di
     with timer("summary"):
         records = run_dir.read_records()
         tables = summarize(records, metrics=metric_table, **summary_settings(config.to_dict()))
+        add_domain_tables(tables, records, metric_table, manifest, seed=config.seed)
         write_summary(run_dir, tables)
     return RunResult(run_dir.path, records, tables, resumed, computed,
                      positions={kind: p.to_dict() for kind, p in loaded.positions.items()})
@@ -363,6 +383,15 @@ def _expert_means(model, sequences, run_dir: RunDirectory, timer: StageTimer, pr
         means = expert_means(model, sequences, progress=progress.advance)
     run_dir.write_parquet("expert_means.parquet", means.to_frame())
     return means
+
+
+def _verification_stored(run_dir: RunDirectory) -> bool:
+    """Whether ``verification.json`` holds a readable verification report."""
+    try:
+        stored = run_dir.read_json("verification.json")
+    except RunDirectoryError:
+        return False
+    return isinstance(stored, dict) and "passed" in stored
 
 
 def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:

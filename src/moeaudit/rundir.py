@@ -22,13 +22,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moeaudit._atomic import (  # re-exported: every writer of a run directory's files uses them
+    TMP_PREFIX as _TMP_PREFIX,
+)
+from moeaudit._atomic import atomic_path as atomic_path
+from moeaudit._atomic import atomic_write_bytes as atomic_write_bytes
+from moeaudit._atomic import atomic_write_json as atomic_write_json
+from moeaudit._atomic import atomic_write_parquet as atomic_write_parquet
+from moeaudit._atomic import atomic_write_text as atomic_write_text
+from moeaudit._atomic import translated
 from moeaudit.errors import RunDirectoryError
 
 if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
@@ -40,78 +49,14 @@ FORMAT_VERSION = 1
 RUN_TOOL = "moeaudit"
 MANIFEST = "manifest.json"
 RECORDS = "records"
+#: What ``--dry-run`` writes into a run directory before the run (the only file a new run tolerates there).
+DRY_RUN = "dry-run.json"
 CELL_KINDS: tuple[str, ...] = ("single", "progressive")
+#: Key of a record file's Parquet metadata holding its cell (``L004-single``).
+CELL_KEY = "moeaudit.cell"
 _CELL_RE = re.compile(r"^L(\d+)-(single|progressive)\.parquet$")
-_TMP_PREFIX = ".tmp-"
-
-
-def _file_mode() -> int:
-    """0o666 minus the process umask: what ``open()`` would have created (``mkstemp`` creates 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, value: Any) -> Path:
-    return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` for a writer that wants a file name; rename it into place on
-    success, delete it on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    return Path(path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+#: Statuses of a run whose last session did not complete (``running``: killed, its lock stale).
+UNFINISHED: tuple[str, ...] = ("failed", "interrupted", "running")
 
 
 def cell_name(kind: str, layer: int) -> str:
@@ -185,6 +130,7 @@ class RunDirectory:
 
         cells = self.finished_cells()
         order = sorted(cells, key=lambda c: (c[1], CELL_KINDS.index(c[0])))
+        self.check_files()
         frames = [_read_parquet(cells[c]) for c in order]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else empty_records()
@@ -212,16 +158,21 @@ class RunDirectory:
         """
         import pyarrow.parquet as pq
 
-        for p in [*self.finished_cells().values(), self.path / "metrics.parquet", self.path / "stability.parquet"]:
+        cells = set(self.finished_cells().values())
+        for p in [*sorted(cells), self.path / "metrics.parquet", self.path / "stability.parquet"]:
             if p.is_file():
                 try:
-                    pq.read_metadata(p)
+                    meta = pq.read_metadata(p).metadata or {}
                 except Exception as exc:  # ArrowInvalid, OSError: whatever pyarrow says, the file is unusable
                     raise _damaged(p, exc) from None
+                if p in cells:
+                    _check_cell_key(p, meta)
 
     # -- writing ----------------------------------------------------------------------------------------------
     def write_cell(self, kind: str, layer: int, frame: pd.DataFrame) -> Path:
-        return atomic_write_parquet(self.path / RECORDS / cell_name(kind, layer), frame)
+        """A cell's records, its key (the file's name) stored inside, so a file copied over another is found."""
+        name = cell_name(kind, layer)
+        return atomic_write_parquet(self.path / RECORDS / name, frame, {CELL_KEY: name.removesuffix(".parquet")})
 
     def write_json(self, name: str, value: Any) -> Path:
         return atomic_write_json(self.path / name, value)
@@ -246,11 +197,31 @@ class RunDirectory:
         return removed
 
     # -- binding a directory to a configuration ---------------------------------------------------------------
+    def restartable(self, manifest: dict[str, Any]) -> bool:
+        """Whether the run ended (failed, interrupted, killed) before its first cell was on disk: nothing in it is
+        worth keeping, so it may be started afresh with another configuration or model (the fix of whatever made
+        it fail)."""
+        return manifest.get("status") in UNFINISHED and not self.finished_cells()
+
+    def clear(self) -> None:
+        """Delete everything in the directory but its lock (a restartable run's leftovers)."""
+        for p in self.path.iterdir():
+            if p.name == ".lock":
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
     def claim(self, config: dict[str, Any], new_manifest: dict[str, Any], *,
-              defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+              defaults: dict[str, Any] | None = None,
+              restart: Callable[[dict[str, Any]], bool] | None = None,
+              relaxed: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
         """Bind the directory to ``config``: create it with ``new_manifest``, or check that the run it holds has
         the same configuration. Returns ``(manifest, resumed)``. A key the stored configuration lacks (written
-        by a version without it) counts as its value in ``defaults``.
+        by a version without it) counts as its value in ``defaults``. When ``restart`` is given, a
+        :meth:`restartable` run for which ``restart(manifest)`` is true (another configuration or model) is
+        cleared and started afresh (its new manifest says ``"restarted": <old status>``).
 
         Raises:
             RunDirectoryError: The directory holds a run with another configuration, or files that are not a
@@ -258,10 +229,15 @@ class RunDirectory:
         """
         if self.exists():
             manifest = self.manifest()
-            self.check_config(manifest, config, defaults=defaults, tool=new_manifest.get("tool", RUN_TOOL))
-            manifest["config"] = config
-            return manifest, True
-        if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
+            if restart is not None and self.restartable(manifest) and restart(manifest):
+                self.clear()  # a run that failed before its first cell: the fix of what failed starts it afresh
+                new_manifest = {**new_manifest, "restarted": manifest.get("status")}
+            else:
+                self.check_config(manifest, config, defaults=defaults, tool=new_manifest.get("tool", RUN_TOOL),
+                                  relaxed=relaxed)
+                manifest["config"] = config
+                return manifest, True
+        if self.path.exists() and any(p.name not in (".lock", DRY_RUN) for p in self.path.iterdir()):
             raise RunDirectoryError(f"{str(self.path)!r} is not empty and holds no moeaudit run ({MANIFEST} "
                                     "missing); choose a new or empty run directory (out=).")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -269,11 +245,13 @@ class RunDirectory:
         return new_manifest, False
 
     def check_config(self, manifest: dict[str, Any], config: dict[str, Any], *,
-                     defaults: dict[str, Any] | None = None, tool: str = RUN_TOOL) -> None:
+                     defaults: dict[str, Any] | None = None, tool: str = RUN_TOOL,
+                     relaxed: tuple[str, ...] = ()) -> None:
         """Refuse to resume when the directory holds another command's run (``manifest["tool"]`` is not ``tool``)
         or the manifest's configuration differs from ``config`` (both plain dicts). A key the stored configuration
         lacks (written by a version without it) counts as its value in ``defaults``; a legacy key the requested
-        configuration no longer has (:data:`moeaudit.config.LEGACY_KEYS`) is ignored.
+        configuration no longer has (:data:`moeaudit.config.LEGACY_KEYS`) is ignored, and so are ``relaxed`` keys
+        (those only the summary reads) of a run that did not complete.
 
         Raises:
             RunDirectoryError: Another command's run, a key moeaudit does not have, or values that differ (each
@@ -297,6 +275,8 @@ class RunDirectory:
                 "moeaudit does not have (the manifest was edited, or written by another version); delete them "
                 "from its \"config\" to resume this run, or run into another directory (out=).")
         differences = config_differences(stored, config)
+        if manifest.get("status") in UNFINISHED:  # keys of the stage that failed may be corrected on resuming
+            differences = [d for d in differences if d[0] not in relaxed]
         if differences:
             listed = "; ".join(f"{k}: stored {a!r}, requested {b!r}" + (
                 "" if k in own else " (the run predates this setting; it ran as the stored value)")
@@ -313,12 +293,14 @@ class RunDirectory:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold ``.lock`` for the duration; refuse when a live process on this host holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / ".lock"
+        with translated(lock):
+            self.path.mkdir(parents=True, exist_ok=True)
         host, pid = socket.gethostname(), os.getpid()
         for _ in range(2):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with translated(lock):
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = _read_lock(lock)
                 if holder is None or (holder[0] == host and not _pid_alive(holder[1])):
@@ -361,6 +343,16 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a truncated or non-Parquet file
         raise _damaged(path, exc) from None
+
+
+def _check_cell_key(path: Path, metadata: dict[bytes, bytes]) -> None:
+    """Refuse a record file whose stored cell key is not its name (copied or renamed over another cell's); files
+    written before keys were stored have none and are accepted."""
+    key = metadata.get(CELL_KEY.encode())
+    if key is not None and key.decode() != path.name.removesuffix(".parquet"):
+        raise RunDirectoryError(f"{str(path)!r} holds the records of cell {key.decode()}, not "
+                                f"{path.name.removesuffix('.parquet')} (copied or renamed outside moeaudit); delete "
+                                "it to recompute that cell, then run the same command again.")
 
 
 def _damaged(path: Path, exc: Exception) -> RunDirectoryError:

@@ -69,6 +69,8 @@ class BenchConfig:
     clock: str = _opt("wall", "wall (seconds as they pass) or cpu (the process's CPU seconds: not inflated by other "
                               "jobs on a shared machine; with one thread, what an idle machine's wall clock shows)")
     measure_memory: bool = _opt(True, "measure the fast engine's peak memory in one extra untimed run")
+    attribution: bool = _opt(False, "also time attribution (moeaudit attribute): every token x active expert "
+                                    "estimate against a forward, a forward + backward and the exact map")
 
     def __post_init__(self) -> None:
         from moeaudit.errors import ConfigError, did_you_mean

@@ -1,10 +1,12 @@
-"""Embedded, offline assets: the built-in corpus and the ``builtin:tiny-moe`` OLMoE checkpoint.
+"""Embedded, offline assets: the built-in corpus and two checkpoints, ``builtin:tiny-moe`` (OLMoE, 16 experts,
+top-4) and ``builtin:tiny-mixtral`` (Mixtral, 8 experts, top-2; same corpus and tokenizer).
 
 Nothing heavy happens at import time (no torch / transformers import, no corpus build).
 
 - ``BUILTIN_MODELS``: name -> checkpoint directory (a standard Hugging Face directory: config.json,
   model.safetensors, tokenizer files, README.md model card, training_log.csv, eval.json).
-- ``builtin_model_path(name)``: the directory for ``name`` (``"tiny-moe"``; a ``"builtin:"`` prefix is accepted).
+- ``builtin_model_path(name)``: the directory for ``name`` (``"tiny-moe"``, ``"tiny-mixtral"``; a ``"builtin:"`` prefix is
+  accepted).
 - ``builtin_documents(split)``: the built-in corpus, ``"train"`` / ``"heldout"`` (``"heldout_docs"`` is a
   Python-version-dependent diagnostic split); see :mod:`moeaudit.builtin.corpus`.
 """
@@ -26,7 +28,7 @@ __all__ = [
 
 _HERE = Path(__file__).resolve().parent
 
-BUILTIN_MODELS: dict[str, Path] = {"tiny-moe": _HERE / "tiny-moe"}
+BUILTIN_MODELS: dict[str, Path] = {"tiny-moe": _HERE / "tiny-moe", "tiny-mixtral": _HERE / "tiny-mixtral"}
 
 
 def builtin_model_path(name: str) -> Path:

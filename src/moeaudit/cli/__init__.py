@@ -7,7 +7,7 @@ verification); anything else is a bug and keeps its traceback (``MOEAUDIT_DEBUG=
 
 from __future__ import annotations
 
-from moeaudit.cli import _audit, _bench, _inspect, _merge, _prune, _validate  # noqa: F401  (each registers)
+from moeaudit.cli import _attribute, _audit, _bench, _inspect, _merge, _prune, _validate  # noqa: F401  (each registers)
 from moeaudit.cli._app import app
 
 

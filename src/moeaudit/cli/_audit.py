@@ -11,10 +11,12 @@ from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import (
     RichProgress,
     build_config,
+    dry_run_exit,
     escape,
     expected_errors,
     fail,
     flag_names,
+    header,
     interrupted,
     make_console,
     rich_table,
@@ -25,7 +27,7 @@ from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, Ru
 _DEFAULTS = RunConfig()
 #: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
 RUN_FLAGS = flag_names(*RunConfig.__dataclass_fields__, "allow_fewer", "trust_remote_code", "out", "report",
-                       "shard", "executor", "ray_actors", "clean_cache")
+                       "shard", "executor", "ray_actors", "clean_cache", "dry_run")
 
 
 def _option(key: str, help: str, shown: str | None = None):
@@ -58,6 +60,10 @@ def run(
     min_length: int = _option("min_length", "shorter documents are skipped"),
     text_field: str = _option("text_field", "field holding the text in .jsonl / .parquet corpora"),
     encoding: str = _option("encoding", "text encoding of .txt / .jsonl corpora (e.g. latin-1, cp1252)"),
+    domain_field: str = _option("domain_field", "field of .jsonl / .parquet rows naming each document's domain: "
+                                                "results also per domain (the builtin corpus has its own)", "unset"),
+    stratify_domains: bool = _option("stratify_domains", "sample positions stratified by domain (where documents "
+                                                         "have domains)"),
     min_context: int = _option("min_context", "positions need at least this many tokens of context"),
     scope: str = _option("scope", "token or sequence"),
     mode: str = _option("mode", "zero, renormalize, reroute or mean (expert output replaced by its mean over the run's documents)"),
@@ -83,6 +89,8 @@ def run(
     ray_actors: int = typer.Option(None, help="Ray actors (default: one per GPU, else one per node)"),
     clean_cache: str = typer.Option("auto", help="memory for clean passes shared by every cell: auto (half the "
                                                  "free memory of the device), 0 (none), or a size: 8GiB, 500MB"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="compute nothing: print the plan (cells, ablations, "
+                                 "documents) and estimates of time, peak memory and disk; write OUT/dry-run.json"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
     from moeaudit.execution import Execution, parse_bytes
@@ -91,7 +99,8 @@ def run(
              "experiments": experiments, "n": n, "n_progressive": n_progressive,
              "progressive_arms": progressive_arms, "progressive_sesoi": progressive_sesoi, "n_docs": n_docs,
              "n_docs_progressive": n_docs_progressive, "max_length": max_length, "min_length": min_length,
-             "text_field": text_field, "encoding": encoding, "min_context": min_context, "scope": scope,
+             "text_field": text_field, "encoding": encoding, "domain_field": domain_field,
+             "stratify_domains": stratify_domains, "min_context": min_context, "scope": scope,
              "mode": mode, "dtype": dtype, "device": device, "device_map": device_map, "seed": seed,
              "n_boot": n_boot, "sesoi_d": sesoi_d}
     cfg = build_config(RunConfig, config, flags, RUN_FLAGS).with_resolved_paths()
@@ -102,16 +111,46 @@ def run(
         raise fail(exc, RUN_FLAGS) from None
     default = cfg.label if execution.shard is None else \
         f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
+    if dry_run:
+        from moeaudit._workloads import run_workload
+
+        console = make_console()
+        target = out or Path("runs") / default
+        header(console, f"[bold]moeaudit run --dry-run[/bold] {escape(cfg.label)} -> {escape(target)}")
+        raise dry_run_exit(console, "run", cfg, target, run_workload, RUN_FLAGS,
+                           trust_remote_code=trust_remote_code, report=report)
     _execute(cfg, out or Path("runs") / default, report, execution, allow_fewer=allow_fewer,
              trust_remote_code=trust_remote_code)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="run directory")) -> None:
-    """The whole audit (all five experiments, then the report) on the embedded model and corpus."""
-    from moeaudit.config import preset
+def demo(out: Path = typer.Option(Path("moeaudit-demo"), help="output directory"),
+         model: str = typer.Option(None, help="audit one embedded model (builtin:tiny-moe or builtin:tiny-mixtral) "
+                                              "into OUT as a run directory", show_default="both, side by side")) -> None:
+    """The whole audit (all five experiments, then the report) of both embedded models and corpus, side by side."""
+    from moeaudit.config import demo_configs
 
-    _execute(preset("demo"), out, True)
+    try:
+        configs = demo_configs(model)
+    except expected_errors() as exc:
+        raise fail(exc, flag_names("model", "out")) from None
+    if len(configs) == 1:
+        _execute(configs[0], out, True)
+        return
+    if (out / "manifest.json").is_file():
+        raise fail(FileExistsError(f"out={str(out)!r} holds one run (an earlier demo, or --model); the two-model "
+                                   "demo writes a run directory per model under OUT. Pass another --out, or "
+                                   "--model to resume that run."), flag_names("out"))
+    start = time.perf_counter()
+    for cfg in configs:
+        _execute(cfg, out / cfg.label, False)
+    from moeaudit.report import write_report
+
+    console = make_console()
+    with status(console, f"writing the report of both models to {out}"):
+        paths = write_report([out / cfg.label for cfg in configs], out)
+    console.print(f"demo of {len(configs)} models in {time.perf_counter() - start:.1f} s; report: "
+                  f"{escape(paths['html'])}", highlight=False)
 
 
 @app.command("report")
@@ -122,6 +161,10 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
     target = out or (runs[0] if len(runs) == 1 else Path("moeaudit-report"))
     console = make_console()
     try:
+        for run in runs:
+            if run.exists() and not run.is_dir():
+                raise FileExistsError(f"{str(run)!r} is a file, not a run directory; pass the directory a run wrote "
+                                      "(the one holding manifest.json).")
         if target.exists() and not target.is_dir():
             raise FileExistsError(f"out={str(target)!r} is an existing file, not a directory; pass a directory for "
                                   "the report.")
@@ -142,7 +185,7 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
     console = make_console()
     start = time.perf_counter()
     shard = f" (shard {execution.shard})" if execution is not None and execution.shard is not None else ""
-    console.print(f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}", highlight=False)
+    header(console, f"[bold]moeaudit run[/bold] {escape(cfg.label)}{shard} -> {escape(out)}")
     try:
         with RichProgress(console, RUN_FLAGS) as progress:
             result = run_audit(cfg, out, progress=progress, report=report, execution=execution,

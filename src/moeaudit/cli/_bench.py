@@ -34,7 +34,16 @@ def bench(**options) -> None:
         result = run_bench(cfg)
     except expected_errors() as exc:
         raise fail(exc) from None
-    typer.echo(json.dumps(result.to_dict(), indent=2, default=list) if as_json else format_result(result))
+    extra = None
+    if cfg.attribution:
+        from moeaudit.bench._attribution import format_attribution, run_attribution_bench
+
+        extra = run_attribution_bench(cfg)
+    if as_json:
+        data = result.to_dict() | ({"attribution": extra.to_dict()} if extra else {})
+        typer.echo(json.dumps(data, indent=2, default=list))
+    else:
+        typer.echo(format_result(result) + (f"\n{format_attribution(extra)}" if extra else ""))
 
 
 def _flag(f) -> str:

@@ -109,6 +109,43 @@ def interrupted(exc: KeyboardInterrupt, out, what: str = "cells") -> typer.Exit:
     return typer.Exit(128 + signum if signum else 130)
 
 
+def header(console, text: str) -> None:
+    """The first lines of a command that computes: ``text`` (rich markup; escape what the user gave), then the
+    torch threads it computes with, chosen here (before torch is imported) when the user has not
+    (:mod:`moeaudit._threads`)."""
+    from moeaudit._threads import apply_threads
+
+    choice = apply_threads()
+    console.print(text, highlight=False)
+    console.print(f"  {escape(choice.describe())}", highlight=False)
+
+
+def dry_run_exit(console, command: str, cfg, out, workload, flags: Mapping[str, str] | None = None, *,
+                 trust_remote_code: bool = False, report: bool = True) -> typer.Exit:
+    """``--dry-run`` of any command: print the plan and the estimates (:func:`moeaudit.estimate.dry_run`), write
+    them to ``out/dry-run.json`` (nothing else), and return the exit to raise. ``workload(cfg, geometry)`` counts
+    the command's work (:mod:`moeaudit._workloads`); ``cfg`` needs ``model``, ``device``, ``dtype``,
+    ``max_length`` and ``label``."""
+    from pathlib import Path
+
+    from moeaudit._preflight import check_device, resolve_device
+    from moeaudit.estimate import dry_run, write_dry_run
+
+    try:
+        device = check_device(resolve_device(cfg.device))
+        with status(console, f"dry run of {command}: reading the model's geometry and timing a reduced copy"):
+            result = dry_run(lambda geometry: workload(cfg, geometry), model=cfg.model, device=device,
+                             dtype=cfg.dtype, seq_len=cfg.max_length, trust_remote_code=trust_remote_code,
+                             label=cfg.label, n_boot=getattr(cfg, "n_boot", 2000), report=report)
+        path = write_dry_run(result, Path(out) / "dry-run.json")
+    except expected_errors() as exc:
+        raise fail(exc, flags) from None
+    for line in result.lines():
+        console.print(escape(line), highlight=False)
+    console.print(f"dry run: nothing computed; plan and estimates in {escape(path)}", highlight=False)
+    return typer.Exit(0)
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     from moeaudit.errors import MoEAuditError
 
@@ -138,16 +175,21 @@ def build_config(cls, config: str | None, flags: dict, names: Mapping[str, str] 
 
 
 def rich_table(title: str, frame, columns: list[str] | None = None):
-    """A rich table of ``frame`` (``title`` and cells escaped; floats to 4 significant digits)."""
+    """A rich table of ``frame`` (``title`` and cells escaped; floats to 4 significant digits). On a narrow
+    console a long label or value folds onto a second line, never cut to an ellipsis, so two names that share a
+    prefix (``activation_norm``, ``activation_std``) never print alike."""
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=escape(title))
     frame = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
     for col in frame.columns:
-        table.add_column(escape(col))
+        words = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in frame[col]]
+        longest = max(map(len, words), default=0)  # short values (a decision, a number) keep one line
+        table.add_column(Text(str(col), overflow="fold"), overflow="fold",
+                         min_width=longest if longest <= 12 else None)
     for row in frame.itertuples(index=False):
-        table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
+        table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v), overflow="fold") for v in row])
     return table
 
 
@@ -171,7 +213,8 @@ class RichProgress:
 
         self.console = console
         self.flags = flags or {}
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                            MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                             transient=False)
         self.task = None

@@ -50,7 +50,8 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
             encoding: str = typer.Option("utf-8", help="text encoding of .txt / .jsonl corpora"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                                    help="run modelling code shipped with the checkpoint")) -> None:
-    """Family, layers, experts, top-k, shared experts, and a routing summary on a few sequences."""
+    """Family, layers, experts, top-k, shared experts, NaN / inf weights or activations (exit 1 when any), and a
+    routing summary on a few sequences."""
     import moeaudit
 
     console = make_console()
@@ -62,6 +63,18 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
         raise fail(exc, _FLAGS) from None
     for field, value in desc.__dict__.items():
         console.print(f"[bold]{field}[/bold]: {escape(value)}", highlight=False)
+    from moeaudit.models import first_nonfinite_module, nonfinite_weights
+
+    with status(console, "checking weights and activations for NaN / inf"):
+        bad = nonfinite_weights(m, desc.n_experts)
+        module = first_nonfinite_module(m, seqs[0].input_ids) if seqs else None
+    console.print(f"[bold]non_finite_weights[/bold]: {escape('; '.join(bad)) if bad else 'none'}", highlight=False)
+    console.print(f"[bold]non_finite_activations[/bold]: "
+                  f"{escape('first in ' + module) if module else 'none'}", highlight=False)
+    if bad or module:
+        console.print("[bold red]this model computes NaN or inf[/bold red]: restore the weights named above from an "
+                      "intact checkpoint (or, for activations with finite weights, use --dtype float32)",
+                      highlight=False)
     with status(console, f"routing {len(seqs)} sequences"):
         table = moeaudit.observe(m, [s.input_ids for s in seqs])
     summary = table.groupby("layer").agg(
@@ -69,6 +82,8 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP),
         mean_weight=("mean_routing_weight_when_active", "mean"), unused=("routed_count", lambda c: int((c == 0).sum())),
     ).reset_index()
     console.print(rich_table(f"routing over {len(seqs)} sequences of {corpus}", summary))
+    if bad or module:
+        raise typer.Exit(1)
 
 
 @app.command()

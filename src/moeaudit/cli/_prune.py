@@ -13,10 +13,12 @@ from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import (
     RichProgress,
     build_config,
+    dry_run_exit,
     escape,
     expected_errors,
     fail,
     flag_names,
+    header,
     interrupted,
     make_console,
     rich_table,
@@ -42,13 +44,25 @@ def _option(defaults, key: str, help: str | None, shown: str | None = None):
 
 def _flags(cls) -> dict[str, str]:
     return flag_names(*cls.__dataclass_fields__, "trust_remote_code", "out", "report", "save_pruned",
-                      "save_criterion", "save_fraction", "save_pairs")
+                      "save_criterion", "save_fraction", "save_pairs", "dry_run")
+
+
+_DRY_RUN_HELP = ("compute nothing: print the plan (cells, ablations, documents, evaluations) and estimates of time, "
+                 "peak memory and disk; write OUT/dry-run.json")
+
+
+def _dry_run(what: str, cfg, out: Path, workload, flags: dict[str, str], trust_remote_code: bool,
+             report: bool) -> typer.Exit:
+    console = make_console()
+    header(console, f"[bold]moeaudit {what} --dry-run[/bold] -> {escape(out)}")
+    return dry_run_exit(console, what, cfg, out, workload, flags, trust_remote_code=trust_remote_code,
+                        report=report)
 
 
 def _run(call, out: Path, what: str, flags: dict[str, str]):
     console = make_console()
     start = time.perf_counter()
-    console.print(f"[bold]moeaudit {what}[/bold] -> {escape(out)}", highlight=False)
+    header(console, f"[bold]moeaudit {what}[/bold] -> {escape(out)}")
     try:
         with RichProgress(console) as progress:
             result = call(progress)
@@ -84,6 +98,7 @@ def map_cmd(
                                                        "read from a configuration file)"),
     out: Path = _option(_MAP, "out", "run directory; re-running resumes it", "runs/<name>-map"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """The causal importance map: every active expert removed alone at n positions per layer, aggregated per
     (layer, expert) into importance.parquet and a layer x expert heat map."""
@@ -92,6 +107,10 @@ def map_cmd(
     values, flags = locals(), _flags(MapConfig)
     cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-map"
+    if dry_run:
+        from moeaudit._workloads import map_workload
+
+        raise _dry_run("map", cfg, target, map_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report,
                                                              trust_remote_code=trust_remote_code),
                                     target, "map", flags)
@@ -167,6 +186,7 @@ def prune_eval_cmd(
     save_pairs: str = _option(_PRUNE, "save_pairs", "several checkpoints: comma-separated CRITERION@FRACTION pairs "
                                                     "(e.g. reap@0.25,causal@0.5), each written to "
                                                     "<--save-pruned>/<criterion>@<fraction>/", "none"),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
@@ -176,6 +196,10 @@ def prune_eval_cmd(
     cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)},
                        flags)
     target = out or Path("runs") / f"{cfg.label}-prune"
+    if dry_run:
+        from moeaudit._workloads import prune_workload
+
+        raise _dry_run("prune-eval", cfg, target, prune_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(
         lambda p: prune_eval(cfg, target, progress=p, report=report, save_pruned=save_pruned,
                              save_criterion=save_criterion, save_fraction=save_fraction,

@@ -139,7 +139,7 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
         RunDirectoryError: A directory is not a shard, the shards differ, or they do not cover every cell exactly
             once (the message names the cells missing or held twice), or ``out`` is not new.
     """
-    from moeaudit.experiments import summarize, summary_settings
+    from moeaudit.experiments import add_domain_tables, summarize, summary_settings
     from moeaudit.pipeline import RunResult, environment, write_summary
 
     if not shards:
@@ -175,7 +175,9 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
             if source is not None:
                 atomic_write_bytes(tmp / name, source.read_bytes())
         records = staging.read_records()
-        tables = summarize(records, metrics=staging.read_parquet("metrics.parquet"), **summary_settings(config))
+        metric_table = staging.read_parquet("metrics.parquet")
+        tables = summarize(records, metrics=metric_table, **summary_settings(config))
+        add_domain_tables(tables, records, metric_table, first.manifest, seed=int(config.get("seed", 0)))
         write_summary(staging, tables)
         sessions = [{**session, "shard": f"{s.index}/{s.count}"} for s in parsed
                     for session in s.manifest.get("sessions", [])]

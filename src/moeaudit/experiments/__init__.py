@@ -17,6 +17,7 @@ import pandas as pd
 from torch import nn
 
 from moeaudit.experiments._decide import DECISIONS
+from moeaudit.experiments._domains import add_domain_tables, domain_table, layer_z_table, relabel_z
 from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
     EXPERIMENTS,
@@ -151,7 +152,11 @@ __all__ = [
     "ExperimentResult",
     "ExperimentSettings",
     "audit",
+    "add_domain_tables",
     "candidate_positions",
+    "domain_table",
+    "layer_z_table",
+    "relabel_z",
     "progressive",
     "rank_validity",
     "ranking_stability",

@@ -100,11 +100,18 @@ def decide_family(frame: pd.DataFrame, *, alpha: float = ALPHA, method: str = CO
 
 def decide_rank_validity(frame: pd.DataFrame, *, alpha: float = ALPHA, method: str = CORRECTION) -> pd.DataFrame:
     """Rank-validity cells of one model: significant when the document-clustered test of the mean per-token rho
-    survives correction over the model's rank-validity cells."""
+    survives correction over the model's rank-validity cells and, for a static metric with a ``p_perm`` (the
+    relabeling null of :mod:`moeaudit.experiments._rank_null`), so does that test."""
     frame = frame.copy()
-    decision = stats.decide([stats.Criterion("mean rho (document sign-flip)", frame["p_cluster"].to_numpy(dtype=float),
-                                             np.sign(frame["mean_rho"].to_numpy(dtype=float)))],
-                            method=method, alpha=alpha)
+    direction = np.sign(frame["mean_rho"].to_numpy(dtype=float))
+    criteria = [stats.Criterion("mean rho (document sign-flip)", frame["p_cluster"].to_numpy(dtype=float), direction)]
+    if "p_perm" in frame and frame["p_perm"].notna().any():
+        # static metrics must also beat random relabelings of the metric (the audit's expert-level null); the
+        # per-token routing weight has no static ranking to relabel, so this criterion does not apply to it
+        static = frame["metric"] != "routing_weight"
+        p_perm = np.where(static, frame["p_perm"].to_numpy(dtype=float), 0.0)
+        criteria.append(stats.Criterion("random relabelings (p_perm)", p_perm, direction))
+    decision = stats.decide(criteria, method=method, alpha=alpha)
     frame["alpha_corrected"] = decision.alpha_corrected
     frame["significant"] = decision.significant
     return frame

@@ -111,8 +111,8 @@ def random_ranking_null(pool: Pool, metric_values, *, n_perm: int = N_RELABEL, m
     and their ΔL; H0: the metric's assignment to experts is exchangeable (it carries no information on which
     expert matters).
 
-    Each of ``n_perm`` seeded draws permutes the metric's values across the E experts (a NaN value moves with its
-    slot) and recomputes, at every pooled position, high = argmax and low = argmin among the active experts with
+    Each of ``n_perm`` seeded draws permutes the metric's values across the experts that have a finite value (a
+    NaN expert stays out of every labeling) and recomputes, at every pooled position, high = argmax and low = argmin among the active experts with
     a finite value; ties (in the metric, or created by nothing) are broken at random within each draw by a jitter
     below the gap between distinct values. The observed ranking is scored the same way, so observed and null d
     differ only by the labelling.
@@ -147,9 +147,12 @@ def random_ranking_null(pool: Pool, metric_values, *, n_perm: int = N_RELABEL, m
     observed = rank + rng.random(n_experts) * 0.5
     d_obs = float(high_low_d(pool, observed[None])[0])
 
-    def draw(r: int) -> np.ndarray:
-        perms = rng.permuted(np.tile(np.arange(n_experts), (r, 1)), axis=1)
-        return high_low_d(pool, rank[perms] + rng.random((r, n_experts)) * 0.5)
+    slots = np.flatnonzero(np.isfinite(rank))
+
+    def draw(r: int) -> np.ndarray:  # only experts with a finite value are relabeled: a NaN one stays out
+        ranks = np.full((r, n_experts), np.nan)
+        ranks[:, slots] = rng.permuted(np.tile(rank[slots], (r, 1)), axis=1)
+        return high_low_d(pool, ranks + rng.random((r, n_experts)) * 0.5)
 
     return _null_result(d_obs, _sequential(d_obs, draw, n_perm, max_perm), pool.n_positions)
 
@@ -294,10 +297,7 @@ def add_expert_level(table: pd.DataFrame, layer_pools: dict[tuple[str, int], Poo
         max_perm = max(n_perm, int(np.ceil(20 * family_size[i] / alpha)))
         if kind == "control":
             null = within_token_null(pool, n_perm=n_perm, max_perm=max_perm, seed=stream(key[1], 2))
-        elif metric_table is not None:
-            null = random_ranking_null(pool, _metric_vector(metric_table, key[1], str(row["metric"]), n_experts),
-                                       n_perm=n_perm, max_perm=max_perm, seed=stream(key[1], 3))
-        else:
+        else:  # audit: the shared per-layer relabeling null of moeaudit.experiments._audit_expert fills p_perm
             continue
         out.loc[i, ["p_perm", "d_perm_low", "d_perm_high"]] = [null.p_perm, null.d_perm_low, null.d_perm_high]
     out.attrs["notes"] = notes

@@ -65,6 +65,9 @@ class ExperimentSettings:
     min_context: int = 1
     model_name: str = "model"
     means: ExpertMeans | None = field(default=None, compare=False, repr=False)
+    #: One label per sequence of the run (index = seq_id), e.g. its domain: single-expert cells sample their
+    #: positions stratified by it (:func:`~moeaudit.experiments.candidate_positions`); ``None``: uniform.
+    strata: tuple[str, ...] | None = None
 
     def check(self, model: nn.Module, metric_table: pd.DataFrame | None = None) -> tuple[int, ...]:
         """Validate against ``model``; return the layers to audit."""
@@ -184,7 +187,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
     without it each sequence this cell touches gets its own clean pass."""
     desc = describe(model)
     ids_list, states = _states_for(model, sequences, layer, states)
-    candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context)
+    candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context,
+                                     strata=None if settings.strata is None else settings.strata[: len(ids_list)])
     metrics = list(settings.metrics) if metric_table is not None else []
     table = metric_table.set_index(["layer", "expert"]) if metric_table is not None else None
     rows: list[dict] = []

@@ -14,9 +14,12 @@ import pandas as pd
 from moeaudit import stats
 from moeaudit.config import PROGRESSIVE_SESOI
 from moeaudit.experiments._arms import arm_comparisons, progressive_cells
+from moeaudit.experiments._audit_expert import audit_expert_level
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
-from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, add_expert_level
+from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, _metric_vector, _n_experts, add_expert_level
+from moeaudit.experiments._metric_test import N_METRIC_DRAWS, null_key
 from moeaudit.experiments._pool import pools
+from moeaudit.experiments._rank_null import N_RANK_DRAWS, rank_null, relabel_p
 
 
 def _relative_depth(frame: pd.DataFrame) -> pd.Series:
@@ -55,6 +58,24 @@ def _nonfinite_note(pivot: pd.DataFrame) -> str | None:
             "the model's precision (float32) or these tokens")
 
 
+#: Nulls and first-level draws of each cell's measured level (``mean_level``) on its own skewed null.
+LEVEL_DRAWS, LEVEL_BOOT = 300, 99
+
+
+def _mean_columns(diff: np.ndarray, docs: np.ndarray, seed) -> dict:
+    """``p_mean_greater``: the one-sided (E[D] > 0) document-level test of the mean, calibrated for skew
+    (:func:`moeaudit.stats.clustered_mean_test`); ``mean_level`` / ``mean_level_high``: its measured rejection rate
+    at α = .05 (and the upper end of its 95 % binomial interval) on nulls resampled from the cell's own centred
+    documents (:func:`moeaudit.stats.skewed_null_level`), the level the decision actually carries."""
+    if np.unique(docs).size < 3:
+        return {"p_mean_greater": math.nan, "mean_level": math.nan, "mean_level_high": math.nan}
+    rng = np.random.default_rng(seed)
+    test = stats.clustered_mean_test(diff, docs, alternative="greater", seed=rng.integers(1 << 31))
+    level = stats.skewed_null_level(diff, docs, alpha=ALPHA, n_draws=LEVEL_DRAWS, n_boot=LEVEL_BOOT,
+                                    seed=rng.integers(1 << 31))
+    return {"p_mean_greater": test.pvalue, "mean_level": level.rate, "mean_level_high": level.ci_high}
+
+
 def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_boot: int, seed: int | None,
                   sesoi_d: float) -> pd.DataFrame:
     """The paired test of every cell (not yet decided: :func:`_decided` adds the decision)."""
@@ -84,6 +105,7 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_
                                      sesoi_d=sesoi_d, seed=_cell_seed(seed, experiment, *key))
             row.update(dataclasses.asdict(test))
             row["design_effect"] = stats.design_effect(high - low, docs)
+            row.update(_mean_columns(high - low, docs, _cell_seed(seed, experiment, "mean", *key)))
         if experiment == "control":
             weights = group.pivot_table(index=["seq_id", "position"], columns="role", values="ablated_metric_value",
                                         aggfunc="first").reindex(pivot.index)
@@ -106,13 +128,26 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_
 def _decided(frame: pd.DataFrame, *, expert_level: bool) -> pd.DataFrame:
     if frame.empty:
         return frame
-    parts = [decide_family(per_model, expert_level=expert_level) for _, per_model in frame.groupby("model", sort=False)]
+    parts = [_holm_mean(decide_family(per_model, expert_level=expert_level))
+             for _, per_model in frame.groupby("model", sort=False)]
     out = pd.concat(parts, ignore_index=True)
     out.attrs = dict(frame.attrs)
     return out
 
 
-def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
+def _holm_mean(frame: pd.DataFrame) -> pd.DataFrame:
+    """``p_mean_greater_holm``: Holm over the family's one-sided mean tests (NaN p-values stay NaN)."""
+    p = frame["p_mean_greater"].to_numpy(dtype=float) if "p_mean_greater" in frame else np.full(len(frame), np.nan)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = stats.correct(p[ok], "holm", ALPHA).p_corrected
+    frame["p_mean_greater_holm"] = out
+    return frame
+
+
+def _rank_validity(records: pd.DataFrame, *, seed: int | None, metrics: pd.DataFrame | None = None,
+                   layer_pools: dict | None = None, n_draws: int = N_RANK_DRAWS) -> pd.DataFrame:
     sub = records[records["experiment"] == "rank_validity"]
     finite = np.isfinite(sub["delta"].to_numpy(dtype=float))
     token_key = ["model", "layer", "metric", "seq_id", "position"]
@@ -144,7 +179,29 @@ def _rank_validity(records: pd.DataFrame, *, seed: int | None) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame.insert(2, "relative_depth", _relative_depth(frame))
+    frame["p_perm"] = _rank_relabeling(frame, metrics, layer_pools or {}, seed=seed, n_draws=n_draws)
     return pd.concat([decide_rank_validity(g) for _, g in frame.groupby("model", sort=False)], ignore_index=True)
+
+
+def _rank_relabeling(frame: pd.DataFrame, metrics: pd.DataFrame | None, layer_pools: dict, *, seed: int | None,
+                     n_draws: int) -> list[float]:
+    """Per rank-validity row, the relabeling p of its mean ρ (:mod:`moeaudit.experiments._rank_null`); NaN for the
+    per-token routing weight (no static ranking to relabel) and without the metric table or the pool. Tie-free
+    metrics of a layer share one null (as the audit's p_perm)."""
+    out, cache = [], {}
+    for _, row in frame.iterrows():
+        pool = layer_pools.get((str(row["model"]), int(row["layer"])))
+        if metrics is None or pool is None or row["metric"] not in metrics.columns:
+            out.append(math.nan)
+            continue
+        values = _metric_vector(metrics, int(row["layer"]), str(row["metric"]), _n_experts(pool, metrics,
+                                                                                         int(row["layer"])))
+        key = (str(row["model"]), int(row["layer"]), null_key(values))
+        if key not in cache:
+            cache[key] = rank_null(pool, values, n_draws=n_draws,
+                                   seed=None if seed is None else [int(seed), int(row["layer"]), 13])
+        out.append(relabel_p(float(row["mean_rho"]), cache[key]))
+    return out
 
 
 def _token_spearman(sub: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
@@ -274,7 +331,8 @@ def summary_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_boot: int = 2000,
               seed: int | None = 0, sesoi_d: float = stats.SESOI_D, n_relabel: int = N_RELABEL,
-              n_splits: int = N_SPLITS, progressive_sesoi: float = PROGRESSIVE_SESOI) -> dict[str, pd.DataFrame]:
+              n_splits: int = N_SPLITS, progressive_sesoi: float = PROGRESSIVE_SESOI,
+              n_metric_draws: int = N_METRIC_DRAWS) -> dict[str, pd.DataFrame]:
     """Every cell table, from the record table (and, for the expert-level null, the run's metric table).
 
     Args:
@@ -290,9 +348,12 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
             more, up to 20 / alpha_corrected, where fewer than 10 are as extreme.
         n_splits: Random document halvings of the causal ceiling.
         progressive_sesoi: Equivalence bound (nats of mean ΔL) of the progressive arms' comparison.
+        n_metric_draws: Relabelings of each layer's shared null (the metric-level test and ``p_perm``).
 
     Returns:
-        ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
+        ``metrics`` (per model x metric: the pooled one-sided relabeling test ``p_metric`` with Holm over the
+        model's metrics, the pooled share of the ceiling with its document-bootstrap interval and ``decision``; see
+        :mod:`moeaudit.experiments._metric_test`), ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
         documents as clusters, the design effect; the expert-level null ``p_perm`` with the band
         ``d_perm_low..d_perm_high`` of d under random relabelings of the metric across the layer's experts, and
         the layer's causal ceiling ``d_ceiling`` / ``d_ceiling_low`` / ``d_ceiling_high``; and the decision:
@@ -313,11 +374,13 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     layer_pools = pools(records)
     expert = {"metric_table": metrics, "n_perm": n_relabel, "n_splits": n_splits, "seed": seed}
     audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
-    audit = _decided(add_expert_level(audit, layer_pools, kind="audit", **expert), expert_level=True)
+    audit, metric_level = audit_expert_level(add_expert_level(audit, layer_pools, kind="audit", **expert),
+                                             layer_pools, metrics, seed=seed, n_draws=n_metric_draws)
+    audit = _decided(audit, expert_level=True)
     control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
     control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
     experts, layers = _redistribution(records, n_boot, seed)
-    tables = {"audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed),
+    tables = {"metrics": metric_level, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed, metrics=metrics, layer_pools=layer_pools),
               "progressive": progressive_cells(records),
               "progressive_arms": arm_comparisons(
                   records, sesoi=progressive_sesoi, n_perm_for=_n_perm,

@@ -1,4 +1,5 @@
-"""Expert ablation: semantics (:class:`Ablation`, modes, scopes), the naive reference engine and the fast engine."""
+"""Expert ablation: semantics (:class:`Ablation`, modes, scopes), the naive reference engine, the fast engine, and
+attribution (first-order estimates of every ablation from one backward pass)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moeaudit.intervene._attribution import (
+    ATTRIBUTION_COLUMNS,
+    attribute,
+    attribution_importance,
+    own_loss_gradients,
+)
 from moeaudit.intervene._fast import DEFAULT_MAX_QUERY_TOKENS, OutOfMemoryEvenForOneToken, run_fast
 from moeaudit.intervene._means import MEAN_COLUMNS, ExpertMeans, expert_means, replace_with_means
 from moeaudit.intervene._memory import (
@@ -167,6 +174,7 @@ def ablate(model: nn.Module, input_ids: torch.Tensor, ablations: Sequence[Ablati
 
 
 __all__ = [
+    "ATTRIBUTION_COLUMNS",
     "DEFAULT_MAX_QUERY_TOKENS",
     "ENGINES",
     "MEAN_COLUMNS",
@@ -183,6 +191,8 @@ __all__ = [
     "SequenceAblator",
     "ablate",
     "apply_mode",
+    "attribute",
+    "attribution_importance",
     "auto_query_tokens",
     "check_layers",
     "check_means",
@@ -194,4 +204,5 @@ __all__ = [
     "free_memory_bytes",
     "override_routing",
     "replace_with_means",
+    "own_loss_gradients",
 ]

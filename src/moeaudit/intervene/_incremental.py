@@ -109,6 +109,14 @@ def _query_mask(pos: torch.Tensor, start: torch.Tensor, block: torch.Tensor, key
 def propagate(ctx: Context, layer: int, hidden: torch.Tensor, pos: torch.Tensor, start: torch.Tensor,
               block: torch.Tensor, *, carried: dict | None = None, carried_pos: torch.Tensor | None = None,
               record: bool = False) -> tuple[torch.Tensor, dict]:
+    """:func:`run_queries` without autograd (the ablation engine's pass)."""
+    return run_queries(ctx, layer, hidden, pos, start, block, carried=carried, carried_pos=carried_pos,
+                       record=record)
+
+
+def run_queries(ctx: Context, layer: int, hidden: torch.Tensor, pos: torch.Tensor, start: torch.Tensor,
+                block: torch.Tensor, *, carried: dict | None = None, carried_pos: torch.Tensor | None = None,
+                record: bool = False, outputs: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Run ``hidden`` [Q, d_model] (the output of decoder layer ``layer`` at the queries) through layers
     ``layer+1..N-1``.
 
@@ -120,6 +128,9 @@ def propagate(ctx: Context, layer: int, hidden: torch.Tensor, pos: torch.Tensor,
         carried: Per layer ``(keys, values)`` of the block's earlier pieces (a split block; one block per chunk).
         carried_pos: [M] positions of the carried keys.
         record: Keep this chunk's keys/values per layer (returned) for the block's next piece.
+        outputs: When given, receives every layer's output [1, Q, d_model] by layer index (with autograd on, the
+            attribution pass differentiates the loss with respect to them). ``layer = -1`` starts from the
+            embeddings.
 
     Returns:
         ``(hidden [Q, d_model] leaving the last layer, {layer: (keys, values)} if record else {})``.
@@ -148,6 +159,8 @@ def propagate(ctx: Context, layer: int, hidden: torch.Tensor, pos: torch.Tensor,
                                                 window, hidden.dtype)
         hidden = _first(ctx.layers[l_idx](hidden.to(device), attention_mask=masks[window, device],
                                           position_ids=d_pos[None], cache=cache, position_embeddings=pe))
+        if outputs is not None:
+            outputs[l_idx] = hidden  # [1, Q, d_model]: the tensor the next layer consumes
     return hidden[0], cache.new
 
 

@@ -11,6 +11,7 @@ from moeaudit.models._describe import (
     router,
 )
 from moeaudit.models._families import FAMILIES, FamilyAdapter, RoutingGroups, attention_dims
+from moeaudit.models._finite import check_finite, first_nonfinite_module, nonfinite_weights
 from moeaudit.models._loading import (
     DEVICE_MAPS,
     check_device,
@@ -32,9 +33,11 @@ __all__ = [
     "adapter_for",
     "attention_dims",
     "check_device",
+    "check_finite",
     "decoder_layers",
     "describe",
     "execution_device",
+    "first_nonfinite_module",
     "materialized",
     "load_model",
     "load_tokenizer",
@@ -42,6 +45,7 @@ __all__ = [
     "model_device",
     "moe_block",
     "moe_layers",
+    "nonfinite_weights",
     "resolve_device_map",
     "resolve_dtype",
     "router",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from moeaudit.config import FlatConfig, check_common, model_label, resolve_corpus, resolve_device_map_path
+from moeaudit.config import MIN_N_BOOT, FlatConfig, check_common, model_label, resolve_corpus, resolve_device_map_path
 from moeaudit.errors import ConfigError
 
 #: Criterion ranking experts by a seeded random permutation (the baseline band).
@@ -18,6 +18,9 @@ RANDOM = "random"
 CAUSAL = "causal"
 #: Criterion ranking experts by their exact single-removal cost (``reference="loo"``: each removed alone).
 CAUSAL_LOO = "causal_loo"
+#: Criterion ranking experts by their attribution removal cost (routed share x mean first-order estimate of ΔL over
+#: every calibration position, in the run's mode; see :func:`moeaudit.attribute`). Opt-in: not in the default set.
+ATTRIBUTION = "attribution"
 #: The unpruned model's row in the result tables.
 NONE = "none"
 #: How the total number of removed experts is spread over the pruned layers (see :mod:`moeaudit.pruning._plan`).
@@ -225,8 +228,11 @@ class PruneConfig(MapConfig):
                               "evaluation documents (more give them power; default 32).")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha={self.alpha} is not in (0, 1); e.g. 0.05.")
-        if self.n_boot < 1 or self.n_perm < 1:
-            raise ConfigError(f"n_boot={self.n_boot}, n_perm={self.n_perm}: use at least 1 (defaults 2000, 10000).")
+        if self.n_boot < MIN_N_BOOT:
+            raise ConfigError(f"n_boot={self.n_boot} is too small; use at least {MIN_N_BOOT} (a 95% interval needs "
+                              "(n_boot + 1) x 0.025 >= 1; default 2000).")
+        if self.n_perm < 1:
+            raise ConfigError(f"n_perm={self.n_perm}: use at least 1 (default 10000).")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ConfigError(f"lm_eval_limit={self.lm_eval_limit}: use at least 1, or leave it unset for every "
                               "document of each task.")

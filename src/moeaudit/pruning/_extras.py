@@ -106,14 +106,16 @@ def save_pairs(loaded, units, config, pairs: list[tuple[str, float]], root: Path
 
 
 def save_plan(config, criteria: list[str], save_pruned, save_criterion: str | None, save_fraction: float | None,
-              save_pairs) -> tuple[list[tuple[str, float]], str | None, float | None]:
-    """Check, before any work, the checkpoints a prune-eval is asked to write; returns the ``--save-pairs`` pairs
-    and the (``--save-criterion``, ``--save-fraction``) of a single checkpoint (filled in when the run has one
-    criterion and one fraction).
+              save_pairs) -> tuple[list[tuple[str, float]], str | None, float | None, Path | None]:
+    """Check, before any work, the checkpoints a prune-eval is asked to write; returns the ``--save-pairs`` pairs,
+    the (``--save-criterion``, ``--save-fraction``) of a single checkpoint (filled in when the run has one
+    criterion and one fraction) and the ``--save-pruned`` directory resolved (a single checkpoint's must be new or
+    empty: :func:`moeaudit.pruning._slice.check_save_target`).
 
     Raises:
         ConfigError: both kinds named, a pair the run cannot write, a missing criterion or fraction, no uniform
             allocation, or a model spread by ``device_map``.
+        FileExistsError: a single checkpoint's directory is a file or not empty.
     """
     pairs = parse_save_pairs(save_pairs)
     if pairs and (save_criterion is not None or save_fraction is not None):
@@ -130,12 +132,18 @@ def save_plan(config, criteria: list[str], save_pruned, save_criterion: str | No
                           f"layer, but allocation={','.join(config.allocation)} removes different numbers per "
                           "layer; add uniform to allocation= (the checkpoint is the uniform pruning; "
                           "pruned.parquet lists every other pruning's removed experts).")
+    if save_pruned is not None and not pairs:
+        from moeaudit.pruning._slice import check_save_target
+
+        save_pruned = check_save_target(save_pruned)  # before any work, not after it
+    elif save_pruned is not None:
+        save_pruned = Path(save_pruned).expanduser().resolve()
     if save_pruned is not None and config.device_map is not None:
         raise ConfigError(f"--save-pruned slices the checkpoint from the loaded model, which needs it whole on one "
                           f"device, but device_map={config.device_map!r} spreads it (and may offload weights); run "
                           "without device_map= to write the pruned checkpoint (pruned.parquet lists the removed "
                           "experts of every pruned model).")
-    return pairs, save_criterion, save_fraction
+    return pairs, save_criterion, save_fraction, save_pruned
 
 
 def check_save(config, criteria: list[str], geometry, layers, save_criterion, save_fraction) -> None:

@@ -131,7 +131,7 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     (:mod:`moeaudit.pruning._splits`); with ``eval_corpus`` (one fold) the calibration and evaluation documents are
     each a seeded sample of their corpus. Within a fold documents never appear in both.
     """
-    from moeaudit.models import describe, load_tokenizer, load_weights
+    from moeaudit.models import check_finite, describe, load_tokenizer, load_weights
 
     config, device = plan.config, plan.device
     progress.stage(f"loading {config.model}", None)
@@ -190,4 +190,5 @@ def load_splits(plan: MapPlan, run_dir: RunDirectory, session, progress: Progres
     session.manifest["corpus"] = {k: {kk: vv for kk, vv in v.items() if kk != "doc_ids"} if isinstance(v, dict)
                                   else v for k, v in splits.items() if k != "folds"}
     session.write()
+    check_finite(model, folds[0].calibration[0].input_ids, n_experts=desc.n_experts)  # NaN / inf weights, activations
     return Loaded(model, tokenizer, geometry, layers, folds)

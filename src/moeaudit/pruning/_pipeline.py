@@ -35,7 +35,7 @@ import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
 from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
-from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
+from moeaudit.pruning._config import ATTRIBUTION, CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
 from moeaudit.pruning._preflight import MapPlan, preflight_map
 from moeaudit.rundir import RunDirectory
 
@@ -206,7 +206,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
-    from moeaudit.pruning._extras import save_plan
+    from moeaudit.pruning import _extras as X
 
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
@@ -215,15 +215,14 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
     from moeaudit.pruning._units import resolve_criteria
 
     criteria = resolve_criteria(config.criteria)
-    pairs, save_criterion, save_fraction = save_plan(config, criteria, save_pruned, save_criterion, save_fraction,
-                                                     save_pairs)
+    pairs, save_criterion, save_fraction, save_pruned = X.save_plan(config, criteria, save_pruned, save_criterion,
+                                                                    save_fraction, save_pairs)
     if config.lm_eval_tasks:
         from moeaudit.pruning._lmeval import check_lm_eval
 
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
-        from moeaudit.pruning import _extras as X
         from moeaudit.pruning._loading import load_splits
         from moeaudit.pruning._plan import n_removed
         from moeaudit.pruning._size import size_table
@@ -254,6 +253,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if importance is not None and (config.reference == "loo" or CAUSAL_LOO in criteria):
                 importance = importance.merge(_loo(view, fold_dir, s, progress), on=["layer", "expert"])
             metrics = _metrics(view, fold_dir, s, progress, criteria)
+            attribution = _attribution(config, view, fold_dir, s, progress) if ATTRIBUTION in criteria else None
             top = X.super_expert_table(config, importance, fold_dir, layers)
             protected = protected_map(top[top["protected"]]) if config.protect_top else None
             if "mean" in config.method:  # c_e of the unpruned model on this fold's calibration split
@@ -263,7 +263,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
                                config.fractions, random_seeds=config.random_seeds, seed=config.seed,
                                geometry=geometry, layers=layers, metrics=metrics, importance=importance,
                                per_layer=config.per_layer, fold=fold.fold, allocations=config.allocation,
-                               methods=config.method, protected=protected)
+                               methods=config.method, protected=protected, attribution=attribution)
             units += mine
             if top is not None:
                 supers.append(top.assign(fold=fold.fold))
@@ -326,6 +326,21 @@ def _loo(loaded, run_dir: RunDirectory, s, progress: ProgressSink) -> pd.DataFra
             table = loo_costs(loaded.model, loaded.calibration, loaded.layers, loaded.geometry.n_experts,
                               progress=progress.advance)
         run_dir.write_parquet("loo.parquet", table)
+    return table
+
+
+def _attribution(config: PruneConfig, loaded, run_dir: RunDirectory, s, progress: ProgressSink):
+    """The attribution importance map of the (fold's) calibration split in the run's mode (``attribution``
+    criterion; ``attribution_importance.parquet``, reused on resume)."""
+    from moeaudit.intervene._attribution import attribute, attribution_importance
+
+    table = run_dir.read_parquet("attribution_importance.parquet")
+    if table is None:
+        progress.stage("attribution on the calibration split", None)
+        with s.timer("attribution"):
+            rows = attribute(loaded.model, loaded.calibration, layers=loaded.layers, modes=(config.mode,))
+            table = attribution_importance(rows, [config.mode], loaded.geometry.n_experts)
+        run_dir.write_parquet("attribution_importance.parquet", table)
     return table
 
 

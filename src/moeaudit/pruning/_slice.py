@@ -89,6 +89,22 @@ def slice_experts(model: nn.Module, removed: Removal, *, inplace: bool = False) 
     return target
 
 
+def check_save_target(out: str | Path) -> Path:
+    """Refuse a target for a pruned checkpoint that is a file or a non-empty directory (before any work).
+
+    Raises:
+        FileExistsError: Naming the path, what it is, and the fix.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"save_pruned={str(out)!r} is an existing file, not a directory; name a new directory "
+                              "for the pruned checkpoint.")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"save_pruned={str(out)!r} is a directory that is not empty; name a new (or empty) "
+                              "directory for the pruned checkpoint, or move the existing one aside.")
+    return out
+
+
 def save_pruned(model: nn.Module, removed: Removal, out: str | Path, *, tokenizer=None,
                 provenance: dict | None = None) -> Path:
     """Write a loadable checkpoint of ``model`` with the ``removed`` experts deleted to the directory ``out``.
@@ -101,10 +117,7 @@ def save_pruned(model: nn.Module, removed: Removal, out: str | Path, *, tokenize
     Raises:
         FileExistsError: ``out`` exists and is not empty.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new directory for the pruned "
-                              "checkpoint.")
+    out = check_save_target(out)
     sliced = slice_experts(model, removed)
     geometry = prune_geometry(model)
     staging = out.parent / f".tmp-{out.name}"

@@ -17,7 +17,7 @@ from torch import nn
 from moeaudit.errors import ConfigError, did_you_mean
 from moeaudit.intervene._state import token_losses
 from moeaudit.models._describe import model_device
-from moeaudit.pruning._config import CAUSAL, CAUSAL_LOO, DELETE, NONE, RANDOM
+from moeaudit.pruning._config import ATTRIBUTION, CAUSAL, CAUSAL_LOO, DELETE, NONE, RANDOM
 from moeaudit.pruning._hook import pruned
 from moeaudit.pruning._mean import mean_replaced
 from moeaudit.pruning._plan import PruneGeometry, n_removed, plan_allocation, random_values
@@ -81,9 +81,9 @@ def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
     """
     from moeaudit._observe import METRICS
 
-    valid = [*METRICS, CAUSAL, RANDOM, CAUSAL_LOO]
+    valid = [*METRICS, CAUSAL, RANDOM, CAUSAL_LOO, ATTRIBUTION]
     if criteria is None:
-        return valid[:-1]
+        return valid[:-2]
     for c in criteria:
         if c not in valid:
             raise ConfigError(f"criteria={','.join(criteria)}: {c!r} is not a criterion; valid: {', '.join(valid)}."
@@ -92,12 +92,14 @@ def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
 
 
 def criterion_scores(criterion: str, layers: Sequence[int], *, metrics: pd.DataFrame | None,
-                     importance: pd.DataFrame | None, geometry: PruneGeometry, seed: int) -> dict[int, np.ndarray]:
+                     importance: pd.DataFrame | None, geometry: PruneGeometry, seed: int,
+                     attribution: pd.DataFrame | None = None) -> dict[int, np.ndarray]:
     """Layer -> [E] values ranking the experts (higher = more important; the lowest are removed)."""
     if criterion == RANDOM:
         return {layer: random_values(geometry, seed, layer) for layer in layers}
     table, column = ((importance, "removal_cost") if criterion == CAUSAL else (importance, "loo_cost")
-                     if criterion == CAUSAL_LOO else (metrics, criterion))
+                     if criterion == CAUSAL_LOO else (attribution, "attr_removal_cost")
+                     if criterion == ATTRIBUTION else (metrics, criterion))
     out = {}
     for layer in layers:
         sub = table[table["layer"] == layer].sort_values("expert")
@@ -112,6 +114,7 @@ def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_s
                 geometry: PruneGeometry, layers: Sequence[int], metrics: pd.DataFrame | None,
                 importance: pd.DataFrame | None, per_layer: bool, fold: int = 0,
                 allocations: Sequence[str] = ("uniform",), methods: Sequence[str] = (DELETE,),
+                attribution: pd.DataFrame | None = None,
                 protected: Mapping[int, Sequence[int]] | None = None) -> list[PruneUnit]:
     """Every pruned model of one fold, the unpruned model first (method ``none``). ``importance`` carries
     ``removal_cost`` (the ``causal`` criterion and the ``causal`` allocation's per-layer counts) and, with
@@ -128,7 +131,7 @@ def build_units(criteria: Sequence[str], fractions: Sequence[float], *, random_s
             seeds = [seed + i for i in range(random_seeds)] if criterion == RANDOM else [seed]
             for s in seeds:
                 scores = criterion_scores(criterion, layers, metrics=metrics, importance=importance,
-                                          geometry=geometry, seed=s)
+                                          geometry=geometry, seed=s, attribution=attribution)
                 if protected:
                     scores = protect(scores, {int(k): tuple(v) for k, v in protected.items()},
                                      n_removed(geometry, fraction))

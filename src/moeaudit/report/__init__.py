@@ -47,7 +47,7 @@ def load_run(path: str | Path, *, label: str | None = None) -> RunData:
     Raises:
         RunDirectoryError: ``path`` is not a run directory, or holds no finished cell.
     """
-    from moeaudit.experiments import summarize, summary_settings
+    from moeaudit.experiments import add_domain_tables, summarize, summary_settings
 
     run_dir = RunDirectory(path)
     manifest = run_dir.manifest()
@@ -61,8 +61,10 @@ def load_run(path: str | Path, *, label: str | None = None) -> RunData:
     if label != stored_label:
         records = records.assign(model=label)
     metrics = run_dir.read_parquet("metrics.parquet")
+    tables = summarize(records, metrics=metrics, **summary_settings(config))
+    add_domain_tables(tables, records, metrics, manifest, seed=int(config.get("seed", 0)))
     return RunData(path=run_dir.path, manifest=manifest, config=config, label=label, records=records,
-                   tables=summarize(records, metrics=metrics, **summary_settings(config)),
+                   tables=tables,
                    metrics=metrics,
                    stability=run_dir.read_parquet("stability.parquet"),
                    verification=run_dir.read_json("verification.json"),
@@ -79,6 +81,26 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
     return runs
 
 
+def _answer_blocks(runs: list[RunData]) -> list[Block]:
+    """The Answer (per run, at most five sentences from the metric-level tests and estimates) and the scorecard."""
+    from moeaudit.report._answer import answer_sentences, scorecard_figure
+
+    blocks: list[Block] = []
+    for run in runs:
+        sentences = answer_sentences(run.tables.get("metrics"), run.tables.get("audit"), run.validation)
+        if not sentences:
+            continue
+        blocks.append(Heading("Answer" if len(runs) == 1 else f"Answer: {run.label}"))
+        blocks.append(Paragraph(" ".join(sentences)))
+        fig = scorecard_figure(run.tables["audit"], run.label)
+        if fig is not None:
+            blocks.append(_figure(f"{_stem(run.label)}-scorecard", "Scorecard: each cell's d as a percentile among "
+                                  "random rankings of the layer's experts (red: above most random rankings) and, at "
+                                  "informative layers, its share of the causal ceiling (d / d_ceiling); hatched "
+                                  "layers are uninformative (the ceiling does not rise above the random band).", fig))
+    return blocks
+
+
 def _concat(runs: list[RunData], name: str) -> pd.DataFrame:
     parts = [r.tables.get(name) for r in runs if r.tables.get(name) is not None and len(r.tables[name])]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -86,6 +108,7 @@ def _concat(runs: list[RunData], name: str) -> pd.DataFrame:
 
 def build(runs: list[RunData]) -> tuple[str, list[Block]]:
     """The report's title and blocks."""
+    from moeaudit.report import _domains as D
     from moeaudit.report import _figures as F
 
     title = "moeaudit report: " + ", ".join(r.label for r in runs)
@@ -95,6 +118,7 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         f"({', '.join(f'`{r.path}`' for r in runs)}). Every number is recomputed from the stored per-token records. "
         "Question: do observational expert statistics (how often the router picks an expert, how large its output "
         "is) predict what removing the expert does to the next-token loss, token by token?")]
+    blocks += _answer_blocks(runs)
     blocks += [Heading("Verdict")]
     for run in runs:
         if len(runs) > 1:
@@ -106,6 +130,11 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         against = comparison(run.config["model"], run.tables, _last_dtype(run))
         if against:
             blocks.append(Paragraph(against))
+        if len(run.tables.get("domains", ())):
+            blocks.append(Paragraph(D.domain_sentence(run.tables["domains"], run.label)))
+    versus = D.comparison(runs)
+    if versus is not None:
+        blocks += [Heading("Redundancy levels", 3), Paragraph(D.comparison_sentence(versus, D.ALPHA))]
     blocks += [T.headline_table(runs), Heading("Runs"), T.runs_table(runs)]
 
     audit_all, control_all = _concat(runs, "audit"), _concat(runs, "control")
@@ -118,6 +147,12 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
             "causal ceiling, the d of experts ranked by their mean ΔL on half of the documents and scored on the "
             "other half (bars: 2.5-97.5% over 200 random halvings). Filled markers: control cells significant under "
             "the decision rule (clustered tests of the mean and the signed rank, Bonferroni, same direction).", fig)]
+    if versus is not None:
+        blocks += D.comparison_blocks(runs, versus)
+    if any(len(r.tables.get("domains", ())) for r in runs):
+        blocks.append(Heading("Results per domain"))
+        for run in runs:
+            blocks += D.domain_blocks(run)
     for run in runs:
         blocks += _model_section(run, F)
     blocks += [Heading("How to read this report"), Paragraph(
@@ -255,4 +290,21 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
         return REPORTERS[tools[0]](paths[0], out)
     runs = load_runs(list(paths))
     title, blocks = build(runs)
-    return write_document(title, blocks, out)
+    written = write_document(title, blocks, out)
+    _write_cross_tables(runs, Path(out))
+    return written
+
+
+def _write_cross_tables(runs: list[RunData], out: Path) -> None:
+    """``tables/domains.csv`` (every run's per-domain results) and, for two or more runs,
+    ``tables/model_comparison.csv`` in the report's directory."""
+    from moeaudit.report import _domains as D
+
+    domains = _concat(runs, "domains")
+    versus = D.comparison(runs) if len(runs) > 1 else None
+    if len(domains) or versus is not None:
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+    if len(domains):
+        domains.to_csv(out / "tables" / "domains.csv", index=False)
+    if versus is not None:
+        versus.to_csv(out / "tables" / "model_comparison.csv", index=False)

@@ -139,21 +139,24 @@ def write_document(title: str, blocks: list[Block], out) -> dict:
     import shutil
     from pathlib import Path
 
-    from moeaudit.rundir import atomic_write_bytes, atomic_write_text
+    from moeaudit._atomic import atomic_write_bytes, atomic_write_text, translated
 
     out = Path(out)
     figures_dir = out / "figures"
     staging = out / ".tmp-figures"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for block in blocks:
-        if isinstance(block, Figure):
-            atomic_write_bytes(staging / f"{block.name}.png", block.png)
-            atomic_write_bytes(staging / f"{block.name}.pdf", block.pdf)
-    for p in staging.iterdir():
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        p.replace(figures_dir / p.name)
-    staging.rmdir()
+    try:  # a failure (a full disk) leaves no staging directory behind
+        with translated(staging / "figures"):
+            staging.mkdir(parents=True)
+        for block in blocks:
+            if isinstance(block, Figure):
+                atomic_write_bytes(staging / f"{block.name}.png", block.png)
+                atomic_write_bytes(staging / f"{block.name}.pdf", block.pdf)
+        for p in staging.iterdir():
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            p.replace(figures_dir / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     md = atomic_write_text(out / "report.md", render_markdown(title, blocks))
     html_path = atomic_write_text(out / "report.html", render_html(title, blocks))
     return {"markdown": md, "html": html_path, "figures": figures_dir}

@@ -4,11 +4,13 @@ one test's decision (or a plain description of a measured number)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
+from moeaudit.errors import RunDirectoryError
 from moeaudit.report import _prune_figures as F
 from moeaudit.report._document import Block, Heading, Paragraph, Table, figure_block, write_document
 from moeaudit.report._prune_extra import extra_blocks, first_method, only_method
@@ -27,11 +29,32 @@ def _label(manifest: dict) -> str:
 
 
 def _read_csv(run_dir: RunDirectory, name: str) -> pd.DataFrame | None:
+    """A stored table, or ``None``; one edited or damaged outside moeaudit (it does not parse, or a numeric column
+    holds text) is refused naming the file, the cell and the fix."""
     path = run_dir.path / name
     try:
-        return pd.read_csv(path) if path.is_file() else None
+        table = pd.read_csv(path) if path.is_file() else None
     except pd.errors.EmptyDataError:  # a table with no rows (e.g. no criterion besides random)
         return None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged_table(path, str(exc).strip().splitlines()[0][:120]) from None
+    for column in [] if table is None else [c for c in table.columns if table[c].dtype.kind == "O"]:
+        values = table[column].dropna()
+        numbers = pd.to_numeric(values, errors="coerce")
+        numeric = numbers.notna().mean() >= 0.5 or _NUMERIC.match(str(column))
+        if numeric and numbers.isna().any():  # a numeric column with text in it
+            row = int(numbers.index[numbers.isna()][0])
+            raise _damaged_table(path, f"column {column!r}, row {row + 2}: {values[row]!r} is not a number")
+    return table
+
+
+#: Columns the prune-eval tables always write as numbers (a hand edit can leave a single row's text in them).
+_NUMERIC = re.compile(r"^(fraction|mean_|median_|delta|loss|ppl|perplexity|p_|ci_|se_|n_|d_|seed)")
+
+
+def _damaged_table(path, problem: str) -> RunDirectoryError:
+    return RunDirectoryError(f"{str(path)!r} is damaged ({problem}); it was edited or truncated outside moeaudit. "
+                             "Delete it and run the same prune-eval command again to rewrite it.")
 
 
 def _generated(run_dir: RunDirectory) -> Paragraph:

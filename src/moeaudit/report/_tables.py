@@ -79,7 +79,7 @@ def fmt_bf(value: float) -> str:
 DECISION_LABELS: dict[str, str] = {
     "positive": "+ (higher costs more)",
     "negative": "− (lower costs more)",
-    "not_beyond_random": "no better than random rankings",
+    "not_beyond_random": "not shown beyond random rankings",
     "directions_disagree": "mean and typical disagree",
     "typical_only": "typical token only",
     "mean_only": "mean only",
@@ -101,8 +101,8 @@ def _decision_note(table: pd.DataFrame, what: str, expert_level: bool = False) -
     sesoi = f"{table['sesoi_d'].iloc[0]:g}" if "sesoi_d" in table else "0.2"
     with_perm = expert_level and "p_perm" in table and table["p_perm"].notna().any()
     tests = "p_mean, p_rank and p_perm all survive" if with_perm else "p_mean and p_rank both survive"
-    beyond = ("; 'no better than random rankings' when p_mean and p_rank survive in one direction but p_perm "
-              "does not") if with_perm else ""
+    beyond = ("; 'not shown beyond random rankings' when p_mean and p_rank survive in one direction but p_perm "
+              "does not (not a test that it is no better)") if with_perm else ""
     return (f"Decision: '+' / '−' when {tests} Bonferroni correction over the model's "
             f"{len(table)} {what} (α = 0.05/{len(table)} = {alpha:.4g}) and point the same way{beyond}; 'typical "
             "token only' / 'mean only' when one of p_mean, p_rank does; 'equivalent' when neither does and TOST "
@@ -233,12 +233,17 @@ def progressive_table(progressive: pd.DataFrame, model: str) -> Table | None:
                        "the mean.", align_left=2)
 
 
+#: Above this many comparisons, the report lists only those that are not equivalent (all are in the CSV).
+ARMS_ROWS_SHOWN = 24
+
+
 def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:
     """Layer x k x pair of removal orders: the paired, document-level comparison and its decision."""
     if arms is None or arms.empty:
         return None
     rows = []
-    for _, r in arms.iterrows():
+    shown = arms if len(arms) <= ARMS_ROWS_SHOWN else arms[arms["decision"] != "equivalent"]
+    for _, r in shown.iterrows():
         rows.append([f"L{r['layer']}", str(int(r["k"])), f"{r['arm_a']} − {r['arm_b']}",
                      f"{int(r['n'])} / {int(r['n_docs'])}", fmt_d(r["mean_diff"]), fmt_ci(r["ci_low"], r["ci_high"]),
                      fmt_d(r["cohens_d"]), fmt_p(r["p_cluster"]), fmt_p(r["p_holm"], mark=False),
@@ -254,7 +259,9 @@ def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:
                f"Equivalence: TOST of |mean D| < {sesoi:g} nats with the same cluster-robust standard error "
                f"(t, documents − 1 df). Both families are Holm-corrected over the model's {len(arms)} comparisons "
                f"at α = 0.05. decision: differs (the difference test rejects), equivalent (TOST rejects: |mean D| "
-               f"< {sesoi:g} nats shown), inconclusive (neither)."),
+               f"< {sesoi:g} nats shown), inconclusive (neither)."
+               + (f" The {len(arms) - len(shown)} equivalent comparisons are not listed here; every comparison is in "
+                  "tables/progressive_arms.csv." if len(shown) < len(arms) else "")),
         align_left=3)
 
 

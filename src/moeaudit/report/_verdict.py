@@ -55,21 +55,25 @@ def _outcomes(table: pd.DataFrame, unit: str) -> str:
                                   f"{r['pct_high_larger']:.1f}% of D > 0)" for _, r in by[key].iterrows()])
             text += ". "
     if len(by.get("not_beyond_random", [])):
-        text += ("The token-level tests find an effect, but random rankings of the experts reach the same |d|, at "
-                 + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}" for _, r in by["not_beyond_random"].iterrows()])
+        text += ("The token-level tests find an effect, but the per-cell test against random rankings of the experts "
+                 "does not survive correction at "
+                 + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}"
+                          + (f", d above {r['d_perm_pct']:.1f}% of random rankings" if 'd_perm_pct' in r
+                             and np.isfinite(r['d_perm_pct']) else "")
+                          for _, r in by["not_beyond_random"].iterrows()])
                  + ": this ranking's D differs from zero, but the metric is not shown to rank experts better than "
-                   "chance (some experts cost more whatever ranks them). ")
+                   "random rankings (which is not the same as shown no better; see the metric-level test). ")
     if len(by["directions_disagree"]):
         text += ("The mean and the typical token point opposite ways at " + _join(
             [f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, but {_typical(r)}, "
              f"{_p(r, 'p_signrank_cluster')})" for _, r in by["directions_disagree"].iterrows()])
             + ": both tests survive correction, so neither an effect of known sign nor its absence is shown. ")
     if len(by["typical_only"]):
-        text += ("Only the typical token shifts at " + _join(
+        text += ("The signed-rank test of the typical token survives correction and the test of the mean does not "
+                 "(which does not show that the mean is zero) at " + _join(
             [f"{_where(r)} ({_typical(r)}, {_p(r, 'p_signrank_cluster')}; {_p(r, 'p_cluster')})"
              for _, r in by["typical_only"].iterrows()])
-            + ": the signed-rank test survives correction, the test of the mean does not; with heavy-tailed D the "
-              "typical token and the mean are different estimands. ")
+            + ": with heavy-tailed D the typical token and the mean are different estimands. ")
     if len(by["mean_only"]):
         text += ("Only the mean of D differs from zero at " + _join(
             [f"{_cell(r)}; {_p(r, 'p_signrank_cluster')}" for _, r in by["mean_only"].iterrows()])
@@ -78,6 +82,12 @@ def _outcomes(table: pd.DataFrame, unit: str) -> str:
     if len(by["equivalent"]):
         text += (f"Equivalent to no effect (|d| < {sesoi:g}, TOST at the corrected α): "
                  + _join([_where(r) for _, r in by["equivalent"].iterrows()]) + ". ")
+        if "d_ceiling" in table:
+            above = by["equivalent"][~(by["equivalent"]["d_ceiling"] > sesoi)]
+            if len(above):
+                text += (f"At {_join(sorted({f'L{x}' for x in above['layer']}))} the causal ceiling itself is below "
+                         f"{sesoi:g}, so there this equivalence says nothing about the metrics: no static ranking "
+                         "could exceed the margin. ")
     n_inc = len(by["inconclusive"])
     if n_inc:
         rest = "The other " if n_inc < len(table) else "All "
@@ -100,9 +110,10 @@ def _power_sentence(families: pd.DataFrame | None, family: str) -> str:
     clustered = (f"{r['mde_d_clustered']:.2f} at the median design effect of clustering, {r['design_effect']:.2f}"
                  if r["design_effect"] > 1 else
                  f"the median design effect of clustering, {r['design_effect']:.2f}, does not raise it")
-    return (f"With n = {r['n']:g} positions per cell and {int(r['m_cells'])} cells, the rule detects |d| = "
-            f"{r['mde_d']:.2f} with 80% power (normal D, independent positions; {clustered}): smaller effects "
-            "can be missed. ")
+    return (f"With n = {r['n']:g} positions per cell and {int(r['m_cells'])} cells, the token-level tests of the "
+            f"cell rule detect a location shift of |d| = {r['mde_d']:.2f} with 80% power (normal D, independent "
+            f"positions; {clustered}); this is not the power of the rule with p_perm, nor of the metric-level test "
+            "(see the validation section). ")
 
 
 def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> str | None:
@@ -126,15 +137,18 @@ def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> 
     text += f"; the largest |d| is {_cell(top)}. " if top is not None else ". "
     if sig.empty:
         than_random = " better than a random ranking of the same experts would" if with_perm else ""
-        text += (f"On this model and corpus, none of {metrics} is shown to tell which of a token's active experts "
-                 f"costs more when removed{than_random}: a pruning or attribution ranking built on them rests on an "
-                 "assumption these data do not support. ")
+        text += (f"On this model and corpus, none of {metrics} is shown, cell by cell, to tell which of a token's "
+                 f"active experts costs more when removed{than_random}; with 16 experts per layer a per-cell "
+                 "corrected test has little power, so the metric-level test pooled over layers (the Answer) is the "
+                 "one to read. ")
     if not with_perm and "p_perm" in audit:
         text += ("(The test against random rankings could not be run: " + " ".join(audit.attrs.get("notes", []))
                  + " The decision then rests on the token-level tests, which answer a narrower question.) ")
     text += _outcomes(audit, "cell")
     text += (f"{_plural(unc, 'cell reaches', 'cells reach')} p < .05 on both clustered tests uncorrected, in the "
-             f"same direction, against at most about {0.05 * n:.1f} expected by chance. ")
+             f"same direction; about {0.05 * n:.1f} would be expected under a true token-level null, but random "
+             "rankings of the experts pass these token-level tests more often than that where experts differ in "
+             "importance, so this count is no evidence about the metrics. ")
     text += _power_sentence(families, "audit")
     bfs = [(r, int((audit[col] > 3).sum())) for r, col in (("0.707", "bf0plus"), ("0.5", "bf0plus_r05"),
                                                             ("0.2", "bf0plus_r02")) if col in audit]
@@ -160,14 +174,15 @@ def expert_level_verdict(audit: pd.DataFrame | None, control: pd.DataFrame | Non
     widest = width.loc[width["w"].idxmax()]
     text = ("**Against random rankings of the experts.** A metric is one ranking of a layer's experts, so the claim "
             "that it identifies important experts is tested against random rankings of the same experts (p_perm: "
-            "at least 1000 random relabelings of the metric across the layer's experts, recomputed from the "
-            "single-expert pool, no new ablation); the token-level tests only ask whether this one ranking's D "
-            f"differs from zero. Random rankings alone give d in [{widest['d_perm_low']:+.3f}, "
-            f"{widest['d_perm_high']:+.3f}] (95%) at L{widest['layer']}, where experts differ most in importance. "
+            "one shared null per layer of at least 10,000 random relabelings of the metric across the layer's "
+            "experts with a value, recomputed from the single-expert pool, no new ablation); the token-level tests "
+            f"only ask whether this one ranking's D differs from zero. Random rankings alone give d in "
+            f"[{widest['d_perm_low']:+.3f}, {widest['d_perm_high']:+.3f}] (95%) at L{widest['layer']}, where "
+            "experts differ most in importance. "
             f"{int((audit['p_perm'] <= alpha).sum())} of {n} cells reach p_perm ≤ {alpha:.4g} and "
             f"{loose} p_perm < .05 uncorrected; of the {_plural(len(token_level), 'cell', 'cells')} whose "
             f"token-level tests survive correction in one direction, {len(failed)} "
-            f"{'does' if len(failed) == 1 else 'do'} no better than random rankings"
+            f"{'is' if len(failed) == 1 else 'are'} not shown to beat random rankings"
             + (": " + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}" for _, r in failed.iterrows()]) if len(failed)
                else "") + ". ")
     table = control if control is not None and not control.empty and "d_ceiling" in control else audit
@@ -272,11 +287,17 @@ def arms_verdict(arms: pd.DataFrame | None) -> str | None:
     within = arms["equivalent"].astype(bool)
     differs = arms["significant"].astype(bool) & ~within
     inconclusive = ~within & ~arms["significant"].astype(bool)
+    # counted by the table's decision, as the CLI counts them: a comparison that differs and is equivalent within
+    # the margin is "differs, within bounds", not "equivalent"
+    bounded = arms["decision"] == "differs, within bounds" if "decision" in arms else within & ~within
+    bounded_text = (f"{int(bounded.sum())} {'differs' if bounded.sum() == 1 else 'differ'} but "
+                    f"{'stays' if bounded.sum() == 1 else 'stay'} within ±{sesoi:g} nats, ") if bounded.any() else ""
     orders = ", ".join(arm_label(a) for a in dict.fromkeys([*arms["arm_a"], *arms["arm_b"]]))
     text = (f"**Does the removal order matter?** Comparing the progressive ablation's removal orders ({orders}) "
             f"at the same positions: of {n} paired comparisons (layer × k × pair of orders; document-level "
             "sign-flip tests, Holm-corrected), "
-            f"{int(differs.sum())} differ, {int(within.sum())} are equivalent within ±{sesoi:g} nats (TOST) and "
+            f"{int(differs.sum())} differ, {bounded_text}{int((within & ~bounded).sum())} are equivalent within "
+            f"±{sesoi:g} nats (TOST) and "
             f"{int(inconclusive.sum())} are inconclusive. ")
     if within.all():
         return text + (f"At every tested layer and depth the order does not matter beyond ±{sesoi:g} nats of mean "

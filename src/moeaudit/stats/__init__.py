@@ -15,7 +15,14 @@ from moeaudit.stats._clustered import (
 )
 from moeaudit.stats._correlation import KendallTauCI, kendall_tau_ci, sign_test, spearman
 from moeaudit.stats._equivalence import SESOI_D, Tost, design_effect, minimum_detectable_d, tost_d, tost_mean
+from moeaudit.stats._heterogeneity import (
+    Heterogeneity,
+    TwoGroupComparison,
+    cluster_heterogeneity,
+    layer_permutation_test,
+)
 from moeaudit.stats._intervals import HodgesLehmann, bca_interval, hodges_lehmann
+from moeaudit.stats._mean_test import ClusteredMeanTest, NullLevel, clustered_mean_test, skewed_null_level
 from moeaudit.stats._multiple import (
     CORRECTION_METHODS,
     CorrectionResult,
@@ -42,22 +49,28 @@ __all__ = [
     "PRIOR_SCALES",
     "SESOI_D",
     "ClusteredDifference",
+    "ClusteredMeanTest",
     "ClusteredMean",
     "ClusteredRows",
     "ClusteredTests",
     "CorrectionResult",
     "Criterion",
     "Decision",
+    "Heterogeneity",
     "HodgesLehmann",
     "KendallTauCI",
+    "NullLevel",
     "PairedTest",
     "PredictionTest",
     "SpearmanCI",
     "Tost",
+    "TwoGroupComparison",
     "bca_interval",
     "bf0plus",
+    "cluster_heterogeneity",
     "clustered_difference",
     "clustered_mean",
+    "clustered_mean_test",
     "clustered_tests",
     "clustered_tests_rows",
     "correct",
@@ -67,12 +80,14 @@ __all__ = [
     "jzs_bf10",
     "jzs_bf_one_sided",
     "kendall_tau_ci",
+    "layer_permutation_test",
     "minimum_detectable_d",
     "paired_test",
     "prediction_test",
     "sign_flip_test",
     "sign_test",
     "significant_both",
+    "skewed_null_level",
     "spearman",
     "spearman_cluster_ci",
     "spearman_cluster_cis",
