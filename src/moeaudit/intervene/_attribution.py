@@ -238,14 +238,18 @@ def attribution_importance(attribution: pd.DataFrame, modes: Sequence[str], n_ex
     return pd.concat(out, ignore_index=True)
 
 
+#: The engine's modes attribution estimates (``mean`` replaces an expert by a constant, not linearised here).
+_ATTRIBUTION_MODES: tuple[str, ...] = tuple(m for m in MODES if m != "mean")
+
+
 def _check_modes(modes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(modes, str):
         modes = (modes,)
     modes = tuple(modes)
     if not modes:
-        raise ValueError(f"modes is empty; name at least one of {', '.join(MODES)}.")
+        raise ValueError(f"modes is empty; name at least one of {', '.join(_ATTRIBUTION_MODES)}.")
     for m in modes:
-        check_choice("mode", m, MODES)
+        check_choice("mode", m, _ATTRIBUTION_MODES)
     if len(set(modes)) < len(modes):
         raise ValueError(f"modes={','.join(modes)} repeats a mode; give each once.")
     return modes
