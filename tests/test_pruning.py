@@ -161,6 +161,6 @@ def test_slicing_refuses_uneven_layers_and_unlisted_expert_tensors(monkeypatch, 
     monkeypatch.undo()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
+    with pytest.raises(FileExistsError, match="not empty"):
         save_pruned(model, _random_removal(model, 0.25), tmp_path / "full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"], "a refused save leaves nothing behind"
