@@ -15,7 +15,8 @@ Layout of a prune-eval directory (a map directory holds the first part)::
     losses/f<k>-<model key>.parquet    per-token held-out losses of each distinct pruned model on fold k
     answer.csv                         pooled over folds: one row per (criterion, fraction, allocation, method)
     allocation.csv                     each non-uniform allocation against uniform at the same budget
-    prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv
+    prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv, lm_eval_answer.csv,
+    lm_eval_items/<task>.parquet
     report.md, report.html, figures/
 """
 
@@ -63,6 +64,7 @@ class PruneResult:
     per_layer: pd.DataFrame | None = None  # prune_per_layer.csv: one row per one-layer pruning
     per_layer_effects: pd.DataFrame | None = None  # per_layer.csv: loss increase per (criterion, fraction, layer)
     lm_eval: pd.DataFrame | None = None
+    lm_eval_answer: pd.DataFrame | None = None  # lm_eval_answer.csv: paired item-level statistics per task metric
     report: dict[str, Path] = field(default_factory=dict)
     saved: Path | None = None
     agreement: pd.DataFrame | None = None  # fold_agreement.csv
@@ -283,9 +285,10 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         result = _evaluate(config, loaded, units, run_dir, s, progress)
         result.importance = importance
         if config.lm_eval_tasks:
-            from moeaudit.pruning._lmeval import score_units
+            from moeaudit.pruning._lmeval import score_units, write_lm_eval_answer
 
             result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
+            result.lm_eval_answer, result.tests = write_lm_eval_answer(config, result.lm_eval, result.tests, run_dir)
         if save_pruned is not None:
             result.saved = _save(loaded, units, config, save_pruned, save_criterion, save_fraction, run_dir)
         return result
