@@ -160,10 +160,11 @@ def score_units(config: PruneConfig, loaded, units: Sequence[PruneUnit], run_dir
     long = pd.concat([items[u.key].assign(**{k: getattr(u, k) for k in keys}, key=u.key) for u in targets],
                      ignore_index=True) if targets else pd.DataFrame(columns=[*keys, "key", *ITEM_COLUMNS])
     for task, part in long.groupby("task"):
-        values = part.pivot(index=["key", "item"], columns="metric", values="value").reset_index()
+        part = part.drop_duplicates(["key", "fold", "item", "metric"])  # a model shared by folds: one row a fold
+        values = part.pivot(index=["key", "fold", "item"], columns="metric", values="value").reset_index()
         values.columns.name = None
-        units_of = part.drop_duplicates("key")[[*keys, "key"]]
-        wide = units_of.merge(values, on="key", how="right")
+        units_of = part.drop_duplicates(["key", "fold"])[[*keys, "key"]]
+        wide = units_of.merge(values, on=["key", "fold"], how="right")
         run_dir.write_parquet(f"lm_eval_items/{task}.parquet", wide)
     table.attrs["items"] = long
     return table
