@@ -168,7 +168,7 @@ def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):
         path.write_text(cfg.to_toml())
         assert PruneConfig.from_toml(path) == cfg
     assert PruneConfig.from_mapping({"fractions": "0.1, 0.3", "criteria": "reap,random"}).fractions == (0.1, 0.3)
-    assert PruneConfig.preset("demo").map_config() == MapConfig.preset("demo").replace(n=1000)
+    assert PruneConfig.preset("demo").map_config() == MapConfig.preset("demo").replace(n=None)
 
 
 SMALL = dict(model="builtin:tiny-moe", corpus="builtin", n_docs=4, n_docs_eval=4, max_length=64, n=8,

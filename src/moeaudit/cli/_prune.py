@@ -85,7 +85,9 @@ def map_cmd(
     max_length: int = _option(_MAP, "max_length", "tokens per document"),
     min_length: int = _option(_MAP, "min_length", "shorter documents are skipped"),
     layers: str = _option(_MAP, "layers", "comma-separated MoE layers, or 'all'", "all"),
-    n: int = _option(_MAP, "n", "sampled positions per layer (every active expert is ablated at each)"),
+    n: int = _option(_MAP, "n", "positions per layer (every active expert is ablated at each); unset: every position "
+                     "of the calibration split when positions x layers x top_k <= 250,000 ablations, else 200 "
+                     "sampled; a number caps it", "every position (small models) / 200"),
     scope: str = _option(_MAP, "scope", "token or sequence"),
     mode: str = _option(_MAP, "mode", "reroute, zero or renormalize"),
     min_context: int = _option(_MAP, "min_context", "positions need at least this many tokens of context"),
@@ -152,7 +154,9 @@ def prune_eval_cmd(
     fractions: str = _option(_PRUNE, "fractions", "comma-separated shares of each layer's experts to remove"),
     random_seeds: int = _option(_PRUNE, "random_seeds", "seeds of the random band"),
     per_layer: bool = _option(_PRUNE, "per_layer", "also prune one layer at a time"),
-    n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map"),
+    n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map (removal costs); unset: every "
+                     "position of the calibration split when positions x layers x top_k <= 250,000 ablations, "
+                     "else 200 sampled; a number caps it", "every position (small models) / 200"),
     scope: str = _option(_PRUNE, "scope", "importance map ablation scope: token or sequence"),
     mode: str = _option(_PRUNE, "mode", "importance map ablation mode: reroute, zero or renormalize"),
     min_context: int = _option(_PRUNE, "min_context", "positions need at least this many tokens of context"),

@@ -138,8 +138,10 @@ def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, pro
     from moeaudit._verify import verify
     from moeaudit.experiments import CleanStates, ExperimentSettings
     from moeaudit.pruning._importance import collect_pool, importance_table
+    from moeaudit.pruning._positions import map_positions
 
-    settings = ExperimentSettings(layers=config.layers, n=config.n, seed=config.seed, scope=config.scope,
+    n = map_positions(config, loaded, run_dir)
+    settings = ExperimentSettings(layers=config.layers, n=n, seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
     layers = settings.check(loaded.model)
     done = run_dir.finished_cells()
@@ -152,7 +154,7 @@ def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, pro
         run_dir.write_json("verification.json", report.to_dict())
         report.raise_if_failed()
         progress.stage(f"importance map ({len(pending)} layers to go, {len(layers) - len(pending)} resumed)",
-                       config.n * len(pending))
+                       n * len(pending))
         states = CleanStates(loaded.model, loaded.calibration, layers=pending)  # one clean pass per document
         for layer in pending:
             with s.timer(f"pool L{layer}"):
