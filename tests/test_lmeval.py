@@ -161,3 +161,9 @@ def test_prune_eval_item_files_and_paired_answer(task_dir, tmp_path):
     assert answer.set_index("criterion").loc["reap", "lm_eval:moeaudit_tiny_mc:acc"] == pytest.approx(reap["score"])
     assert {"decision_unpruned", "decision_causal", "decision_random"} <= set(lm.columns)
     assert result.lm_eval_answer is not None
+    from moeaudit.report._prune import write_prune_report
+
+    write_prune_report(run)
+    text = (run / "report.md").read_text()
+    assert "downstream: moeaudit_tiny_ll mean item log-likelihood" in text and "moeaudit_tiny_mc acc 0." in text
+    assert "paired item by item" in text

@@ -13,17 +13,19 @@ from moeaudit.report._tables import fmt, fmt_ci
 
 
 def downstream_clause(row: pd.Series) -> str:
-    """``"; tiny_mc acc 0.750 (unpruned 0.875; against the causal reference: inconclusive; against random:
-    better)"`` from the lm-eval columns that ``answer.csv`` carries (``lm_eval:<task>:<metric>`` and its
+    """``"; downstream: tiny_mc acc 0.750 (against the causal reference: inconclusive; against random: better)"``
+    from the lm-eval columns that ``answer.csv`` carries (``lm_eval:<task>:<metric>`` and its
     decisions); empty when there are none."""
     parts = []
     for column in row.index:
         if not column.startswith("lm_eval:") or column.count(":") != 2 or not np.isfinite(row[column]):
             continue
         _, task, metric = column.split(":")
-        parts.append(f"{task} {metric} {row[column]:.3f} (against the causal reference: "
-                     f"{row.get(column + ':decision_causal', 'n/a')}; against random: "
-                     f"{row.get(column + ':decision_random', 'n/a')})")
+        what = "mean item log-likelihood" if metric == "perplexity" else metric  # lm-eval's per-item value
+        causal, rand = row.get(column + ":decision_causal"), row.get(column + ":decision_random")
+        against = [f"against the causal reference: {causal}"] if isinstance(causal, str) else []
+        against += [f"against random: {rand}"] if isinstance(rand, str) and rand != "n/a" else []
+        parts.append(f"{task} {what} {row[column]:.3f}" + (f" ({'; '.join(against)})" if against else ""))
     return ("; downstream: " + ", ".join(parts)) if parts else ""
 
 
