@@ -9,9 +9,15 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from moeaudit.attribution import AGREEMENT_COLUMNS, AttributeConfig, agreement_table, attribution_run, removal_costs
-from moeaudit.attribution._agreement import _pearson_ci, within_token_pairs
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError
+from moeaudit.run.attribution import (
+    AGREEMENT_COLUMNS,
+    AttributeConfig,
+    agreement_table,
+    attribution_run,
+    removal_costs,
+)
+from moeaudit.run.attribution._agreement import _pearson_ci, within_token_pairs
 from moeaudit.stats import paired_test
 
 

@@ -18,7 +18,7 @@ import torch
 from test_cli_refusals import SMALL, _flags, cli, refused, snapshot
 
 import moeaudit
-from moeaudit._threads import choose_threads
+from moeaudit.run._threads import choose_threads
 
 FAULTS = '''
 import errno, os
@@ -283,7 +283,7 @@ def test_dry_run_counts_the_real_run_and_estimates_its_time_within_the_stated_fa
     records, documents and single-expert ablations exactly; its time within TIME_FACTOR of the run's wall time."""
     import re
 
-    from moeaudit.estimate import TIME_FACTOR
+    from moeaudit.run.estimate import TIME_FACTOR
 
     demo = {**SMALL, "layers": "3,7", "experiments": "audit,control,rank_validity,progressive,redistribution",
             "n": "40", "n_progressive": "20", "n_docs": "8", "n_docs_progressive": "6", "max_length": "96",

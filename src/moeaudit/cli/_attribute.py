@@ -1,5 +1,5 @@
 """``moeaudit attribute``: first-order estimates of every active expert's ΔL from one backward pass, measured against
-exact ablation per layer (a thin layer over :func:`moeaudit.attribution.attribution_run`)."""
+exact ablation per layer (a thin layer over :func:`moeaudit.run.attribution.attribution_run`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
-from moeaudit.attribution._config import AttributeConfig
 from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import build_config, escape, flag_names, rich_table
 from moeaudit.cli._prune import _ENCODING_HELP, _option, _run
+from moeaudit.run.attribution._config import AttributeConfig
 
 _DEFAULTS = AttributeConfig()
 _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
@@ -47,7 +47,7 @@ def attribute_cmd(
     """Attribution patching for experts: g·δy estimates of every (position, layer, active expert) ΔL into
     attribution.parquet, an estimated importance map, and their agreement with exact ablations per layer and mode
     (tables/attribution.csv); resumable."""
-    from moeaudit.attribution import attribution_run
+    from moeaudit.run.attribution import attribution_run
 
     values = locals()
     flags = flag_names(*AttributeConfig.__dataclass_fields__, "trust_remote_code", "out", "report")

@@ -110,7 +110,7 @@ def map_cmd(
     cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-map"
     if dry_run:
-        from moeaudit._workloads import map_workload
+        from moeaudit.run._workloads import map_workload
 
         raise _dry_run("map", cfg, target, map_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report,
@@ -193,7 +193,7 @@ def prune_eval_cmd(
                        flags)
     target = out or Path("runs") / f"{cfg.label}-prune"
     if dry_run:
-        from moeaudit._workloads import prune_workload
+        from moeaudit.run._workloads import prune_workload
 
         raise _dry_run("prune-eval", cfg, target, prune_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(

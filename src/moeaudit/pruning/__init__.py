@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from moeaudit.pruning._config import CAUSAL, MAP_PRESETS, NONE, PRUNE_PRESETS, RANDOM, MapConfig, PruneConfig
     from moeaudit.pruning._hook import pruned
     from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
-    from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
     from moeaudit.pruning._plan import (
         PruneGeometry,
         n_removed,
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     )
     from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
     from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
+    from moeaudit.run._prune import MapResult, PruneResult, importance_map, prune_eval
 
 #: Public name -> the private module defining it.
 _EXPORTS: dict[str, str] = {

@@ -88,7 +88,7 @@ class MapConfig(FlatConfig):
     def with_resolved_paths(self):
         """A copy whose local model directory and corpus files are absolute paths (resolved against the current
         directory), so the run directory's configuration means the same inputs from anywhere."""
-        from moeaudit._checkpoint import resolve_model_name
+        from moeaudit.models._checkpoint import resolve_model_name
 
         return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=resolve_corpus(self.corpus),
                                    device_map=resolve_device_map_path(self.device_map))

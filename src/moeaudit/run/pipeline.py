@@ -4,7 +4,7 @@ Each cell (one layer's single-expert pool, or one layer's progressive ablation) 
 so a run interrupted at any moment (Ctrl-C, SIGTERM, ``kill -9``, a preempted node) and started again with the
 same configuration and model reads the finished cells back and computes only the rest; the records and the summary
 then equal those of an uninterrupted run. See :mod:`moeaudit.rundir` for the directory layout and
-:mod:`moeaudit._preflight` for what is refused before any work.
+:mod:`moeaudit.run._preflight` for what is refused before any work.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moeaudit._checkpoint import identity_changes, manifest_identity
-from moeaudit._interrupt import sigterm_as_interrupt
-from moeaudit._preflight import (
+from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
+from moeaudit.models._checkpoint import identity_changes, manifest_identity
+from moeaudit.run._interrupt import sigterm_as_interrupt
+from moeaudit.run._preflight import (
     Preflight,
     check_device,
     check_identity,
@@ -27,12 +29,10 @@ from moeaudit._preflight import (
     preflight,
     resolve_device,
 )
-from moeaudit._prepare import RunOptions, load_for_run
-from moeaudit._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
-from moeaudit._provenance import environment, now
-from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
-from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
-from moeaudit.execution import Execution, check_executor, check_shard
+from moeaudit.run._prepare import RunOptions, load_for_run
+from moeaudit.run._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
+from moeaudit.run._provenance import environment, now
+from moeaudit.run.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory, config_differences
 
 if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
@@ -113,7 +113,7 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
     """Run (or resume) the audit described by ``config`` into the directory ``out``.
 
     Everything that can be refused is refused before any work, and a refused new run leaves no directory behind
-    (:mod:`moeaudit._preflight`). SIGTERM is handled like Ctrl-C (the run is marked ``interrupted``).
+    (:mod:`moeaudit.run._preflight`). SIGTERM is handled like Ctrl-C (the run is marked ``interrupted``).
 
     Args:
         config: The run's configuration (:class:`moeaudit.config.RunConfig`); relative model and corpus paths are
@@ -275,12 +275,12 @@ def _run_locked(plan: Preflight, run_dir: RunDirectory, session: dict, timer: St
 
 def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
              progress: ProgressSink, on_cell, options: RunOptions) -> RunResult:
-    from moeaudit._observe import observe
-    from moeaudit._verify import verify
-    from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
     from moeaudit.experiments import ExperimentSettings, add_domain_tables, summarize, summary_settings
     from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
+    from moeaudit.intervene._verify import verify
+    from moeaudit.observation._observe import observe
+    from moeaudit.run.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
 
     config, execution = plan.config, options.execution
     loaded = load_for_run(plan, run_dir, manifest, session, timer, progress, options)

@@ -1,5 +1,5 @@
 """``moeaudit map`` and ``moeaudit prune-eval`` into run directories (atomic files, resumable per unit, bound to
-one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.pipeline.run_session`).
+one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.run.pipeline.run_session`).
 
 Layout of a prune-eval directory (a map directory holds the first part)::
 
@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
-from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
 from moeaudit.pruning._config import ATTRIBUTION, CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
-from moeaudit.pruning._preflight import MapPlan, preflight_map
+from moeaudit.run._prune_preflight import MapPlan, preflight_map
+from moeaudit.run.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
 from moeaudit.rundir import RunDirectory
 
 if TYPE_CHECKING:  # the modules that need torch are imported once the checks before any work have passed
-    from moeaudit.pruning._loading import Loaded
     from moeaudit.pruning._units import PruneUnit
+    from moeaudit.run._prune_loading import Loaded
 
 
 @dataclass
@@ -125,7 +125,7 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
     run_dir = RunDirectory(out)
 
     def work(s) -> MapResult:
-        from moeaudit.pruning._loading import load_splits
+        from moeaudit.run._prune_loading import load_splits
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=False)
         table, records = _importance(plan.config, loaded, run_dir, s, progress)
@@ -135,8 +135,8 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
 
 
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
-    from moeaudit._verify import verify
     from moeaudit.experiments import CleanStates, ExperimentSettings
+    from moeaudit.intervene._verify import verify
     from moeaudit.pruning._importance import collect_pool, importance_table
     from moeaudit.pruning._positions import map_positions
 
@@ -241,9 +241,9 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
-        from moeaudit.pruning._loading import load_splits
         from moeaudit.pruning._plan import n_removed
         from moeaudit.pruning._units import build_units
+        from moeaudit.run._prune_loading import load_splits
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
@@ -341,7 +341,7 @@ def _attribution(config: PruneConfig, loaded, run_dir: RunDirectory, s, progress
 
 
 def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
-    from moeaudit._observe import observe
+    from moeaudit.observation._observe import observe
 
     if not [c for c in criteria if c not in (CAUSAL, RANDOM, CAUSAL_LOO)]:
         return None

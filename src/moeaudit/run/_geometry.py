@@ -1,4 +1,4 @@
-"""A model's geometry without its weights, and the primitive timings of a dry run (:mod:`moeaudit.estimate`).
+"""A model's geometry without its weights, and the primitive timings of a dry run (:mod:`moeaudit.run.estimate`).
 
 The geometry comes from the checkpoint's ``config.json`` (built-in, local, or cached from the hub) or, for a
 checkpoint that cannot be reached, from its published shapes (:data:`KNOWN_GEOMETRIES`); the
@@ -121,11 +121,11 @@ def _config(model: str, trust_remote_code: bool) -> tuple[Any, str, bool]:
     """``(config, where it came from, whether the weights need downloading)``."""
     import transformers
 
-    from moeaudit._checkpoint import hub_snapshot, looks_like_path, resolve_model_name
+    from moeaudit.models._checkpoint import hub_snapshot, looks_like_path, resolve_model_name
 
     name = resolve_model_name(model)
     if name.startswith("builtin:") or looks_like_path(name):
-        from moeaudit._checkpoint import locate_model
+        from moeaudit.models._checkpoint import locate_model
 
         directory = locate_model(name).directory
         return (transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code),

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeaudit._geometry import KNOWN_GEOMETRIES as KNOWN_GEOMETRIES
-from moeaudit._geometry import Timings as Timings
-from moeaudit._geometry import model_geometry, time_primitives
+from moeaudit.run._geometry import KNOWN_GEOMETRIES as KNOWN_GEOMETRIES
+from moeaudit.run._geometry import Timings as Timings
+from moeaudit.run._geometry import model_geometry, time_primitives
 
 #: The estimated time is within this factor of the real run's (either way) on the embedded demo (tested).
 TIME_FACTOR = 3.0

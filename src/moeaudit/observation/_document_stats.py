@@ -117,7 +117,7 @@ class DocumentStats:
     def from_observation(cls, model, layers, n_experts: int, doc_counts: dict, doc_state: dict,
                          chosen) -> DocumentStats:
         """What ``observe`` collected (``chosen``: its registered metrics), weight-only criteria evaluated once."""
-        from moeaudit._observe import weight_only_values
+        from moeaudit.observation._observe import weight_only_values
 
         weight_only = {m.name: np.stack([weight_only_values(m, model, layer, n_experts) for layer in layers])
                        for m in chosen if m.weight_only is not None}

@@ -1,4 +1,4 @@
-"""How ``run``, ``map`` and ``prune-eval`` count their work for a dry run (:class:`moeaudit.estimate.Workload`),
+"""How ``run``, ``map`` and ``prune-eval`` count their work for a dry run (:class:`moeaudit.run.estimate.Workload`),
 following the configuration the way the commands compute it: the same documents (the first that pass the length
 filter), the same sampled positions (:func:`moeaudit.experiments.candidate_positions`), one ablation per active
 expert at each single-expert position, k = 1..top_k-1 experts per arm at each progressive position."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeaudit.estimate import Workload
+from moeaudit.run.estimate import Workload
 
 #: Full forwards the verification suite runs on its 2 sequences in one mode (its checks' clean passes and
 #: reference ablations, counted on the embedded model).
@@ -18,9 +18,9 @@ def document_lengths(config, n_docs: int) -> tuple[list[int] | None, str]:
     """Token counts of the first ``n_docs`` documents of ``config.corpus`` that pass the length filter, tokenised
     as the run will, or ``None`` when the tokenizer or the corpus is not on this machine (then each document is
     assumed ``max_length`` tokens); and a note saying which."""
-    from moeaudit._checkpoint import locate_model
     from moeaudit.corpus import load_corpus
     from moeaudit.models import load_tokenizer
+    from moeaudit.models._checkpoint import locate_model
 
     try:
         tokenizer = load_tokenizer(locate_model(config.model, probe_timeout=3.0))
@@ -65,7 +65,7 @@ def run_workload(config, geometry) -> Workload:
                     + (k * (n_metrics + 1) if "rank_validity" in single else 0)
                     + (k if "redistribution" in single else 0))
     arms = len(config.progressive_arms)
-    from moeaudit.execution import canonical_cells
+    from moeaudit.run.execution import canonical_cells
 
     cells = [c.name for c in canonical_cells(layers, single=bool(single), progressive=progressive)]
     for layer in layers:
