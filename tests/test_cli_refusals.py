@@ -381,7 +381,8 @@ def test_map_and_prune_eval_refuse_like_run(tmp_path):
 def test_map_resume_with_another_model_is_refused(tmp_path, monkeypatch):
     """A map run directory is bound to its model like an audit's: relative paths stored absolute, the weights
     fingerprinted, a resume after the checkpoint changed refused before any work, the same model resumed."""
-    from moeaudit.pruning import MapConfig, importance_map
+    from moeaudit.pruning import MapConfig
+    from moeaudit.run._prune import importance_map
 
     original = _checkpoint(tmp_path / "ckpt", seed=0)
     monkeypatch.chdir(tmp_path)

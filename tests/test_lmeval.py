@@ -17,8 +17,9 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'moeaudit[lmeval]')")
 
 from moeaudit import load_model  # noqa: E402
-from moeaudit.pruning import PruneConfig, plan_removal, prune_eval, prune_geometry, slice_experts  # noqa: E402
+from moeaudit.pruning import PruneConfig, plan_removal, prune_geometry, slice_experts  # noqa: E402
 from moeaudit.pruning._lmeval import lm_eval_scores  # noqa: E402
+from moeaudit.run._prune import prune_eval  # noqa: E402
 
 # contexts end without whitespace: lm-eval moves trailing spaces of a context into its continuation
 DOCS = [("def add(a, b):\n    return", " a + b"), ("The capital of France is", " Paris"),

@@ -25,12 +25,12 @@ from moeaudit.pruning import (
     build_units,
     collect_pool,
     importance_table,
-    prune_eval,
     prune_geometry,
     sequence_losses,
 )
 from moeaudit.pruning._compare import answer_table, fold_agreement, loss_tables
 from moeaudit.report._style import metric_label
+from moeaudit.run._prune import prune_eval
 
 
 def test_sequence_losses_are_the_models_own_loss_per_token():

@@ -104,7 +104,7 @@ def map_cmd(
 ) -> None:
     """The causal importance map: every active expert removed alone at n positions per layer, aggregated per
     (layer, expert) into importance.parquet and a layer x expert heat map."""
-    from moeaudit.pruning import importance_map
+    from moeaudit.run._prune import importance_map
 
     values, flags = locals(), _flags(MapConfig)
     cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
@@ -186,7 +186,7 @@ def prune_eval_cmd(
 ) -> None:
     """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
-    from moeaudit.pruning import prune_eval
+    from moeaudit.run._prune import prune_eval
 
     values, flags = locals(), _flags(PruneConfig)
     cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)},

@@ -1,5 +1,6 @@
 """Pruning experts and measuring what it costs: which experts a criterion removes, in-memory pruning equal to a
-sliced checkpoint, the causal importance map, and the ``prune-eval`` experiment.
+sliced checkpoint, the causal importance table, and the units prune-eval measures (its run, with
+:func:`moeaudit.importance_map` and :func:`moeaudit.prune_eval`, lives in :mod:`moeaudit.run._prune`).
 
 The names are imported on first use (:pep:`562`), so the command line reads the configuration classes without
 importing torch.
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     )
     from moeaudit.pruning._slice import PRUNING_FILE, save_pruned, slice_experts
     from moeaudit.pruning._units import PruneUnit, build_units, sequence_losses
-    from moeaudit.run._prune import MapResult, PruneResult, importance_map, prune_eval
 
 #: Public name -> the private module defining it.
 _EXPORTS: dict[str, str] = {
@@ -32,22 +32,18 @@ _EXPORTS: dict[str, str] = {
     "IMPORTANCE_COLUMNS": "_importance",
     "MAP_PRESETS": "_config",
     "MapConfig": "_config",
-    "MapResult": "_pipeline",
     "NONE": "_config",
     "PRUNE_PRESETS": "_config",
     "PRUNING_FILE": "_slice",
     "PruneConfig": "_config",
     "PruneGeometry": "_plan",
-    "PruneResult": "_pipeline",
     "PruneUnit": "_units",
     "RANDOM": "_config",
     "build_units": "_units",
     "collect_pool": "_importance",
-    "importance_map": "_pipeline",
     "importance_table": "_importance",
     "n_removed": "_plan",
     "plan_removal": "_plan",
-    "prune_eval": "_pipeline",
     "prune_geometry": "_plan",
     "pruned": "_hook",
     "rank_experts": "_plan",
@@ -80,18 +76,14 @@ __all__ = [
     "PRUNING_FILE",
     "RANDOM",
     "MapConfig",
-    "MapResult",
     "PruneConfig",
     "PruneGeometry",
-    "PruneResult",
     "PruneUnit",
     "build_units",
     "collect_pool",
-    "importance_map",
     "importance_table",
     "n_removed",
     "plan_removal",
-    "prune_eval",
     "prune_geometry",
     "pruned",
     "rank_experts",
