@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moeaudit.intervene._state import capture_layer_outputs, capture_moe
-from moeaudit.models import MoEDescription, adapter_for, decoder_layers, describe, materialized, moe_block
+from moeaudit.models import MoEDescription, adapter_for, describe, moe_block
 from moeaudit.models._describe import model_device
 from moeaudit.observation._document_stats import DocumentStats, document_moments
 from moeaudit.observation._metric_registry import (
@@ -29,6 +29,7 @@ from moeaudit.observation._metric_registry import (
     registered,
     unregister_metric,
 )
+from moeaudit.observation._weights import weight_only_values
 
 
 def router_probabilities(family: str, logits: torch.Tensor) -> torch.Tensor:
@@ -285,13 +286,6 @@ def _frame(model: nn.Module, layers: list[int], n_experts: int, counts: dict, st
                                  f"({n_experts}), got shapes {[v.shape for v in values]}.")
         columns[m.name] = np.concatenate(values).astype(np.float64)
     return pd.DataFrame(columns)
-
-
-def weight_only_values(metric: Metric, model: nn.Module, layer: int, n_experts: int) -> np.ndarray:
-    """A weight-only metric of every expert of ``layer`` (float64, one per expert), with weights that accelerate
-    offloaded brought to the layer's device for the call."""
-    with materialized(decoder_layers(model)[layer]):
-        return np.asarray(metric.weight_only(model, layer, list(range(n_experts))), dtype=np.float64).reshape(-1)
 
 
 BUILTIN_METRICS = register_builtins()
