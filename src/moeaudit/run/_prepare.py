@@ -22,7 +22,7 @@ from moeaudit.run.execution import Execution
 from moeaudit.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from moeaudit.run.pipeline import ProgressSink, StageTimer
+    from moeaudit.run._progress import ProgressSink, StageTimer
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,11 @@ then equal those of an uninterrupted run. See :mod:`moeaudit.rundir` for the dir
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
@@ -30,69 +29,18 @@ from moeaudit.run._preflight import (
     resolve_device,
 )
 from moeaudit.run._prepare import RunOptions, load_for_run
+from moeaudit.run._progress import ProgressSink as ProgressSink  # re-exported: the pipeline's progress protocol
+from moeaudit.run._progress import SilentProgress as SilentProgress
+from moeaudit.run._progress import StageTimer as StageTimer
 from moeaudit.run._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
 from moeaudit.run._provenance import environment, now
+from moeaudit.run._results import RunResult as RunResult  # re-exported: what run_audit returns
+from moeaudit.run._results import write_summary as write_summary
 from moeaudit.run.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory, config_differences
 
 if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
-    import pandas as pd
-
-
-class ProgressSink(Protocol):
-    """What the pipeline reports to (the CLI draws rich progress bars from it)."""
-
-    def stage(self, name: str, total: int | None) -> None:
-        """A new stage starts; ``total`` units of work (``None``: unknown)."""
-
-    def advance(self, n: int) -> None:
-        """``n`` more units of the current stage are done."""
-
-    def message(self, text: str) -> None:
-        """A line worth showing the user."""
-
-
-class SilentProgress:
-    """A :class:`ProgressSink` that shows nothing (the library default)."""
-
-    def stage(self, name: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-
-@dataclass
-class RunResult:
-    """What :func:`run_audit` produced."""
-
-    directory: Path
-    records: pd.DataFrame
-    tables: dict[str, pd.DataFrame]
-    resumed_cells: list[str] = field(default_factory=list)
-    computed_cells: list[str] = field(default_factory=list)
-    report: dict[str, Path] = field(default_factory=dict)
-    #: ``{"single": {"requested", "available", "n"}, "progressive": {...}}``: positions asked for, valid in the
-    #: corpus, and used (fewer than asked only with ``allow_fewer``).
-    positions: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds per named stage (``with timer("observe"): ...``)."""
-
-    def __init__(self) -> None:
-        self.stages: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 3)
+    pass
 
 
 class _Cumulative:
@@ -371,22 +319,3 @@ def _verification_stored(run_dir: RunDirectory) -> bool:
     except RunDirectoryError:
         return False
     return isinstance(stored, dict) and "passed" in stored
-
-
-def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
-    """``summary.json`` (every table), ``summary.csv`` (every cell, long format) and ``tables/<name>.csv``."""
-    import json
-
-    import pandas as pd
-
-    parts = []
-    for name, table in tables.items():
-        if table is not None and len(table):
-            run_dir.write_text(f"tables/{name}.csv", table.to_csv(index=False))
-            parts.append(table.assign(table=name))
-    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["table"])
-    long = long[["table", *[c for c in long.columns if c != "table"]]]
-    run_dir.write_text("summary.csv", long.to_csv(index=False))
-    payload = {name: json.loads(t.to_json(orient="records")) if t is not None and len(t) else []
-               for name, t in tables.items()}
-    run_dir.write_json("summary.json", payload)

@@ -140,7 +140,8 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
             once (the message names the cells missing or held twice), or ``out`` is not new.
     """
     from moeaudit.experiments import add_domain_tables, summarize, summary_settings
-    from moeaudit.run.pipeline import RunResult, environment, write_summary
+    from moeaudit.run._provenance import environment
+    from moeaudit.run._results import RunResult, write_summary
 
     if not shards:
         raise RunDirectoryError("merge needs the run directories of the shards (at least one).")

@@ -37,7 +37,7 @@ class CellWorker:
         from moeaudit.experiments._states import CleanStates
         from moeaudit.intervene._verify import verify
         from moeaudit.models import load_model
-        from moeaudit.run.pipeline import resolve_device
+        from moeaudit.run._preflight import resolve_device
 
         # Ray's rule for worker threads: OMP_NUM_THREADS where the environment sets it, else the actor's CPUs. On
         # CPU the last bits of a loss depend on the thread count (reduction order), so it is recorded.
