@@ -217,7 +217,7 @@ def test_attribution_is_an_opt_in_prune_criterion():
 
 @pytest.mark.slow
 def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
-    from moeaudit.pruning import PruneConfig, prune_eval
+    from moeaudit import PruneConfig, prune_eval
 
     config = PruneConfig(model="builtin:tiny-moe", corpus="builtin", n_docs=2, n_docs_eval=2, max_length=48, n=4,
                          criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=40,

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from moeaudit.pruning import MapConfig, importance_map
+from moeaudit import importance_map
+from moeaudit.pruning import MapConfig
 from moeaudit.pruning._positions import ALL_POSITIONS_MAX_ABLATIONS, SAMPLED_N, positions_per_layer
 
 
