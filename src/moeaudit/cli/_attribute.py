@@ -10,7 +10,7 @@ import typer
 
 from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import build_config, escape, flag_names, rich_table
-from moeaudit.cli._prune import _ENCODING_HELP, _option, _run
+from moeaudit.cli._prune import _DRY_RUN_HELP, _ENCODING_HELP, _dry_run, _option, _run
 from moeaudit.run.attribution._config import AttributeConfig
 
 _DEFAULTS = AttributeConfig()
@@ -43,6 +43,7 @@ def attribute_cmd(
                                                        "read from a configuration file)"),
     out: Path = _option(_DEFAULTS, "out", "run directory; re-running resumes it", "runs/<name>-attribute"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Attribution patching for experts: g·δy estimates of every (position, layer, active expert) ΔL into
     attribution.parquet, an estimated importance map, and their agreement with exact ablations per layer and mode
@@ -50,10 +51,14 @@ def attribute_cmd(
     from moeaudit.run.attribution import attribution_run
 
     values = locals()
-    flags = flag_names(*AttributeConfig.__dataclass_fields__, "trust_remote_code", "out", "report")
+    flags = flag_names(*AttributeConfig.__dataclass_fields__, "trust_remote_code", "out", "report", "dry_run")
     cfg = build_config(AttributeConfig, config,
                        {f.name: values[f.name] for f in dataclasses.fields(AttributeConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-attribute"
+    if dry_run:
+        from moeaudit.run._workloads import attribute_workload
+
+        raise _dry_run("attribute", cfg, target, attribute_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: attribution_run(cfg, target, progress=p, report=report,
                                                               trust_remote_code=trust_remote_code),
                                     target, "attribute", flags)

@@ -1,4 +1,5 @@
-"""How ``run``, ``map`` and ``prune-eval`` count their work for a dry run (:class:`moeaudit.run.estimate.Workload`),
+"""How ``run``, ``map``, ``prune-eval`` and ``attribute`` count their work for a dry run
+(:class:`moeaudit.run.estimate.Workload`),
 following the configuration the way the commands compute it: the same documents (the first that pass the length
 filter), the same sampled positions (:func:`moeaudit.experiments.candidate_positions`), one ablation per active
 expert at each single-expert position, k = 1..top_k-1 experts per arm at each progressive position."""
@@ -12,6 +13,9 @@ from moeaudit.run.estimate import Workload
 #: Full forwards the verification suite runs on its 2 sequences in one mode (its checks' clean passes and
 #: reference ablations, counted on the embedded model).
 VERIFICATION_FORWARDS = 12
+#: Bytes one attribution row takes on disk, in its document's part and in attribution.parquet (measured on the
+#: ``attribute demo`` run: 10.3 MB for 178,016 rows with two modes, 58 bytes each).
+ATTRIBUTION_ROW_BYTES = 60
 
 
 def document_lengths(config, n_docs: int) -> tuple[list[int] | None, str]:
@@ -134,6 +138,29 @@ def prune_workload(config, geometry) -> Workload:
                     observed=observe * folds, ablations={k: v * folds for k, v in base.ablations.items()},
                     records=base.records * folds, full_forwards=units * len(eval_lengths),
                     query_tokens=base.query_tokens, notes=list(dict.fromkeys(notes)))
+
+
+def attribute_workload(config, geometry) -> Workload:
+    """The plan of ``moeaudit attribute`` (:class:`moeaudit.attribution.AttributeConfig`): every predicted position
+    of the ``n_docs`` documents attributed at every layer (one forward+backward per chunk of at most
+    :data:`moeaudit.intervene._attribution.DEFAULT_ATTRIBUTION_TOKENS` positions, one estimate per active expert
+    and mode), and the exact single-expert pool of ``n_exact`` positions per (layer, mode), one cell each."""
+    from moeaudit.intervene._attribution import DEFAULT_ATTRIBUTION_TOKENS
+
+    notes: list[str] = []
+    layers, modes, k = list(config.layers or geometry.moe_layers), list(config.modes), geometry.top_k
+    lengths = _lengths(config, config.n_docs, notes)
+    positions = int(sum(n - 1 for n in lengths))
+    chunks = int(sum(-(-(n - 1) // DEFAULT_ATTRIBUTION_TOKENS) for n in lengths))
+    notes.append("peak memory counts the ablation engine's chunk; attribution's backward keeps a chunk's "
+                 "activations through every later layer (halved on out-of-memory), not estimated here")
+    return Workload("attribute", [f"L{layer:03d}-{mode}" for layer in layers for mode in modes],
+                    documents=len(lengths), tokens=int(sum(lengths)),
+                    clean_passes=len(lengths) + VERIFICATION_FORWARDS * len(modes),
+                    ablations={layer: config.n_exact * k * len(modes) for layer in layers},
+                    records=positions * len(layers) * k, positions=positions,
+                    estimates=positions * len(layers) * k * len(modes), gradient_chunks=chunks,
+                    record_bytes=ATTRIBUTION_ROW_BYTES, notes=notes)
 
 
 class _Eval:
