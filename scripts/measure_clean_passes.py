@@ -78,7 +78,7 @@ def main() -> None:
     import moeaudit.intervene as intervene
     import moeaudit.intervene._state as state_module
     from moeaudit import preset
-    from moeaudit.pipeline import run_audit
+    from moeaudit.run.pipeline import run_audit
 
     sink = _Stages()
     counts: Counter[str] = Counter()
@@ -96,7 +96,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         kwargs = {}
         if args.clean_cache is not None:
-            from moeaudit.execution import Execution
+            from moeaudit.run.execution import Execution
 
             kwargs["execution"] = Execution(clean_cache_bytes=args.clean_cache)
         start, cpu = time.perf_counter(), time.process_time()

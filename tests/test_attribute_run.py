@@ -9,9 +9,15 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from moeaudit.attribution import AGREEMENT_COLUMNS, AttributeConfig, agreement_table, attribution_run, removal_costs
-from moeaudit.attribution._agreement import _pearson_ci, within_token_pairs
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError
+from moeaudit.run.attribution import (
+    AGREEMENT_COLUMNS,
+    AttributeConfig,
+    agreement_table,
+    attribution_run,
+    removal_costs,
+)
+from moeaudit.run.attribution._agreement import _pearson_ci, within_token_pairs
 from moeaudit.stats import paired_test
 
 
@@ -211,7 +217,7 @@ def test_attribution_is_an_opt_in_prune_criterion():
 
 @pytest.mark.slow
 def test_prune_eval_prunes_the_lowest_attribution_cost(tmp_path):
-    from moeaudit.pruning import PruneConfig, prune_eval
+    from moeaudit import PruneConfig, prune_eval
 
     config = PruneConfig(model="builtin:tiny-moe", corpus="builtin", n_docs=2, n_docs_eval=2, max_length=48, n=4,
                          criteria=("attribution", "random"), fractions=(0.25,), random_seeds=2, n_boot=40,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from moeaudit.bench import BENCH_PRESETS, BenchConfig, build_model, format_result, main, run_bench
+from moeaudit.bench import BENCH_PRESETS, BenchConfig, build_model, format_result, run_bench
+from moeaudit.bench.__main__ import main
 from moeaudit.models import describe
 
 SMALL = {

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import moeaudit
-from moeaudit._checkpoint import locate_model, model_identity
 from moeaudit.config import RunConfig
+from moeaudit.models._checkpoint import locate_model, model_identity
 from moeaudit.rundir import FORMAT_VERSION
 
 SRC = str(Path(moeaudit.__file__).resolve().parents[1])
@@ -193,7 +193,7 @@ def test_resume_with_another_model_is_refused(tmp_path, monkeypatch):
     """The issue's case: a run resumed after the checkpoint at its path changed, or from another folder where
     the same relative path names another checkpoint, is refused before any work; the stored config.toml resumes
     the run from anywhere."""
-    from moeaudit.pipeline import run_audit
+    from moeaudit.run.pipeline import run_audit
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -381,7 +381,8 @@ def test_map_and_prune_eval_refuse_like_run(tmp_path):
 def test_map_resume_with_another_model_is_refused(tmp_path, monkeypatch):
     """A map run directory is bound to its model like an audit's: relative paths stored absolute, the weights
     fingerprinted, a resume after the checkpoint changed refused before any work, the same model resumed."""
-    from moeaudit.pruning import MapConfig, importance_map
+    from moeaudit.pruning import MapConfig
+    from moeaudit.run._prune import importance_map
 
     original = _checkpoint(tmp_path / "ckpt", seed=0)
     monkeypatch.chdir(tmp_path)

@@ -219,7 +219,7 @@ def test_easy_ep_mean_variant_is_another_criterion_on_shared_expert_families(fam
 
 
 def test_token_change_is_computed_in_float64():
-    from moeaudit._observe import register_metric, unregister_metric
+    from moeaudit.observation._observe import register_metric, unregister_metric
 
     seen = []
     register_metric("_dtype_probe", doc="", per_token=lambda b: seen.append(

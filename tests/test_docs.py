@@ -88,7 +88,7 @@ def test_hook_names_public_api_that_is_not_rendered():
     hook = _hook()
     everything = {f"{module}.{name}" for name, module in moeaudit._EXPORTS.items()} | {"moeaudit.stats"}
     assert hook.missing_api(everything) == []
-    assert hook.missing_api(everything - {"moeaudit.pipeline.run_audit"}) == ["moeaudit.pipeline.run_audit"]
+    assert hook.missing_api(everything - {"moeaudit.run.pipeline.run_audit"}) == ["moeaudit.run.pipeline.run_audit"]
     assert hook.undocumented() == []
 
 

@@ -323,7 +323,7 @@ def test_demo_configs_and_stratification_key():
 def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tmp_path):
     from moeaudit.builtin import builtin_labelled_documents
     from moeaudit.config import RunConfig
-    from moeaudit.pipeline import run_audit
+    from moeaudit.run.pipeline import run_audit
 
     held = builtin_labelled_documents("heldout")
     rows = [{"text": t, "kind": d} for d, t in held if d in ("prose", "arithmetic")][:3]

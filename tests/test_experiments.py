@@ -257,7 +257,7 @@ def test_modes_and_sequence_scope_reach_the_records(mode):
 
 @functools.cache
 def _tied_setup():
-    from moeaudit._verify import verify
+    from moeaudit.intervene._verify import verify
 
     model = cached_tiny("olmoe")
     seqs = _corpus(3)
@@ -367,7 +367,7 @@ def test_bad_settings():
 
 
 def test_failed_verification_collects_nothing(monkeypatch):
-    from moeaudit import _verify
+    from moeaudit.intervene import _verify
 
     model = cached_tiny("olmoe")
     report = _verify.verify(model, None, _corpus(2))

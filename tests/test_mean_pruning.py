@@ -236,3 +236,21 @@ def test_method_comparison_against_scipy():
     assert row["delta_mean"] == pytest.approx((mean - delete).mean())
     assert row["p_t"] == pytest.approx(stats.ttest_1samp(per_doc, 0).pvalue, rel=1e-6)  # equal document sizes
     assert row["decision"] == "mean better"
+
+
+def test_dry_run_workload_counts_methods_and_protection():
+    """``prune-eval --dry-run``: every method evaluates each pruning (mean doubles the pruned models), and
+    ``--protect-top`` needs the importance map even without the causal criterion (``n`` unset resolved)."""
+    from types import SimpleNamespace
+
+    from moeaudit.pruning import PruneConfig
+    from moeaudit.run._workloads import prune_workload
+
+    geometry = SimpleNamespace(moe_layers=[1, 2], top_k=2)  # what the workload reads of the model
+    base = PruneConfig(model="builtin:tiny-moe", corpus="builtin", n_docs=4, n_docs_eval=4, max_length=32,
+                       criteria=("reap",), fractions=(0.25, 0.5))
+    plain, both = prune_workload(base, geometry), prune_workload(base.replace(method=("delete", "mean")), geometry)
+    assert plain.full_forwards // 4 == 2 * (1 + 2) and both.full_forwards // 4 == 2 * (1 + 2 * 2)  # 2 folds
+    assert not plain.ablations
+    protected = prune_workload(base.replace(protect_top=2), geometry)
+    assert protected.ablations and all(v > 0 for v in protected.ablations.values())

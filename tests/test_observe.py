@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import cached_tiny
 
-from moeaudit._observe import BUILTIN_METRICS, METRICS, observe, register_metric, unregister_metric
 from moeaudit.models import adapter_for, decoder_layers, describe, moe_block
+from moeaudit.observation._observe import BUILTIN_METRICS, METRICS, observe, register_metric, unregister_metric
 from moeaudit.testing import TINY_FAMILIES
 
 LENGTHS = (5, 9, 13)

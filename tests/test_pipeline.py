@@ -15,7 +15,7 @@ import pytest
 from moeaudit.config import RunConfig
 from moeaudit.errors import RunDirectoryError, VerificationError
 from moeaudit.experiments import summarize
-from moeaudit.pipeline import run_audit
+from moeaudit.run.pipeline import run_audit
 from moeaudit.rundir import RunDirectory
 
 CONFIG = RunConfig(model="builtin:tiny-moe", name="tiny", corpus="builtin", n_docs=6, n_docs_progressive=8,
@@ -137,7 +137,7 @@ def test_a_changed_corpus_is_refused(tmp_path):
 
 
 def test_failed_verification_collects_nothing(tmp_path, monkeypatch):
-    import moeaudit._verify as verify_module
+    import moeaudit.intervene._verify as verify_module
 
     real = verify_module.verify
 

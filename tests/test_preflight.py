@@ -11,7 +11,10 @@ import struct
 import numpy as np
 import pytest
 
-from moeaudit._checkpoint import (
+from moeaudit.config import RunConfig
+from moeaudit.corpus import valid_positions
+from moeaudit.errors import ConfigError, ModelSourceError
+from moeaudit.models._checkpoint import (
     fingerprint,
     identity_changes,
     locate_model,
@@ -19,10 +22,7 @@ from moeaudit._checkpoint import (
     model_identity,
     resolve_model_name,
 )
-from moeaudit._preflight import check_positions
-from moeaudit.config import RunConfig
-from moeaudit.corpus import valid_positions
-from moeaudit.errors import ConfigError, ModelSourceError
+from moeaudit.run._preflight import check_positions
 
 
 def test_model_names_are_paths_hub_ids_or_builtin(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_positions_bound_counts_valid_positions_like_brute_force():
 
 
 def test_sigterm_becomes_an_interrupt_only_inside_a_run():
-    from moeaudit._interrupt import Terminated, sigterm_as_interrupt
+    from moeaudit.run._interrupt import Terminated, sigterm_as_interrupt
 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with pytest.raises(KeyboardInterrupt) as err, sigterm_as_interrupt():
@@ -169,7 +169,7 @@ def test_a_hub_run_binds_its_commit_and_refuses_another(tmp_path, monkeypatch):
 
     from moeaudit.errors import RunDirectoryError
     from moeaudit.models import load_tokenizer
-    from moeaudit.pipeline import run_audit
+    from moeaudit.run.pipeline import run_audit
     from moeaudit.testing import tiny_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -200,7 +200,7 @@ def test_a_forked_child_still_dies_of_sigterm():
     """A pool worker forked inside a run (lm-eval's bootstrap) keeps SIGTERM's default action, so
     ``Pool.terminate`` ends it instead of raising Terminated in it (which hung the pool); a SIGTERM sent before the
     child has even run (the race that hung the full suite) ends it too."""
-    from moeaudit._interrupt import sigterm_as_interrupt
+    from moeaudit.run._interrupt import sigterm_as_interrupt
 
     with sigterm_as_interrupt():
         for wait_until_running in (True, False):
@@ -226,7 +226,7 @@ def test_a_forked_child_still_dies_of_sigterm():
 def test_a_fork_pool_ends_inside_a_run():
     import multiprocessing
 
-    from moeaudit._interrupt import sigterm_as_interrupt
+    from moeaudit.run._interrupt import sigterm_as_interrupt
 
     with sigterm_as_interrupt(), multiprocessing.get_context("fork").Pool(4) as pool:
         assert pool.map(abs, range(-3, 3)) == [3, 2, 1, 0, 1, 2]

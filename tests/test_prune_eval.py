@@ -25,12 +25,12 @@ from moeaudit.pruning import (
     build_units,
     collect_pool,
     importance_table,
-    prune_eval,
     prune_geometry,
     sequence_losses,
 )
 from moeaudit.pruning._compare import answer_table, fold_agreement, loss_tables
 from moeaudit.report._style import metric_label
+from moeaudit.run._prune import prune_eval
 
 
 def test_sequence_losses_are_the_models_own_loss_per_token():
@@ -168,7 +168,7 @@ def test_prune_config_refuses_bad_values_and_round_trips(tmp_path):
         path.write_text(cfg.to_toml())
         assert PruneConfig.from_toml(path) == cfg
     assert PruneConfig.from_mapping({"fractions": "0.1, 0.3", "criteria": "reap,random"}).fractions == (0.1, 0.3)
-    assert PruneConfig.preset("demo").map_config() == MapConfig.preset("demo").replace(n=1000)
+    assert PruneConfig.preset("demo").map_config() == MapConfig.preset("demo").replace(n=None)
 
 
 SMALL = dict(model="builtin:tiny-moe", corpus="builtin", n_docs=4, n_docs_eval=4, max_length=64, n=8,

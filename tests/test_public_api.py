@@ -29,7 +29,7 @@ def test_every_export_resolves_to_a_function_or_class():
 
 
 def test_observe_and_verify_stay_functions_after_submodule_imports():
-    code = ("import moeaudit._observe, moeaudit._verify, moeaudit._validate, moeaudit; "
+    code = ("import moeaudit.observation._observe, moeaudit.intervene._verify, moeaudit.run._validate, moeaudit; "
             "assert callable(moeaudit.observe) and callable(moeaudit.verify) and callable(moeaudit.validate)")
     subprocess.run([sys.executable, "-c", code], check=True)
 

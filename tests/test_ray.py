@@ -14,8 +14,8 @@ import pytest
 
 from moeaudit.config import RunConfig
 from moeaudit.errors import ExecutorError
-from moeaudit.execution import Execution
-from moeaudit.pipeline import run_audit
+from moeaudit.run.execution import Execution
+from moeaudit.run.pipeline import run_audit
 from moeaudit.rundir import RunDirectory
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'moeaudit[ray]'; the test extra and CI "

@@ -13,7 +13,7 @@ import time
 import pandas as pd
 
 from moeaudit.config import RunConfig
-from moeaudit.pipeline import run_audit
+from moeaudit.run.pipeline import run_audit
 from moeaudit.rundir import RunDirectory
 
 FLAGS = {"model": "builtin:tiny-moe", "name": "tiny", "corpus": "builtin", "layers": "1,3,5,7", "n": "40",

@@ -18,7 +18,7 @@ import torch
 from test_cli_refusals import SMALL, _flags, cli, refused, snapshot
 
 import moeaudit
-from moeaudit._threads import choose_threads
+from moeaudit.run._threads import choose_threads
 
 FAULTS = '''
 import errno, os
@@ -283,7 +283,7 @@ def test_dry_run_counts_the_real_run_and_estimates_its_time_within_the_stated_fa
     records, documents and single-expert ablations exactly; its time within TIME_FACTOR of the run's wall time."""
     import re
 
-    from moeaudit.estimate import TIME_FACTOR
+    from moeaudit.run.estimate import TIME_FACTOR
 
     demo = {**SMALL, "layers": "3,7", "experiments": "audit,control,rank_validity,progressive,redistribution",
             "n": "40", "n_progressive": "20", "n_docs": "8", "n_docs_progressive": "6", "max_length": "96",
@@ -308,3 +308,39 @@ def test_dry_run_counts_the_real_run_and_estimates_its_time_within_the_stated_fa
     seconds = plan["estimate"]["seconds"]
     assert wall / TIME_FACTOR <= seconds <= wall * TIME_FACTOR, (seconds, wall, plan["estimate"])
     assert re.search(r"plan: 4 cells, [\d,]+ ablations", dry.stdout.replace("\n", " "))
+
+
+@pytest.mark.slow
+def test_attribute_dry_run_counts_the_real_run_exactly_and_its_time_within_the_stated_factor(tmp_path):
+    """``attribute --dry-run`` writes only OUT/dry-run.json and counts what the run then does, exactly: cells,
+    documents, positions, attribution rows and estimates, forward+backward chunks, exact ablations per layer (x
+    modes); its time within TIME_FACTOR of the run's wall time."""
+    from moeaudit.run.estimate import TIME_FACTOR
+
+    small = {"layers": "1,5", "modes": "zero,reroute", "n_exact": "10", "n_docs": "5", "max_length": "96",
+             "device": "cpu"}
+    dry = cli("attribute", *_flags(small), "--dry-run", "--out", "attr", "--no-report", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(p.name for p in (tmp_path / "attr").iterdir()) == ["dry-run.json"]
+    plan = json.loads((tmp_path / "attr" / "dry-run.json").read_text())["plan"]
+    seconds = json.loads((tmp_path / "attr" / "dry-run.json").read_text())["estimate"]["seconds"]
+    start = time.perf_counter()
+    real = cli("attribute", *_flags(small), "--out", "attr", "--no-report", cwd=tmp_path)
+    wall = time.perf_counter() - start
+    assert real.returncode == 0, real.stderr
+    rows = pd.read_parquet(tmp_path / "attr" / "attribution.parquet")
+    manifest = json.loads((tmp_path / "attr" / "manifest.json").read_text())
+    assert plan["documents"] == manifest["corpus"]["calibration"]["n_docs"] == rows["doc_id"].nunique() == 5
+    assert plan["tokens"] == manifest["corpus"]["calibration"]["n_tokens"]
+    assert plan["positions"] == len(rows[["doc_id", "position"]].drop_duplicates())
+    assert plan["records"] == len(rows)
+    assert plan["estimates"] == int(rows[["estimate_zero", "estimate_reroute"]].notna().to_numpy().sum())
+    per_doc = rows.groupby("doc_id")["position"].nunique()
+    assert plan["gradient_chunks"] == int(sum(-(-n // 256) for n in per_doc))
+    exact = rows[["exact_zero", "exact_reroute"]].notna().groupby(rows["layer"]).sum().sum(axis=1)
+    assert {int(k): v for k, v in plan["ablations"].items()} == {int(k): int(v) for k, v in exact.items()}
+    assert plan["cells"] == ["L001-zero", "L001-reroute", "L005-zero", "L005-reroute"]
+    assert sorted(plan["cells"]) == sorted(p.stem for p in (tmp_path / "attr" / "exact").iterdir())
+    assert wall / TIME_FACTOR <= seconds <= wall * TIME_FACTOR, (seconds, wall)
+    print(f"attribute dry run: estimated {seconds} s, real {wall:.1f} s")
+    assert "attribution: " in dry.stdout and "forward+backward" in dry.stdout

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from moeaudit.cli import app
 from moeaudit.config import RunConfig
 from moeaudit.errors import ConfigError, RunDirectoryError
-from moeaudit.execution import Cell, Execution, Shard, canonical_cells, merge_runs, parse_bytes
-from moeaudit.pipeline import run_audit
 from moeaudit.report import expected_cells
+from moeaudit.run.execution import Cell, Execution, Shard, canonical_cells, merge_runs, parse_bytes
+from moeaudit.run.pipeline import run_audit
 from moeaudit.rundir import RunDirectory
 
 FLAGS = {"model": "builtin:tiny-moe", "name": "tiny", "corpus": "builtin", "n_docs": "6", "n_docs_progressive": "8",
@@ -160,7 +160,7 @@ def test_a_shard_resumes_only_as_the_same_shard(runs, tmp_path):
 def test_ray_without_ray_installed_is_refused_before_anything_runs(monkeypatch, tmp_path):
     import importlib.util
 
-    from moeaudit.execution import check_executor
+    from moeaudit.run.execution import check_executor
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))

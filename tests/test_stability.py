@@ -10,13 +10,13 @@ from conftest import cached_tiny, random_ids
 from scipy import stats as sps
 
 from moeaudit import observe
-from moeaudit._document_stats import DocumentStats
 from moeaudit.experiments._stability import (
     bottom_jaccard,
     kendall_tau_b_rows,
     spearman_rows,
     split_half_stability,
 )
+from moeaudit.observation._document_stats import DocumentStats
 
 
 def test_per_document_statistics_aggregate_to_observe_on_the_half():

@@ -189,7 +189,7 @@ class RunConfig(FlatConfig):
     def with_resolved_paths(self) -> RunConfig:
         """A copy whose local model directory, corpus file and ``device_map`` file are absolute paths (resolved
         against the current directory); hub ids, ``builtin:`` names and named corpora are unchanged."""
-        from moeaudit._checkpoint import resolve_model_name
+        from moeaudit.models._checkpoint import resolve_model_name
 
         corpus = resolve_corpus(self.corpus)
         has_domains = corpus in ("builtin", "builtin:heldout", "builtin:train") or self.domain_field is not None

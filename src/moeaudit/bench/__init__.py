@@ -27,16 +27,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moeaudit.bench' has no attribute {name!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m moeaudit.bench [OPTIONS]``: the same command as ``moeaudit bench``."""
-    from moeaudit.cli import app
-
-    try:
-        app(["bench", *(argv or [])], prog_name="moeaudit")
-    except SystemExit as exc:  # click always exits; keep its status
-        return exc.code if isinstance(exc.code, int) else 0
-    return 0
-
-
 __all__ = ["BENCH_PRESETS", "BenchConfig", "BenchResult", "LiveTensorBytes", "PeakMemory", "build_model",
-           "format_result", "main", "run_bench"]
+           "format_result", "run_bench"]

@@ -1,5 +1,5 @@
 """``moeaudit attribute``: first-order estimates of every active expert's ΔL from one backward pass, measured against
-exact ablation per layer (a thin layer over :func:`moeaudit.attribution.attribution_run`)."""
+exact ablation per layer (a thin layer over :func:`moeaudit.run.attribution.attribution_run`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
-from moeaudit.attribution._config import AttributeConfig
 from moeaudit.cli._app import MODEL_HELP, app
 from moeaudit.cli._common import build_config, escape, flag_names, rich_table
-from moeaudit.cli._prune import _ENCODING_HELP, _option, _run
+from moeaudit.cli._prune import _DRY_RUN_HELP, _ENCODING_HELP, _dry_run, _option, _run
+from moeaudit.run.attribution._config import AttributeConfig
 
 _DEFAULTS = AttributeConfig()
 _PRESET_HELP = "a .toml config file or a preset (demo, paper-olmoe, paper-qwen, paper-deepseek); flags override it"
@@ -43,17 +43,22 @@ def attribute_cmd(
                                                        "read from a configuration file)"),
     out: Path = _option(_DEFAULTS, "out", "run directory; re-running resumes it", "runs/<name>-attribute"),
     report: bool = typer.Option(True, help="write report.md / report.html / figures at the end"),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Attribution patching for experts: g·δy estimates of every (position, layer, active expert) ΔL into
     attribution.parquet, an estimated importance map, and their agreement with exact ablations per layer and mode
     (tables/attribution.csv); resumable."""
-    from moeaudit.attribution import attribution_run
+    from moeaudit.run.attribution import attribution_run
 
     values = locals()
-    flags = flag_names(*AttributeConfig.__dataclass_fields__, "trust_remote_code", "out", "report")
+    flags = flag_names(*AttributeConfig.__dataclass_fields__, "trust_remote_code", "out", "report", "dry_run")
     cfg = build_config(AttributeConfig, config,
                        {f.name: values[f.name] for f in dataclasses.fields(AttributeConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-attribute"
+    if dry_run:
+        from moeaudit.run._workloads import attribute_workload
+
+        raise _dry_run("attribute", cfg, target, attribute_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: attribution_run(cfg, target, progress=p, report=report,
                                                               trust_remote_code=trust_remote_code),
                                     target, "attribute", flags)

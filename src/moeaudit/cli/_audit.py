@@ -93,7 +93,7 @@ def run(
                                  "documents) and estimates of time, peak memory and disk; write OUT/dry-run.json"),
 ) -> None:
     """Run (or resume) an audit into a run directory: records, summary, report."""
-    from moeaudit.execution import Execution, parse_bytes
+    from moeaudit.run.execution import Execution, parse_bytes
 
     flags = {"model": model, "name": name, "corpus": corpus, "layers": layers, "metrics": metrics,
              "experiments": experiments, "n": n, "n_progressive": n_progressive,
@@ -112,7 +112,7 @@ def run(
     default = cfg.label if execution.shard is None else \
         f"{cfg.label}-shard-{execution.shard.index}-of-{execution.shard.count}"
     if dry_run:
-        from moeaudit._workloads import run_workload
+        from moeaudit.run._workloads import run_workload
 
         console = make_console()
         target = out or Path("runs") / default
@@ -180,7 +180,7 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="one or more run dire
 
 def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool = False,
              trust_remote_code: bool = False) -> None:
-    from moeaudit.pipeline import run_audit
+    from moeaudit.run.pipeline import run_audit
 
     console = make_console()
     start = time.perf_counter()

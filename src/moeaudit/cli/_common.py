@@ -100,7 +100,7 @@ def fail(exc: Exception, flags: Mapping[str, str] | None = None) -> typer.Exit:
 
 
 def interrupted(exc: KeyboardInterrupt, out, what: str = "cells") -> typer.Exit:
-    """Say that a run stopped (Ctrl-C, or SIGTERM raised as :class:`moeaudit._interrupt.Terminated`) and how to
+    """Say that a run stopped (Ctrl-C, or SIGTERM raised as :class:`moeaudit.run._interrupt.Terminated`) and how to
     resume it; return the exit to raise (130, or 128 + the signal)."""
     signum = getattr(exc, "signum", None)
     make_console(stderr=True).print(f"{'terminated (SIGTERM)' if signum else 'interrupted'}; finished {what} are "
@@ -112,8 +112,8 @@ def interrupted(exc: KeyboardInterrupt, out, what: str = "cells") -> typer.Exit:
 def header(console, text: str) -> None:
     """The first lines of a command that computes: ``text`` (rich markup; escape what the user gave), then the
     torch threads it computes with, chosen here (before torch is imported) when the user has not
-    (:mod:`moeaudit._threads`)."""
-    from moeaudit._threads import apply_threads
+    (:mod:`moeaudit.run._threads`)."""
+    from moeaudit.run._threads import apply_threads
 
     choice = apply_threads()
     console.print(text, highlight=False)
@@ -122,14 +122,14 @@ def header(console, text: str) -> None:
 
 def dry_run_exit(console, command: str, cfg, out, workload, flags: Mapping[str, str] | None = None, *,
                  trust_remote_code: bool = False, report: bool = True) -> typer.Exit:
-    """``--dry-run`` of any command: print the plan and the estimates (:func:`moeaudit.estimate.dry_run`), write
+    """``--dry-run`` of any command: print the plan and the estimates (:func:`moeaudit.run.estimate.dry_run`), write
     them to ``out/dry-run.json`` (nothing else), and return the exit to raise. ``workload(cfg, geometry)`` counts
-    the command's work (:mod:`moeaudit._workloads`); ``cfg`` needs ``model``, ``device``, ``dtype``,
+    the command's work (:mod:`moeaudit.run._workloads`); ``cfg`` needs ``model``, ``device``, ``dtype``,
     ``max_length`` and ``label``."""
     from pathlib import Path
 
-    from moeaudit._preflight import check_device, resolve_device
-    from moeaudit.estimate import dry_run, write_dry_run
+    from moeaudit.run._preflight import check_device, resolve_device
+    from moeaudit.run.estimate import dry_run, write_dry_run
 
     try:
         device = check_device(resolve_device(cfg.device))
@@ -194,7 +194,7 @@ def rich_table(title: str, frame, columns: list[str] | None = None):
 
 
 class RichProgress:
-    """A :class:`moeaudit.pipeline.ProgressSink` drawing one rich progress bar (with ETA) per stage.
+    """A :class:`moeaudit.run.pipeline.ProgressSink` drawing one rich progress bar (with ETA) per stage.
 
     A stage ends where its work ended: a bar whose stage ran fewer units than announced keeps its count (it never
     claims 500/500 when 262 ran); stages without a count show as done.

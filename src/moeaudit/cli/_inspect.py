@@ -25,8 +25,8 @@ def _load(console, model: str, corpus: str, n: int, *, dtype: str, device: str, 
           text_field: str, encoding: str, min_length: int = 32):
     """The model, its tokenizer and ``n`` corpus sequences, behind a spinner; bad input exits with one line."""
     import moeaudit
-    from moeaudit._checkpoint import locate_model
     from moeaudit.corpus import read_documents
+    from moeaudit.models._checkpoint import locate_model
 
     try:
         # what can be refused without torch first: the corpus file, the model's path or hub id

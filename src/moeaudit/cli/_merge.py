@@ -19,7 +19,7 @@ def merge(shards: list[Path] = typer.Argument(..., help="the run directories of 
 
     Refused unless the shards share configuration, corpus, model and observe table, and together hold every cell
     exactly once (the message names what is missing or duplicated)."""
-    from moeaudit.execution import merge_runs
+    from moeaudit.run.execution import merge_runs
     from moeaudit.rundir import RunDirectory
 
     console = make_console()

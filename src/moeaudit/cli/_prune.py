@@ -85,7 +85,9 @@ def map_cmd(
     max_length: int = _option(_MAP, "max_length", "tokens per document"),
     min_length: int = _option(_MAP, "min_length", "shorter documents are skipped"),
     layers: str = _option(_MAP, "layers", "comma-separated MoE layers, or 'all'", "all"),
-    n: int = _option(_MAP, "n", "sampled positions per layer (every active expert is ablated at each)"),
+    n: int = _option(_MAP, "n", "positions per layer (every active expert is ablated at each); unset: every position "
+                     "of the calibration split when positions x layers x top_k <= 250,000 ablations, else 200 "
+                     "sampled; a number caps it", "every position (small models) / 200"),
     scope: str = _option(_MAP, "scope", "token or sequence"),
     mode: str = _option(_MAP, "mode", "reroute, zero or renormalize"),
     min_context: int = _option(_MAP, "min_context", "positions need at least this many tokens of context"),
@@ -102,13 +104,13 @@ def map_cmd(
 ) -> None:
     """The causal importance map: every active expert removed alone at n positions per layer, aggregated per
     (layer, expert) into importance.parquet and a layer x expert heat map."""
-    from moeaudit.pruning import importance_map
+    from moeaudit.run._prune import importance_map
 
     values, flags = locals(), _flags(MapConfig)
     cfg = build_config(MapConfig, config, {f.name: values[f.name] for f in dataclasses.fields(MapConfig)}, flags)
     target = out or Path("runs") / f"{cfg.label}-map"
     if dry_run:
-        from moeaudit._workloads import map_workload
+        from moeaudit.run._workloads import map_workload
 
         raise _dry_run("map", cfg, target, map_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(lambda p: importance_map(cfg, target, progress=p, report=report,
@@ -157,7 +159,9 @@ def prune_eval_cmd(
                                             "router slot and outputs its calibration mean)"),
     protect_top: int = _option(_PRUNE, "protect_top", "never remove the K experts whose single removal costs most "
                                                       "(super experts, from the importance map)"),
-    n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map"),
+    n: int = _option(_PRUNE, "n", "positions per layer of the causal importance map (removal costs); unset: every "
+                     "position of the calibration split when positions x layers x top_k <= 250,000 ablations, "
+                     "else 200 sampled; a number caps it", "every position (small models) / 200"),
     scope: str = _option(_PRUNE, "scope", "importance map ablation scope: token or sequence"),
     mode: str = _option(_PRUNE, "mode", "importance map ablation mode: reroute, zero or renormalize"),
     min_context: int = _option(_PRUNE, "min_context", "positions need at least this many tokens of context"),
@@ -190,14 +194,14 @@ def prune_eval_cmd(
 ) -> None:
     """Prune by every criterion at every fraction (in memory), against a random band and the causal reference:
     held-out loss and perplexity, paired tests clustered by document, a verdict; resumable."""
-    from moeaudit.pruning import prune_eval
+    from moeaudit.run._prune import prune_eval
 
     values, flags = locals(), _flags(PruneConfig)
     cfg = build_config(PruneConfig, config, {f.name: values[f.name] for f in dataclasses.fields(PruneConfig)},
                        flags)
     target = out or Path("runs") / f"{cfg.label}-prune"
     if dry_run:
-        from moeaudit._workloads import prune_workload
+        from moeaudit.run._workloads import prune_workload
 
         raise _dry_run("prune-eval", cfg, target, prune_workload, flags, trust_remote_code, report)
     console, result, seconds = _run(

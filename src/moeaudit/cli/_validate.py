@@ -22,7 +22,7 @@ def validate(run_dir: Path = typer.Argument(..., help="a run directory written b
 
     from rich.table import Table
 
-    from moeaudit._validate import validate as run_validation
+    from moeaudit.run._validate import validate as run_validation
 
     console = make_console()
     start = time.perf_counter()

@@ -48,7 +48,7 @@ class ExperimentResult:
 
 def _verified(model: nn.Module, sequences: Sequence, verification, seed: int):
     if verification is None:
-        from moeaudit._verify import verify
+        from moeaudit.intervene._verify import verify
 
         verification = verify(model, None, list(sequences)[:2], seed=seed)
     verification.raise_if_failed()
@@ -57,7 +57,7 @@ def _verified(model: nn.Module, sequences: Sequence, verification, seed: int):
 
 def _metric_table(model, sequences, metric_table):
     if metric_table is None:
-        from moeaudit._observe import observe
+        from moeaudit.observation._observe import observe
 
         metric_table = observe(model, [getattr(s, "input_ids", s) for s in sequences])
     return metric_table
@@ -77,7 +77,7 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
         settings: Layers, metrics, n, seed, scope, mode (see :class:`ExperimentSettings`).
         experiments: Any of ``audit``, ``control``, ``rank_validity``, ``progressive``, ``redistribution``.
         metric_table: The ``observe`` table ranking the experts; computed on ``sequences`` when ``None``.
-        verification (VerificationReport | None): A passed :class:`~moeaudit._verify.VerificationReport`; run here when ``None``.
+        verification (VerificationReport | None): A passed :class:`~moeaudit.intervene._verify.VerificationReport`; run here when ``None``.
         progress: Called with the number of positions finished.
         on_layer: Called with (``"single"`` or ``"progressive"``, layer, records) as each unit finishes.
         clean_cache_bytes: Bytes of clean passes kept for reuse across layers (``None``: half the free memory of

@@ -40,7 +40,7 @@ def ranking_stability(model: nn.Module, sequences: Sequence, *, metrics: Sequenc
 
     See :func:`split_half_stability` for the statistics; this runs the one observation pass they need.
     """
-    from moeaudit._observe import observe
+    from moeaudit.observation._observe import observe
 
     ids = [getattr(s, "input_ids", s) for s in sequences]
     if len(ids) < 4:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from moeaudit._checkpoint import ModelSource, locate_model
 from moeaudit.errors import ModelSourceError, UnsupportedModelError
+from moeaudit.models._checkpoint import ModelSource, locate_model
 
 DTYPES = {
     "auto": "auto",

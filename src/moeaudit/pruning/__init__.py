@@ -1,5 +1,6 @@
 """Pruning experts and measuring what it costs: which experts a criterion removes, in-memory pruning equal to a
-sliced checkpoint, the causal importance map, and the ``prune-eval`` experiment.
+sliced checkpoint, the causal importance table, and the units prune-eval measures (its run, with
+:func:`moeaudit.importance_map` and :func:`moeaudit.prune_eval`, lives in :mod:`moeaudit.run._prune`).
 
 The names are imported on first use (:pep:`562`), so the command line reads the configuration classes without
 importing torch.
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from moeaudit.pruning._hook import pruned
     from moeaudit.pruning._importance import IMPORTANCE_COLUMNS, collect_pool, importance_table
     from moeaudit.pruning._mean import METHODS, mean_replaced, unrouted_replaced
-    from moeaudit.pruning._pipeline import MapResult, PruneResult, importance_map, prune_eval
     from moeaudit.pruning._plan import (
         PruneGeometry,
         n_removed,
@@ -37,26 +37,22 @@ _EXPORTS: dict[str, str] = {
     "MAP_PRESETS": "_config",
     "METHODS": "_mean",
     "MapConfig": "_config",
-    "MapResult": "_pipeline",
     "NONE": "_config",
     "PRUNE_PRESETS": "_config",
     "PRUNING_FILE": "_slice",
     "PruneConfig": "_config",
     "PruneGeometry": "_plan",
     "PrunedSize": "_size",
-    "PruneResult": "_pipeline",
     "PruneUnit": "_units",
     "RANDOM": "_config",
     "build_units": "_units",
     "collect_pool": "_importance",
-    "importance_map": "_pipeline",
     "importance_table": "_importance",
     "n_removed": "_plan",
     "mean_replaced": "_mean",
     "parse_save_pairs": "_extras",
     "plan_removal": "_plan",
     "protect": "_super",
-    "prune_eval": "_pipeline",
     "prune_geometry": "_plan",
     "pruned": "_hook",
     "removal_costs": "_super",
@@ -95,22 +91,18 @@ __all__ = [
     "PRUNING_FILE",
     "RANDOM",
     "MapConfig",
-    "MapResult",
     "PruneConfig",
     "PruneGeometry",
-    "PruneResult",
     "PrunedSize",
     "PruneUnit",
     "build_units",
     "collect_pool",
-    "importance_map",
     "importance_table",
     "mean_replaced",
     "n_removed",
     "parse_save_pairs",
     "plan_removal",
     "protect",
-    "prune_eval",
     "prune_geometry",
     "pruned",
     "rank_experts",

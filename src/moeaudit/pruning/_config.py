@@ -76,7 +76,10 @@ class MapConfig(FlatConfig):
         max_length: Tokens per document after truncation.
         min_length: Shorter documents are skipped.
         layers: MoE layers to map (and, for prune-eval, to prune); ``None``: every MoE layer.
-        n: Sampled positions per layer; every active expert is ablated singly at each (the single-expert pool).
+        n: Positions per layer; every active expert is ablated singly at each (the single-expert pool). ``None``
+            (default): every valid position of the calibration split when the pool is small (positions x layers x
+            top_k at most 250,000 ablations), else 200 sampled; an integer caps it (see
+            :func:`moeaudit.pruning._positions.positions_per_layer`).
         scope: ``token`` (the expert removed at the position only) or ``sequence``.
         mode: ``reroute`` (default: the router picks top-k from the remaining experts, as in a pruned model),
             ``zero`` (the paper's ablation) or ``renormalize``.
@@ -100,7 +103,7 @@ class MapConfig(FlatConfig):
     max_length: int = 512
     min_length: int = 32
     layers: tuple[int, ...] | None = None
-    n: int = 200
+    n: int | None = None
     scope: str = "token"
     mode: str = "reroute"
     min_context: int = 1
@@ -110,13 +113,13 @@ class MapConfig(FlatConfig):
     seed: int = 0
 
     def _check(self) -> None:
-        check_common(self)
+        check_common(dataclasses.replace(self, n=3) if self.n is None else self)  # None: positions_per_layer
         _no_mean_map(self)
 
     def with_resolved_paths(self):
         """A copy whose local model directory and corpus files are absolute paths (resolved against the current
         directory), so the run directory's configuration means the same inputs from anywhere."""
-        from moeaudit._checkpoint import resolve_model_name
+        from moeaudit.models._checkpoint import resolve_model_name
 
         return dataclasses.replace(self, model=resolve_model_name(self.model), corpus=resolve_corpus(self.corpus),
                                    device_map=resolve_device_map_path(self.device_map))
@@ -187,7 +190,7 @@ class PruneConfig(MapConfig):
     protect_top: int = 0
 
     def _check(self) -> None:
-        check_common(self)
+        check_common(dataclasses.replace(self, n=3) if self.n is None else self)  # None: positions_per_layer
         _no_mean_map(self)
         if not self.fractions:
             raise ConfigError("fractions= is empty; give at least one share of experts to remove, e.g. 0.25.")
@@ -265,8 +268,9 @@ _PAPER = {
 }
 _DEMO = dict(model="builtin:tiny-moe", name="tiny-moe", corpus="builtin", n_docs=32, n=200, dtype="float32",
              device="cpu")
-#: prune-eval's demo: 1,000 of the calibration split's ~6,000 positions per layer for the removal costs.
-_DEMO_PRUNE = {**_DEMO, "n": 1000}
+#: prune-eval's demo: every position of the calibration split for the removal costs (``n`` unset; the embedded
+#: model's pool is small, see :mod:`moeaudit.pruning._positions`).
+_DEMO_PRUNE = {**_DEMO, "n": None}
 
 #: Presets of ``moeaudit map``: the embedded model (``demo``) and the paper's three checkpoints on WikiText-2.
 MAP_PRESETS: Mapping[str, MapConfig] = MappingProxyType(

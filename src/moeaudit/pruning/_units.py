@@ -79,7 +79,7 @@ def resolve_criteria(criteria: Sequence[str] | None) -> list[str]:
     Raises:
         ConfigError: an unknown criterion (the valid ones and the closest match named).
     """
-    from moeaudit._observe import METRICS
+    from moeaudit.observation._observe import METRICS
 
     valid = [*METRICS, CAUSAL, RANDOM, CAUSAL_LOO, ATTRIBUTION]
     if criteria is None:

@@ -215,6 +215,11 @@ def write_prune_report(path: str | Path, out: str | Path | None = None) -> dict[
     lm = _read_csv(run_dir, "lm_eval.csv")
     if lm is not None and not lm.empty:
         blocks += [Heading("Downstream tasks (lm-evaluation-harness)"), _lm_table(lm, label)]
+        lm_answer = _read_csv(run_dir, "lm_eval_answer.csv")
+        if lm_answer is not None and not lm_answer.empty:
+            from moeaudit.report._prune_lmeval import lm_answer_table
+
+            blocks.append(lm_answer_table(lm_answer, label))
     blocks += extra_blocks(run_dir, label, alpha)
     importance = run_dir.read_parquet("importance.parquet")
     if importance is not None:

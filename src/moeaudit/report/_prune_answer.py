@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.report._document import Table
+from moeaudit.report._prune_lmeval import downstream_clause
 from moeaudit.report._style import metric_label
 from moeaudit.report._tables import fmt, fmt_ci
 
@@ -75,6 +76,7 @@ def recommendations(answer: pd.DataFrame, allocations: pd.DataFrame | None, alph
                 text += (f"; {a['allocation']} allocation {verb} {abs(a['delta_uniform']):.4f} nats over {primary} "
                          f"[{a['delta_uniform_low']:+.3f}, {a['delta_uniform_high']:+.3f}]"
                          + ("" if sure else ", interval includes 0"))
+        text += downstream_clause(best)
         every = answer[(answer["fraction"] == fraction) & (answer["method"] == method)
                        & (answer["criterion"] != RANDOM)].sort_values("mean_loss")
         if len(every) and every.iloc[0]["allocation"] != primary:

@@ -4,22 +4,23 @@ Each cell (one layer's single-expert pool, or one layer's progressive ablation) 
 so a run interrupted at any moment (Ctrl-C, SIGTERM, ``kill -9``, a preempted node) and started again with the
 same configuration and model reads the finished cells back and computes only the rest; the records and the summary
 then equal those of an uninterrupted run. See :mod:`moeaudit.rundir` for the directory layout and
-:mod:`moeaudit._preflight` for what is refused before any work.
+:mod:`moeaudit.run._preflight` for what is refused before any work.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from moeaudit._checkpoint import identity_changes, manifest_identity
-from moeaudit._interrupt import sigterm_as_interrupt
-from moeaudit._preflight import (
+from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
+from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
+from moeaudit.models._checkpoint import identity_changes, manifest_identity
+from moeaudit.run._interrupt import sigterm_as_interrupt
+from moeaudit.run._preflight import (
     Preflight,
     check_device,
     check_identity,
@@ -27,72 +28,19 @@ from moeaudit._preflight import (
     preflight,
     resolve_device,
 )
-from moeaudit._prepare import RunOptions, load_for_run
-from moeaudit._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
-from moeaudit._provenance import environment, now
-from moeaudit.config import BEFORE_KEY_EXISTED, SUMMARY_KEYS, RunConfig
-from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
-from moeaudit.execution import Execution, check_executor, check_shard
+from moeaudit.run._prepare import RunOptions, load_for_run
+from moeaudit.run._progress import ProgressSink as ProgressSink  # re-exported: the pipeline's progress protocol
+from moeaudit.run._progress import SilentProgress as SilentProgress
+from moeaudit.run._progress import StageTimer as StageTimer
+from moeaudit.run._provenance import corpus_fingerprint as corpus_fingerprint  # re-exported (pruning uses it)
+from moeaudit.run._provenance import environment, now
+from moeaudit.run._results import RunResult as RunResult  # re-exported: what run_audit returns
+from moeaudit.run._results import write_summary as write_summary
+from moeaudit.run.execution import Execution, check_executor, check_shard
 from moeaudit.rundir import FORMAT_VERSION, RunDirectory, config_differences
 
 if TYPE_CHECKING:  # pandas loads on first use: refusals before any work stay fast
-    import pandas as pd
-
-
-class ProgressSink(Protocol):
-    """What the pipeline reports to (the CLI draws rich progress bars from it)."""
-
-    def stage(self, name: str, total: int | None) -> None:
-        """A new stage starts; ``total`` units of work (``None``: unknown)."""
-
-    def advance(self, n: int) -> None:
-        """``n`` more units of the current stage are done."""
-
-    def message(self, text: str) -> None:
-        """A line worth showing the user."""
-
-
-class SilentProgress:
-    """A :class:`ProgressSink` that shows nothing (the library default)."""
-
-    def stage(self, name: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-
-@dataclass
-class RunResult:
-    """What :func:`run_audit` produced."""
-
-    directory: Path
-    records: pd.DataFrame
-    tables: dict[str, pd.DataFrame]
-    resumed_cells: list[str] = field(default_factory=list)
-    computed_cells: list[str] = field(default_factory=list)
-    report: dict[str, Path] = field(default_factory=dict)
-    #: ``{"single": {"requested", "available", "n"}, "progressive": {...}}``: positions asked for, valid in the
-    #: corpus, and used (fewer than asked only with ``allow_fewer``).
-    positions: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds per named stage (``with timer("observe"): ...``)."""
-
-    def __init__(self) -> None:
-        self.stages: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 3)
+    pass
 
 
 class _Cumulative:
@@ -113,7 +61,7 @@ def run_audit(config: RunConfig, out: str | Path, *, progress: ProgressSink | No
     """Run (or resume) the audit described by ``config`` into the directory ``out``.
 
     Everything that can be refused is refused before any work, and a refused new run leaves no directory behind
-    (:mod:`moeaudit._preflight`). SIGTERM is handled like Ctrl-C (the run is marked ``interrupted``).
+    (:mod:`moeaudit.run._preflight`). SIGTERM is handled like Ctrl-C (the run is marked ``interrupted``).
 
     Args:
         config: The run's configuration (:class:`moeaudit.config.RunConfig`); relative model and corpus paths are
@@ -275,12 +223,12 @@ def _run_locked(plan: Preflight, run_dir: RunDirectory, session: dict, timer: St
 
 def _execute(plan: Preflight, run_dir: RunDirectory, manifest: dict, session: dict, timer: StageTimer,
              progress: ProgressSink, on_cell, options: RunOptions) -> RunResult:
-    from moeaudit._observe import observe
-    from moeaudit._verify import verify
-    from moeaudit.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
     from moeaudit.experiments import ExperimentSettings, add_domain_tables, summarize, summary_settings
     from moeaudit.experiments._stability import is_current, ranking_stability
     from moeaudit.experiments._states import sequence_ids
+    from moeaudit.intervene._verify import verify
+    from moeaudit.observation._observe import observe
+    from moeaudit.run.execution import CellJob, CellResult, canonical_cells, make_executor, release_device_memory
 
     config, execution = plan.config, options.execution
     loaded = load_for_run(plan, run_dir, manifest, session, timer, progress, options)
@@ -392,22 +340,3 @@ def _verification_stored(run_dir: RunDirectory) -> bool:
     except RunDirectoryError:
         return False
     return isinstance(stored, dict) and "passed" in stored
-
-
-def write_summary(run_dir: RunDirectory, tables: dict[str, pd.DataFrame]) -> None:
-    """``summary.json`` (every table), ``summary.csv`` (every cell, long format) and ``tables/<name>.csv``."""
-    import json
-
-    import pandas as pd
-
-    parts = []
-    for name, table in tables.items():
-        if table is not None and len(table):
-            run_dir.write_text(f"tables/{name}.csv", table.to_csv(index=False))
-            parts.append(table.assign(table=name))
-    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["table"])
-    long = long[["table", *[c for c in long.columns if c != "table"]]]
-    run_dir.write_text("summary.csv", long.to_csv(index=False))
-    payload = {name: json.loads(t.to_json(orient="records")) if t is not None and len(t) else []
-               for name, t in tables.items()}
-    run_dir.write_json("summary.json", payload)

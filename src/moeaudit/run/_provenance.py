@@ -35,7 +35,7 @@ def environment() -> dict[str, Any]:
     import transformers
 
     from moeaudit import __version__
-    from moeaudit._threads import thread_record
+    from moeaudit.run._threads import thread_record
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "moeaudit": __version__, "git_revision": _git_revision(),

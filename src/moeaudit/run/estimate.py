@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeaudit._geometry import KNOWN_GEOMETRIES as KNOWN_GEOMETRIES
-from moeaudit._geometry import Timings as Timings
-from moeaudit._geometry import model_geometry, time_primitives
+from moeaudit.run._geometry import KNOWN_GEOMETRIES as KNOWN_GEOMETRIES
+from moeaudit.run._geometry import Timings as Timings
+from moeaudit.run._geometry import model_geometry, time_primitives
 
 #: The estimated time is within this factor of the real run's (either way) on the embedded demo (tested).
 TIME_FACTOR = 3.0
@@ -71,6 +71,11 @@ class Workload:
         full_forwards: Other whole-document forwards (a pruned model's evaluation), each ``tokens_per_forward``.
         query_tokens: Tokens each ablation sends through the later layers (1 for token scope).
         notes: What the counts assume.
+        positions: Query positions attribution estimates at (every predicted token of every document).
+        estimates: Attribution estimates ``g . delta y``: positions x layers x active experts x modes.
+        gradient_chunks: Attribution's forward+backward passes (one per chunk of at most 256 query positions of a
+            document), from the first attributed layer to the loss.
+        record_bytes: Bytes one record takes on disk (0: :data:`RECORD_BYTES`).
     """
 
     command: str
@@ -84,6 +89,10 @@ class Workload:
     full_forwards: int = 0
     query_tokens: float = 1.0
     notes: list[str] = field(default_factory=list)
+    positions: int = 0
+    estimates: int = 0
+    gradient_chunks: int = 0
+    record_bytes: int = 0
 
     @property
     def n_ablations(self) -> int:
@@ -118,6 +127,8 @@ class DryRun:
             f"device: {self.device}, {self.dtype}, {self.threads} thread(s)",
             f"plan: {len(w.cells)} cells, {w.n_ablations:,} ablations, {w.records:,} records, {w.documents} documents "
             f"({w.tokens:,} tokens), {w.clean_passes:,} clean passes, {w.full_forwards:,} other forwards",
+            *([f"attribution: {w.positions:,} positions, {w.estimates:,} estimates, {w.gradient_chunks:,} "
+               "forward+backward passes"] if w.estimates else []),
             f"time: about {_duration(e['seconds'])} ("
             + ", ".join(f"{k} {_duration(v)}" for k, v in e["seconds_by_stage"].items() if v) + "; within "
             f"x{TIME_FACTOR:g} on the demo: {_duration(e['seconds'] / TIME_FACTOR)} to "
@@ -163,7 +174,7 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
     """
     geometry = model_geometry(model, dtype=dtype, trust_remote_code=trust_remote_code)
     plan = workload(geometry)
-    timings = time_primitives(geometry, device, seq_len)
+    timings = time_primitives(geometry, device, seq_len, attribution=bool(plan.estimates))
     n = geometry.n_layers
     slowdown = cpu_slowdown()
     parts = {
@@ -172,6 +183,8 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
         "forwards": round(timings.clean_pass(n, plan.tokens / max(1, plan.documents))
                           * (plan.clean_passes + plan.full_forwards + OBSERVE_COST * plan.observed), 1),
         "ablations": round(timings.ablations(n, plan.ablations, plan.query_tokens), 1),
+        "attribution": round(timings.attribution(n, min(plan.ablations, default=0), plan.positions,
+                                                 plan.estimates), 1),
         "summary": round(SUMMARY_SECONDS * plan.records / DEMO_RECORDS * (0.5 + 0.5 * n_boot / 2000) * slowdown, 1),
         "report": round(REPORT_SECONDS * (0.5 + 0.5 * len(plan.cells) / 16) * slowdown, 1) if report else 0.0,
     }
@@ -179,7 +192,7 @@ def dry_run(workload: Callable[[Any], Workload], *, model: str, device: str, dty
     state = geometry.clean_state_bytes(seq_len)
     peak = geometry.weights_bytes + state + geometry.chunk_bytes(seq_len) + _baseline_bytes(device) \
         + (REPORT_MEMORY_BYTES if report else 0)
-    disk = plan.records * RECORD_BYTES + REPORT_BYTES + geometry.n_layers * geometry.n_experts * 400
+    disk = plan.records * (plan.record_bytes or RECORD_BYTES) + REPORT_BYTES + geometry.n_layers * geometry.n_experts * 400
     import torch
 
     estimate = {"seconds": round(seconds, 1), "seconds_by_stage": parts, "cpu_slowdown": round(slowdown, 2),

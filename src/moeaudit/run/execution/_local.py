@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
-from moeaudit.execution._spec import Cell
+from moeaudit.run.execution._spec import Cell
 
 if TYPE_CHECKING:
     import torch

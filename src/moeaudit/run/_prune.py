@@ -1,5 +1,5 @@
 """``moeaudit map`` and ``moeaudit prune-eval`` into run directories (atomic files, resumable per unit, bound to
-one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.pipeline.run_session`).
+one configuration; see :mod:`moeaudit.rundir` and :func:`moeaudit.run.pipeline.run_session`).
 
 Layout of a prune-eval directory (a map directory holds the first part)::
 
@@ -18,14 +18,15 @@ Layout of a prune-eval directory (a map directory holds the first part)::
     methods.csv                        (--method delete,mean) mean replacement minus deletion of the same experts
     super_experts.csv, sizes.csv       the costliest single removals per fold; parameters / bytes removed
     allocation.csv                     each non-uniform allocation against uniform at the same budget
-    prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv
+    prune.csv, fold_agreement.csv, prune_per_layer.csv, per_layer.csv, lm_eval.csv, lm_eval_answer.csv,
+    lm_eval_items/<task>.parquet
     report.md, report.html, figures/
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,45 +35,15 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.errors import ConfigError, CorpusError, RunDirectoryError, UnsupportedModelError
-from moeaudit.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
 from moeaudit.pruning._config import ATTRIBUTION, CAUSAL, CAUSAL_LOO, RANDOM, MapConfig, PruneConfig
-from moeaudit.pruning._preflight import MapPlan, preflight_map
+from moeaudit.run._prune_preflight import MapPlan, preflight_map
+from moeaudit.run._prune_results import MapResult, PruneResult
+from moeaudit.run.pipeline import ProgressSink, SilentProgress, StageTimer, environment, run_session
 from moeaudit.rundir import RunDirectory
 
 if TYPE_CHECKING:  # the modules that need torch are imported once the checks before any work have passed
-    from moeaudit.pruning._loading import Loaded
     from moeaudit.pruning._units import PruneUnit
-
-
-@dataclass
-class MapResult:
-    """What :func:`importance_map` produced."""
-
-    directory: Path
-    importance: pd.DataFrame
-    records: pd.DataFrame
-    report: dict[str, Path] = field(default_factory=dict)
-
-
-@dataclass
-class PruneResult:
-    """What :func:`prune_eval` produced (the tables are also files of the run directory)."""
-
-    directory: Path
-    prune: pd.DataFrame
-    tests: pd.DataFrame  # answer.csv: pooled over folds, one row per (criterion, fraction, allocation, method)
-    pruned: pd.DataFrame
-    importance: pd.DataFrame | None
-    per_layer: pd.DataFrame | None = None  # prune_per_layer.csv: one row per one-layer pruning
-    per_layer_effects: pd.DataFrame | None = None  # per_layer.csv: loss increase per (criterion, fraction, layer)
-    lm_eval: pd.DataFrame | None = None
-    report: dict[str, Path] = field(default_factory=dict)
-    saved: Path | None = None
-    agreement: pd.DataFrame | None = None  # fold_agreement.csv
-    sizes: pd.DataFrame | None = None  # sizes.csv: parameters and bytes removed per (fraction, method)
-    super_experts: pd.DataFrame | None = None  # super_experts.csv (per fold)
-    saved_pairs: list[Path] = field(default_factory=list)  # checkpoints of --save-pairs
-    methods: pd.DataFrame | None = None  # methods.csv: mean replacement against deletion
+    from moeaudit.run._prune_loading import Loaded
 
 
 def _now() -> str:
@@ -130,7 +101,7 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
     run_dir = RunDirectory(out)
 
     def work(s) -> MapResult:
-        from moeaudit.pruning._loading import load_splits
+        from moeaudit.run._prune_loading import load_splits
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=False)
         table, records = _importance(plan.config, loaded, run_dir, s, progress)
@@ -140,11 +111,13 @@ def importance_map(config: MapConfig, out: str | Path, *, progress: ProgressSink
 
 
 def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink):
-    from moeaudit._verify import verify
     from moeaudit.experiments import CleanStates, ExperimentSettings
+    from moeaudit.intervene._verify import verify
     from moeaudit.pruning._importance import collect_pool, importance_table
+    from moeaudit.pruning._positions import map_positions
 
-    settings = ExperimentSettings(layers=config.layers, n=config.n, seed=config.seed, scope=config.scope,
+    n = map_positions(config, loaded, run_dir)
+    settings = ExperimentSettings(layers=config.layers, n=n, seed=config.seed, scope=config.scope,
                                   mode=config.mode, min_context=config.min_context, model_name=config.label)
     layers = settings.check(loaded.model)
     done = run_dir.finished_cells()
@@ -157,7 +130,7 @@ def _importance(config: MapConfig, loaded: Loaded, run_dir: RunDirectory, s, pro
         run_dir.write_json("verification.json", report.to_dict())
         report.raise_if_failed()
         progress.stage(f"importance map ({len(pending)} layers to go, {len(layers) - len(pending)} resumed)",
-                       config.n * len(pending))
+                       n * len(pending))
         states = CleanStates(loaded.model, loaded.calibration, layers=pending)  # one clean pass per document
         for layer in pending:
             with s.timer(f"pool L{layer}"):
@@ -206,7 +179,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         RunDirectoryError: ``out`` is a file, holds another run or another model's, or is in use.
         ModelSourceError, CorpusError, ConfigError: refused before any work (nothing is left on disk).
     """
-    from moeaudit.pruning import _extras as X
+    from moeaudit.run import _prune_extras as X
 
     progress = progress or SilentProgress()
     plan = preflight_map(config, out, trust_remote_code=trust_remote_code)
@@ -223,11 +196,12 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         check_lm_eval(config)
 
     def work(s) -> PruneResult:
-        from moeaudit.pruning._loading import load_splits
+        from moeaudit.pruning._extras import unrouted_summary
         from moeaudit.pruning._plan import n_removed
         from moeaudit.pruning._size import size_table
         from moeaudit.pruning._super import protected_map
         from moeaudit.pruning._units import build_units
+        from moeaudit.run._prune_loading import load_splits
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=True)
         geometry, layers = loaded.geometry, loaded.layers
@@ -270,7 +244,7 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
             if protected or fold.fold in means:
                 extra[str(fold.fold)] = {
                     "protected": {str(k): list(v) for k, v in (protected or {}).items()},
-                    **({"mean_replacement": X.unrouted_summary(means[fold.fold], mine)} if fold.fold in means else {})}
+                    **({"mean_replacement": unrouted_summary(means[fold.fold], mine)} if fold.fold in means else {})}
             if importance is not None:
                 maps.append(importance.assign(fold=fold.fold))
             if metrics is not None:
@@ -290,9 +264,10 @@ def prune_eval(config: PruneConfig, out: str | Path, *, progress: ProgressSink |
         result.sizes = size_table(loaded.model, units)
         run_dir.write_text("sizes.csv", result.sizes.to_csv(index=False))
         if config.lm_eval_tasks:
-            from moeaudit.pruning._lmeval import score_units
+            from moeaudit.pruning._lmeval import score_units, write_lm_eval_answer
 
             result.lm_eval = score_units(config, loaded, units, run_dir, s, progress)
+            result.lm_eval_answer, result.tests = write_lm_eval_answer(config, result.lm_eval, result.tests, run_dir)
         if pairs:
             result.saved_pairs = X.save_pairs(loaded, units, config, pairs, Path(save_pruned), run_dir)
         elif save_pruned is not None:
@@ -345,7 +320,7 @@ def _attribution(config: PruneConfig, loaded, run_dir: RunDirectory, s, progress
 
 
 def _metrics(loaded: Loaded, run_dir: RunDirectory, s, progress: ProgressSink, criteria: list[str]):
-    from moeaudit._observe import observe
+    from moeaudit.observation._observe import observe
 
     if not [c for c in criteria if c not in (CAUSAL, RANDOM, CAUSAL_LOO)]:
         return None

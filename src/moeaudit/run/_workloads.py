@@ -1,4 +1,5 @@
-"""How ``run``, ``map`` and ``prune-eval`` count their work for a dry run (:class:`moeaudit.estimate.Workload`),
+"""How ``run``, ``map``, ``prune-eval`` and ``attribute`` count their work for a dry run
+(:class:`moeaudit.run.estimate.Workload`),
 following the configuration the way the commands compute it: the same documents (the first that pass the length
 filter), the same sampled positions (:func:`moeaudit.experiments.candidate_positions`), one ablation per active
 expert at each single-expert position, k = 1..top_k-1 experts per arm at each progressive position."""
@@ -7,20 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeaudit.estimate import Workload
+from moeaudit.run.estimate import Workload
 
 #: Full forwards the verification suite runs on its 2 sequences in one mode (its checks' clean passes and
 #: reference ablations, counted on the embedded model).
 VERIFICATION_FORWARDS = 12
+#: Bytes one attribution row takes on disk, in its document's part and in attribution.parquet (measured on the
+#: ``attribute demo`` run: 10.3 MB for 178,016 rows with two modes, 58 bytes each).
+ATTRIBUTION_ROW_BYTES = 60
 
 
 def document_lengths(config, n_docs: int) -> tuple[list[int] | None, str]:
     """Token counts of the first ``n_docs`` documents of ``config.corpus`` that pass the length filter, tokenised
     as the run will, or ``None`` when the tokenizer or the corpus is not on this machine (then each document is
     assumed ``max_length`` tokens); and a note saying which."""
-    from moeaudit._checkpoint import locate_model
     from moeaudit.corpus import load_corpus
     from moeaudit.models import load_tokenizer
+    from moeaudit.models._checkpoint import locate_model
 
     try:
         tokenizer = load_tokenizer(locate_model(config.model, probe_timeout=3.0))
@@ -65,7 +69,7 @@ def run_workload(config, geometry) -> Workload:
                     + (k * (n_metrics + 1) if "rank_validity" in single else 0)
                     + (k if "redistribution" in single else 0))
     arms = len(config.progressive_arms)
-    from moeaudit.execution import canonical_cells
+    from moeaudit.run.execution import canonical_cells
 
     cells = [c.name for c in canonical_cells(layers, single=bool(single), progressive=progressive)]
     for layer in layers:
@@ -95,27 +99,35 @@ def map_workload(config, geometry, *, command: str = "map") -> Workload:
     lengths = _lengths(config, config.n_docs, notes)
     k = geometry.top_k
     cells = [f"L{layer}-single" for layer in layers]
-    touched = _distinct_documents(lengths, config.n, config.seed, config.min_context)
+    from moeaudit.pruning._positions import positions_per_layer
+
+    n, how = positions_per_layer(config.n, lengths, min_context=config.min_context, n_layers=len(layers), top_k=k)
+    if config.n is None:
+        notes.append(f"n unset: {n} positions per layer ({how})")
+    touched = _distinct_documents(lengths, n, config.seed, config.min_context)
     return Workload(command, cells, documents=len(lengths), tokens=int(sum(lengths)),
-                    clean_passes=touched + VERIFICATION_FORWARDS, ablations={layer: config.n * k for layer in layers},
-                    records=config.n * k * len(layers), query_tokens=_query_tokens(config), notes=notes)
+                    clean_passes=touched + VERIFICATION_FORWARDS, ablations={layer: n * k for layer in layers},
+                    records=n * k * len(layers), query_tokens=_query_tokens(config), notes=notes)
 
 
 def prune_workload(config, geometry) -> Workload:
     """The plan of ``moeaudit prune-eval`` (:class:`moeaudit.pruning.PruneConfig`): the importance map when
     ``causal`` is a criterion, the observe table when a metric is, then one evaluation of every pruned model
-    (unpruned first; per criterion, fraction and random seed; per layer too with ``per_layer``)."""
+    (unpruned first; per criterion, fraction, random seed and method; per layer too with ``per_layer``); the
+    importance map also for ``protect_top``."""
     from moeaudit.pruning._units import CAUSAL, RANDOM, resolve_criteria
 
     criteria = resolve_criteria(config.criteria)
     layers = list(config.layers or geometry.moe_layers)
-    base = map_workload(config, geometry, command="prune-eval") if CAUSAL in criteria else \
+    need_map = CAUSAL in criteria or int(getattr(config, "protect_top", 0) or 0) > 0
+    base = map_workload(config, geometry, command="prune-eval") if need_map else \
         Workload("prune-eval", [], 0, 0, 0, {}, 0, notes=[])
     notes = list(base.notes)
     seeds = sum(config.random_seeds if c == RANDOM else 1 for c in criteria)
     allocations = tuple(getattr(config, "allocation", ("uniform",)))
     folds = max(1, int(getattr(config, "folds", 1) or 1)) if not config.eval_corpus else 1
-    per_fold = 1 + len(config.fractions) * seeds * (
+    methods = len(tuple(getattr(config, "method", ("delete",))))  # each method evaluates the same removals
+    per_fold = 1 + len(config.fractions) * seeds * methods * (
         len(allocations) + (len(layers) if config.per_layer and "uniform" in allocations else 0))
     units = folds * per_fold
     if folds > 1 or getattr(config, "reference", "") == "loo":
@@ -134,6 +146,29 @@ def prune_workload(config, geometry) -> Workload:
                     observed=observe * folds, ablations={k: v * folds for k, v in base.ablations.items()},
                     records=base.records * folds, full_forwards=units * len(eval_lengths),
                     query_tokens=base.query_tokens, notes=list(dict.fromkeys(notes)))
+
+
+def attribute_workload(config, geometry) -> Workload:
+    """The plan of ``moeaudit attribute`` (:class:`moeaudit.run.attribution.AttributeConfig`): every predicted position
+    of the ``n_docs`` documents attributed at every layer (one forward+backward per chunk of at most
+    :data:`moeaudit.intervene._attribution.DEFAULT_ATTRIBUTION_TOKENS` positions, one estimate per active expert
+    and mode), and the exact single-expert pool of ``n_exact`` positions per (layer, mode), one cell each."""
+    from moeaudit.intervene._attribution import DEFAULT_ATTRIBUTION_TOKENS
+
+    notes: list[str] = []
+    layers, modes, k = list(config.layers or geometry.moe_layers), list(config.modes), geometry.top_k
+    lengths = _lengths(config, config.n_docs, notes)
+    positions = int(sum(n - 1 for n in lengths))
+    chunks = int(sum(-(-(n - 1) // DEFAULT_ATTRIBUTION_TOKENS) for n in lengths))
+    notes.append("peak memory counts the ablation engine's chunk; attribution's backward keeps a chunk's "
+                 "activations through every later layer (halved on out-of-memory), not estimated here")
+    return Workload("attribute", [f"L{layer:03d}-{mode}" for layer in layers for mode in modes],
+                    documents=len(lengths), tokens=int(sum(lengths)),
+                    clean_passes=len(lengths) + VERIFICATION_FORWARDS * len(modes),
+                    ablations={layer: config.n_exact * k * len(modes) for layer in layers},
+                    records=positions * len(layers) * k, positions=positions,
+                    estimates=positions * len(layers) * k * len(modes), gradient_chunks=chunks,
+                    record_bytes=ATTRIBUTION_ROW_BYTES, notes=notes)
 
 
 class _Eval:

@@ -1,4 +1,4 @@
-"""A model's geometry without its weights, and the primitive timings of a dry run (:mod:`moeaudit.estimate`).
+"""A model's geometry without its weights, and the primitive timings of a dry run (:mod:`moeaudit.run.estimate`).
 
 The geometry comes from the checkpoint's ``config.json`` (built-in, local, or cached from the hub) or, for a
 checkpoint that cannot be reached, from its published shapes (:data:`KNOWN_GEOMETRIES`); the
@@ -35,6 +35,11 @@ class Timings:
         ablation: ``c``: an ablation at the last layer (its layer's delta and the LM head).
         query_layer: ``q``: one ablation's query tokens through one later decoder layer.
         seq_len: Tokens of the timed document.
+        gradient: Attribution's forward and backward of every position's own loss from the first MoE layer to the
+            LM head (:func:`moeaudit.intervene.own_loss_gradients`) over the timed document; 0 when not timed.
+        estimate: One attribution estimate ``g . delta y`` (one position, active expert and mode), 0 when not
+            timed.
+        gradient_layers: Decoder layers the timed gradient pass ran through (the first MoE layer to the last).
     """
 
     layer: float
@@ -42,6 +47,9 @@ class Timings:
     ablation: float
     query_layer: float
     seq_len: int
+    gradient: float = 0.0
+    estimate: float = 0.0
+    gradient_layers: int = 0
 
     def clean_pass(self, n_layers: int, tokens: float) -> float:
         return (self.head + n_layers * self.layer) * tokens / self.seq_len
@@ -49,6 +57,14 @@ class Timings:
     def ablations(self, n_layers: int, counts: dict[int, int], query_tokens: float) -> float:
         return sum(n * (self.ablation + self.query_layer * query_tokens * (n_layers - 1 - layer))
                    for layer, n in counts.items())
+
+    def attribution(self, n_layers: int, first: int, tokens: float, n_estimates: int) -> float:
+        """Attribution's gradient passes over ``tokens`` query tokens from layer ``first`` on (the timed pass scaled
+        by the forward cost of the layers it runs through) and its ``n_estimates`` estimates."""
+        if not self.gradient_layers:
+            return 0.0
+        scale = (self.head + (n_layers - first) * self.layer) / (self.head + self.gradient_layers * self.layer)
+        return self.gradient * scale * tokens / self.seq_len + self.estimate * n_estimates
 
 
 #: Tokens of the document a dry run times on the CPU (longer documents are scaled from it).
@@ -121,11 +137,11 @@ def _config(model: str, trust_remote_code: bool) -> tuple[Any, str, bool]:
     """``(config, where it came from, whether the weights need downloading)``."""
     import transformers
 
-    from moeaudit._checkpoint import hub_snapshot, looks_like_path, resolve_model_name
+    from moeaudit.models._checkpoint import hub_snapshot, looks_like_path, resolve_model_name
 
     name = resolve_model_name(model)
     if name.startswith("builtin:") or looks_like_path(name):
-        from moeaudit._checkpoint import locate_model
+        from moeaudit.models._checkpoint import locate_model
 
         directory = locate_model(name).directory
         return (transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code),
@@ -185,8 +201,10 @@ def reduced_config(config, n_layers: int):
 
 
 @torch.no_grad()
-def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablations: int = 32, repeats: int = 2):
-    """:class:`Timings` measured on a reduced copy of the model (see the module docstring)."""
+def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablations: int = 32, repeats: int = 2,
+                    attribution: bool = False):
+    """:class:`Timings` measured on a reduced copy of the model (see the module docstring); with ``attribution``
+    also one gradient pass and the estimates of its first MoE layer (``zero`` and ``reroute``)."""
     from moeaudit.intervene import Ablation, SequenceAblator
 
     first = geometry.moe_layers[0]
@@ -230,7 +248,24 @@ def time_primitives(geometry: Geometry, device: str, seq_len: int, *, n_ablation
         query_layer = max((per_layer[first] - last) / (n_reduced - 1 - first), layer / seq_len)
     else:
         query_layer = layer / seq_len * 4  # one token through a layer, at a small batch's efficiency
-    return Timings(layer=layer, head=head, ablation=last, query_layer=query_layer, seq_len=seq_len)
+    extra = _time_attribution(model, ids, first, n_reduced, best) if attribution else {}
+    return Timings(layer=layer, head=head, ablation=last, query_layer=query_layer, seq_len=seq_len, **extra)
+
+
+def _time_attribution(model, ids, first: int, n_reduced: int, best) -> dict:
+    """Seconds of attribution's gradient pass from layer ``first`` and of one estimate, on the reduced model."""
+    from moeaudit.intervene import clean_state, own_loss_gradients
+    from moeaudit.intervene._attribution import estimates
+
+    for p in model.parameters():  # as in a run: gradients of the activations only
+        p.requires_grad_(False)
+    state = clean_state(model, ids, layers=[first], keep_cache=True)
+    grads: dict = {}
+    gradient = best(lambda: grads.update(own_loss_gradients(model, state, [first])))
+    modes = ("zero", "reroute")
+    rows = (len(ids) - 1) * state.moe[first].indices.shape[1] * len(modes)
+    estimate = best(lambda: estimates(model, state, first, grads[first], modes)) / rows
+    return {"gradient": gradient, "estimate": estimate, "gradient_layers": n_reduced - first}
 
 
 def _moe_layers(model) -> tuple[int, ...]:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeaudit._checkpoint import ModelSource, locate_model, model_identity
-from moeaudit._preflight import check_device, check_identity, resolve_device
 from moeaudit.config import CORPUS_SOURCES
 from moeaudit.corpus import read_documents
 from moeaudit.errors import RunDirectoryError
+from moeaudit.models._checkpoint import ModelSource, locate_model, model_identity
 from moeaudit.pruning._config import MapConfig
+from moeaudit.run._preflight import check_device, check_identity, resolve_device
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class MapPlan:
     Attributes:
         config: The configuration with its local paths resolved (what the run directory stores).
         source: Where the model is.
-        identity: The model's identity (:func:`moeaudit._checkpoint.model_identity`; a hub model's files are
+        identity: The model's identity (:func:`moeaudit.models._checkpoint.model_identity`; a hub model's files are
             fingerprinted once loading has cached them).
         documents: Each corpus file's documents, read and decoded.
         device: The checked device.

@@ -1,10 +1,10 @@
 """The metric registry: a *criterion* is registered once with :func:`register_metric` and becomes one column of
-:func:`moeaudit.observe`'s frame (see :mod:`moeaudit._observe` for how the columns are computed).
+:func:`moeaudit.observe`'s frame (see :mod:`moeaudit.observation._observe` for how the columns are computed).
 
 Per-token criteria map a :class:`LayerBatch` (one MoE layer, one batch of real tokens) to a value per routed
 (token, expert) pair, or per (token, expert) over all tokens, which ``observe`` reduces per expert by a streaming
 mean, sum or standard deviation; weight-only criteria map ``(model, layer, experts)`` to one value per expert. The
-built-in criteria (:mod:`moeaudit._criteria`) go through the same registry.
+built-in criteria (:mod:`moeaudit.observation._criteria`) go through the same registry.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def registered(names: Iterable[str] | str | None = None) -> list[Metric]:
 
 def register_builtins() -> tuple[str, ...]:
     """Register the built-in criteria (once, at import) and return their names in column order."""
-    from moeaudit._criteria import BUILTIN_CRITERIA
+    from moeaudit.observation._criteria import BUILTIN_CRITERIA
 
     for name, doc, kwargs in BUILTIN_CRITERIA:
         register_metric(name, doc=doc, **kwargs)

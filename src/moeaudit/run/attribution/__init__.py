@@ -11,9 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moeaudit.attribution._agreement import AGREEMENT_COLUMNS, agreement_table, removal_costs
-    from moeaudit.attribution._config import ATTRIBUTE_PRESETS, ATTRIBUTION_MODES, AttributeConfig
-    from moeaudit.attribution._pipeline import AttributionResult, attribution_run
+    from moeaudit.run.attribution._agreement import AGREEMENT_COLUMNS, agreement_table, removal_costs
+    from moeaudit.run.attribution._config import ATTRIBUTE_PRESETS, ATTRIBUTION_MODES, AttributeConfig
+    from moeaudit.run.attribution._pipeline import AttributionResult, attribution_run
 
 _EXPORTS: dict[str, str] = {
     "AGREEMENT_COLUMNS": "_agreement",
@@ -41,8 +41,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'moeaudit.attribution' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"moeaudit.attribution.{module}"), name)
+        raise AttributeError(f"module 'moeaudit.run.attribution' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"moeaudit.run.attribution.{module}"), name)
     globals()[name] = value
     return value
 

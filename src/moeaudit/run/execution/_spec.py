@@ -99,7 +99,7 @@ class Execution:
     the shard, which decides what the directory holds (checked on resume).
 
     Attributes:
-        executor: ``local`` (this process) or ``ray`` (Ray actors; see :mod:`moeaudit.execution`).
+        executor: ``local`` (this process) or ``ray`` (Ray actors; see :mod:`moeaudit.run.execution`).
         shard: Compute only this shard's cells (``Shard`` or ``"i/N"``); ``None``: every cell.
         ray_actors: Ray actors (``None``: one per GPU of the cluster, else one per node).
         max_retries: Times a failed cell is resubmitted before the run stops with an error naming it (Ray).

@@ -1,26 +1,33 @@
 """Loading what a run computes on, each refusal right after what it needs: the tokenizer and the corpus first (the
 positions bound needs no weights), then the model (its layers, its hub identity), all before observing or
-ablating. The checks themselves live in :mod:`moeaudit._preflight`."""
+ablating. The checks themselves live in :mod:`moeaudit.run._preflight`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moeaudit._checkpoint import hub_identity
-from moeaudit._preflight import Positions, Preflight, check_documents, check_identity, check_layers, check_positions
-from moeaudit._provenance import corpus_fingerprint
 from moeaudit.errors import RunDirectoryError
-from moeaudit.execution import Execution
+from moeaudit.models._checkpoint import hub_identity
+from moeaudit.run._preflight import (
+    Positions,
+    Preflight,
+    check_documents,
+    check_identity,
+    check_layers,
+    check_positions,
+)
+from moeaudit.run._provenance import corpus_fingerprint
+from moeaudit.run.execution import Execution
 from moeaudit.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from moeaudit.pipeline import ProgressSink, StageTimer
+    from moeaudit.run._progress import ProgressSink, StageTimer
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The per-call choices of :func:`moeaudit.pipeline.run_audit` that are not configuration."""
+    """The per-call choices of :func:`moeaudit.run.pipeline.run_audit` that are not configuration."""
 
     trust_remote_code: bool
     allow_fewer: bool

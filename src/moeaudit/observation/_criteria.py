@@ -1,7 +1,7 @@
 r"""The built-in expert criteria: each one's formula, its published source, and where moeaudit departs from it.
 
 Every entry becomes a column of :func:`moeaudit.observe` (in this order) through the metric registry of
-:mod:`moeaudit._observe`. Notation, for one MoE layer over the corpus's N real tokens t: :math:`A_e` the tokens
+:mod:`moeaudit.observation._observe`. Notation, for one MoE layer over the corpus's N real tokens t: :math:`A_e` the tokens
 whose top-k holds expert e, :math:`n_e = |A_e|`, :math:`g_e(t)` the weight the model multiplies expert e's output by
 (its own top-k choice, renormalisation and routed scaling, so DeepSeek-V3's bias-corrected group choice is
 followed), :math:`a_e(t) = \lVert E_e(x_t)\rVert_2` the norm of the expert's unweighted output, :math:`p_e(t)` the
@@ -35,10 +35,10 @@ tiny float64 models of every family):
 
 from __future__ import annotations
 
-from moeaudit import _weights
+from moeaudit.observation import _weights
 
 #: (name, doc, registration keywords) of every built-in criterion, in column order. The doc names the formula,
-#: the source and any departure from it; it is what :data:`moeaudit._observe.METRICS` shows.
+#: the source and any departure from it; it is what :data:`moeaudit.observation._observe.METRICS` shows.
 BUILTIN_CRITERIA: tuple[tuple[str, str, dict], ...] = (
     ("utilization_rate",
      "n_e / N: share of real tokens whose top-k holds e. Source: the audited paper; = REAP's expert_frequency / "

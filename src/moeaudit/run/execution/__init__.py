@@ -14,9 +14,9 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from moeaudit.errors import ConfigError
-from moeaudit.execution._local import CellExecutor, CellJob, CellResult, LocalExecutor, compute_cell
-from moeaudit.execution._merge import merge_runs
-from moeaudit.execution._spec import (
+from moeaudit.run.execution._local import CellExecutor, CellJob, CellResult, LocalExecutor, compute_cell
+from moeaudit.run.execution._merge import merge_runs
+from moeaudit.run.execution._spec import (
     EXECUTORS,
     Cell,
     Execution,
@@ -62,7 +62,7 @@ def make_executor(execution: Execution, *, config, model: nn.Module,
     checkpoint's code only when the caller allowed it: ``trust_remote_code`` is not configuration)."""
     check_executor(execution, config)
     if execution.executor == "ray":
-        from moeaudit.execution._ray import RayExecutor
+        from moeaudit.run.execution._ray import RayExecutor
 
         return RayExecutor(config, actors=execution.ray_actors, max_retries=execution.max_retries,
                            clean_cache_bytes=execution.clean_cache_bytes, before_cell=execution.before_cell,

@@ -1,4 +1,4 @@
-"""Loading a map / prune-eval run once its checks passed (:mod:`moeaudit.pruning._preflight`): the model, the
+"""Loading a map / prune-eval run once its checks passed (:mod:`moeaudit.run._prune_preflight`): the model, the
 calibration split and the disjoint evaluation split, recorded in the run directory (``splits.json``,
 ``eval_tokens.parquet``) and checked against it on resume."""
 
@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from moeaudit._checkpoint import hub_identity
-from moeaudit._preflight import check_identity, check_layers
 from moeaudit.corpus import CorpusSequence, load_corpus, read_documents
 from moeaudit.errors import CorpusError, RunDirectoryError
-from moeaudit.pipeline import ProgressSink, corpus_fingerprint
+from moeaudit.models._checkpoint import hub_identity
 from moeaudit.pruning._plan import PruneGeometry, prune_geometry
-from moeaudit.pruning._preflight import MapPlan
 from moeaudit.pruning._splits import composition, document_labels, make_folds, stratified_sample
+from moeaudit.run._preflight import check_identity, check_layers
+from moeaudit.run._prune_preflight import MapPlan
+from moeaudit.run.pipeline import ProgressSink, corpus_fingerprint
 from moeaudit.rundir import RunDirectory
 
 

@@ -1,6 +1,6 @@
 """Observational per-expert metrics of an MoE model over a corpus, in one streaming pass.
 
-Every column but ``routed_count`` is a criterion of the registry (:mod:`moeaudit._metric_registry`, re-exported
+Every column but ``routed_count`` is a criterion of the registry (:mod:`moeaudit.observation._metric_registry`, re-exported
 here: :func:`register_metric`, :data:`METRICS`, :class:`LayerBatch`): per-token criteria are computed on each
 layer's :class:`LayerBatch` and reduced per expert by streaming moments; weight-only criteria read the weights.
 """
@@ -14,8 +14,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from moeaudit._document_stats import DocumentStats, document_moments
-from moeaudit._metric_registry import (
+from moeaudit.intervene._state import capture_layer_outputs, capture_moe
+from moeaudit.models import MoEDescription, adapter_for, describe, moe_block
+from moeaudit.models._describe import model_device
+from moeaudit.observation._document_stats import DocumentStats, document_moments
+from moeaudit.observation._metric_registry import (
     METRICS,
     OVER,
     REDUCTIONS,
@@ -26,9 +29,7 @@ from moeaudit._metric_registry import (
     registered,
     unregister_metric,
 )
-from moeaudit.intervene._state import capture_layer_outputs, capture_moe
-from moeaudit.models import MoEDescription, adapter_for, decoder_layers, describe, materialized, moe_block
-from moeaudit.models._describe import model_device
+from moeaudit.observation._weights import weight_only_values
 
 
 def router_probabilities(family: str, logits: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,7 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
     of the expert's *unweighted* output, :math:`p_e(t)` the router probability (:func:`router_probabilities`),
     :math:`h_t` the residual stream entering the MoE sub-layer, :math:`r_t = \sum_{j} g_j(t) E_j(x_t)` the routed
     experts' output and :math:`m_t` the whole MoE output (shared experts included). Each criterion's published
-    source and any departure from it are in :mod:`moeaudit._criteria` (and in :data:`METRICS`).
+    source and any departure from it are in :mod:`moeaudit.observation._criteria` (and in :data:`METRICS`).
 
     - ``routed_count`` :math:`n_e`; ``utilization_rate`` :math:`n_e / N` (top-k membership, not raw logits).
     - ``mean_routing_weight_when_active`` :math:`\frac{1}{n_e}\sum_{A_e} g_e(t)` (NaN when :math:`n_e = 0`).
@@ -197,7 +198,7 @@ def observe(model: nn.Module, sequences: Iterable[torch.Tensor], *, layers: Iter
         metrics: Names of registered metrics to compute (default all, see :data:`METRICS`).
         progress: Called with the number of sequences processed after each batch.
         per_document: Return per-document sufficient statistics instead
-            (:class:`~moeaudit._document_stats.DocumentStats`), whose ``table(documents)`` equals this function
+            (:class:`~moeaudit.observation._document_stats.DocumentStats`), whose ``table(documents)`` equals this function
             run on those documents alone (to floating-point summation order), for half-splits without re-running
             the model.
 
@@ -285,13 +286,6 @@ def _frame(model: nn.Module, layers: list[int], n_experts: int, counts: dict, st
                                  f"({n_experts}), got shapes {[v.shape for v in values]}.")
         columns[m.name] = np.concatenate(values).astype(np.float64)
     return pd.DataFrame(columns)
-
-
-def weight_only_values(metric: Metric, model: nn.Module, layer: int, n_experts: int) -> np.ndarray:
-    """A weight-only metric of every expert of ``layer`` (float64, one per expert), with weights that accelerate
-    offloaded brought to the layer's device for the call."""
-    with materialized(decoder_layers(model)[layer]):
-        return np.asarray(metric.weight_only(model, layer, list(range(n_experts))), dtype=np.float64).reshape(-1)
 
 
 BUILTIN_METRICS = register_builtins()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from moeaudit.models import moe_block, router
+from moeaudit.models import decoder_layers, materialized, moe_block, router
 
 
 def expert_parameters(model: nn.Module, layer: int, expert: int) -> list[torch.Tensor]:
@@ -60,3 +61,11 @@ def stable_rank(model: nn.Module, layer: int, experts: Sequence[int]) -> np.ndar
     down = moe_block(model, layer).experts.down_proj.detach()[list(experts)].float()  # [n, ., .]
     sigma = torch.linalg.svdvals(down)  # [n, min(d_in, d_out)], descending
     return (sigma.pow(2).sum(dim=-1) / sigma[:, 0].pow(2)).double().cpu().numpy()
+
+
+def weight_only_values(metric: Any, model: nn.Module, layer: int, n_experts: int) -> np.ndarray:
+    """A weight-only metric of every expert of ``layer`` (float64, one per expert), with weights that accelerate
+    offloaded brought to the layer's device for the call (``metric``: a registered
+    :class:`~moeaudit.observation._metric_registry.Metric` with a ``weight_only`` function)."""
+    with materialized(decoder_layers(model)[layer]):
+        return np.asarray(metric.weight_only(model, layer, list(range(n_experts))), dtype=np.float64).reshape(-1)

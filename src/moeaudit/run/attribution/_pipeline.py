@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moeaudit.attribution._config import AttributeConfig
-from moeaudit.pipeline import ProgressSink, SilentProgress
-from moeaudit.pruning._pipeline import _in_session
-from moeaudit.pruning._preflight import preflight_map
+from moeaudit.run._prune import _in_session
+from moeaudit.run._prune_preflight import preflight_map
+from moeaudit.run.attribution._config import AttributeConfig
+from moeaudit.run.pipeline import ProgressSink, SilentProgress
 from moeaudit.rundir import RunDirectory
 
 #: Row identity shared by the attribution rows and the exact pool.
@@ -62,7 +62,7 @@ def attribution_run(config: AttributeConfig, out: str | Path, *, progress: Progr
     run_dir = RunDirectory(out)
 
     def work(s) -> AttributionResult:
-        from moeaudit.pruning._loading import load_splits
+        from moeaudit.run._prune_loading import load_splits
 
         loaded = load_splits(plan, run_dir, s, progress, evaluation=False)
         return _attribute(plan.config, loaded, run_dir, s, progress)
@@ -71,11 +71,11 @@ def attribution_run(config: AttributeConfig, out: str | Path, *, progress: Progr
 
 
 def _attribute(config: AttributeConfig, loaded, run_dir: RunDirectory, s, progress: ProgressSink):
-    from moeaudit._verify import verify
-    from moeaudit.attribution._agreement import agreement_table, removal_costs
     from moeaudit.experiments import CleanStates, ExperimentSettings
     from moeaudit.intervene._attribution import attribute_sequence
+    from moeaudit.intervene._verify import verify
     from moeaudit.pruning._importance import collect_pool
+    from moeaudit.run.attribution._agreement import agreement_table, removal_costs
 
     model, docs, layers = loaded.model, loaded.calibration, list(loaded.layers)
     n_experts = loaded.geometry.n_experts

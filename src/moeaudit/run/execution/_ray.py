@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moeaudit.errors import ConfigError, ExecutorError, VerificationError
-from moeaudit.execution._local import CellJob, CellResult, OnResult
-from moeaudit.execution._spec import Cell
+from moeaudit.run.execution._local import CellJob, CellResult, OnResult
+from moeaudit.run.execution._spec import Cell
 
 #: Times Ray restarts a crashed actor (re-running its constructor: the model is loaded again).
 ACTOR_RESTARTS = 2
@@ -33,11 +33,11 @@ class CellWorker:
                  trust_remote_code: bool = False) -> None:
         import torch
 
-        from moeaudit._verify import verify
         from moeaudit.config import RunConfig
         from moeaudit.experiments._states import CleanStates
+        from moeaudit.intervene._verify import verify
         from moeaudit.models import load_model
-        from moeaudit.pipeline import resolve_device
+        from moeaudit.run._preflight import resolve_device
 
         # Ray's rule for worker threads: OMP_NUM_THREADS where the environment sets it, else the actor's CPUs. On
         # CPU the last bits of a loss depend on the thread count (reduction order), so it is recorded.
@@ -64,7 +64,7 @@ class CellWorker:
 
     def compute(self, kind: str, layer: int) -> tuple[Any, float]:
         """One cell's records and the seconds it took."""
-        from moeaudit.execution._local import compute_cell
+        from moeaudit.run.execution._local import compute_cell
 
         cell = Cell(kind, layer)
         if self.before_cell is not None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeaudit._checkpoint import ModelSource, identity_changes, locate_model, manifest_identity, model_identity
 from moeaudit.config import BEFORE_KEY_EXISTED, CORPUS_SOURCES, SUMMARY_KEYS, RunConfig
 from moeaudit.errors import ConfigError, RunDirectoryError, did_you_mean
+from moeaudit.models._checkpoint import ModelSource, identity_changes, locate_model, manifest_identity, model_identity
 from moeaudit.rundir import RUN_TOOL, RunDirectory
 
 
@@ -46,7 +46,7 @@ def resolve_device(device: str) -> str:
 
 def check_metrics(metrics: tuple[str, ...]) -> None:
     """Refuse metric names the observe table will not have, before any model is loaded."""
-    from moeaudit._observe import METRICS
+    from moeaudit.observation._observe import METRICS
 
     valid = list(METRICS)
     for m in metrics:
@@ -62,7 +62,7 @@ class Preflight:
     Attributes:
         config: The configuration with its local paths resolved (what the run directory stores).
         source: Where the model is (built-in, a local directory, a hub id).
-        identity: The model's identity (:func:`moeaudit._checkpoint.model_identity`); for a hub id only its name
+        identity: The model's identity (:func:`moeaudit.models._checkpoint.model_identity`); for a hub id only its name
             and commit (its files are fingerprinted once loading has cached them).
         documents: A corpus file's documents, read and decoded (``None`` for named corpora).
         domains: Each document's domain (:func:`moeaudit.corpus.read_domains`), or ``None`` when the corpus has

@@ -133,14 +133,15 @@ def merge_runs(shards: list[str | Path], out: str | Path, *, report: bool = True
         report: Write the report (``report.md``, ``report.html``, figures) of the merged run.
 
     Returns:
-        result (RunResult): A :class:`moeaudit.pipeline.RunResult` (records, tables, report paths).
+        result (RunResult): A :class:`moeaudit.run.pipeline.RunResult` (records, tables, report paths).
 
     Raises:
         RunDirectoryError: A directory is not a shard, the shards differ, or they do not cover every cell exactly
             once (the message names the cells missing or held twice), or ``out`` is not new.
     """
     from moeaudit.experiments import add_domain_tables, summarize, summary_settings
-    from moeaudit.pipeline import RunResult, environment, write_summary
+    from moeaudit.run._provenance import environment
+    from moeaudit.run._results import RunResult, write_summary
 
     if not shards:
         raise RunDirectoryError("merge needs the run directories of the shards (at least one).")

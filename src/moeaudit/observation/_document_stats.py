@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moeaudit.observation._weights import weight_only_values
+
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -117,8 +119,6 @@ class DocumentStats:
     def from_observation(cls, model, layers, n_experts: int, doc_counts: dict, doc_state: dict,
                          chosen) -> DocumentStats:
         """What ``observe`` collected (``chosen``: its registered metrics), weight-only criteria evaluated once."""
-        from moeaudit._observe import weight_only_values
-
         weight_only = {m.name: np.stack([weight_only_values(m, model, layer, n_experts) for layer in layers])
                        for m in chosen if m.weight_only is not None}
         return cls.from_batches(layers, n_experts, doc_counts, doc_state, weight_only,
