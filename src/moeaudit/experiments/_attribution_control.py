@@ -88,7 +88,7 @@ def attribution_vs_control(records: pd.DataFrame, *, n_perm: int = 9999, n_boot:
     """
     attr, ctrl = _pairs(records, ATTRIBUTION), _pairs(records, "control")
     modes = records[records["experiment"] == ATTRIBUTION].groupby(["model", "layer"])["mode"].first()
-    joined = attr.join(ctrl, how="inner", lsuffix="_attr", rsuffix="_control").dropna(subset=["d_attr",
+    joined = attr.join(ctrl, how="inner", suffixes=("_attr", "_control")).dropna(subset=["d_attr",
                                                                                              "d_control"])
     rows = []
     for (model, layer), part in joined.groupby(level=["model", "layer"], sort=True):
