@@ -204,3 +204,23 @@ def test_shards_merge_and_resume_keep_the_attribution_tables(tmp_path):
     pd.testing.assert_frame_equal(RunDirectory(tmp_path / "alone").read_records(), alone)
     assert (tmp_path / "alone" / "tables" / "attribution_vs_control.csv").read_bytes() == before
     assert (alone["experiment"] == "attribution").sum() == 2 * 2 * 10
+
+
+@pytest.mark.parametrize("mode", ["zero", "reroute"])
+def test_estimates_at_a_subset_of_positions_equal_the_full_pass(mode):
+    from moeaudit.experiments._attribution_control import token_estimates
+    from moeaudit.intervene._attribution import estimates, own_loss_gradients
+    from moeaudit.intervene._state import clean_state
+
+    model = cached_tiny("olmoe")
+    ids = random_ids(40, seed=7)
+    state = clean_state(model, ids, layers=[2], keep_cache=True)
+    full = estimates(model, state, 2, own_loss_gradients(model, state, [2])[2], (mode,))[mode]
+    positions = [31, 0, 17, 38, 5]
+    sub = token_estimates(model, state, ids, 2, mode, positions)
+    fresh = token_estimates(model, None, ids, 2, mode, positions)  # its own clean pass
+    for p in positions:
+        np.testing.assert_allclose(sub[p], full[p], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(fresh[p], full[p], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="positions"):
+        own_loss_gradients(model, state, [2], positions=[39])

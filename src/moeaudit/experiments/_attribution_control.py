@@ -47,14 +47,18 @@ def attribution_metric(mode: str) -> str:
     return f"{ATTRIBUTION}_{mode}"
 
 
-def token_estimates(model: nn.Module, state, input_ids: torch.Tensor, layer: int, mode: str) -> np.ndarray:
-    """[T-1, top_k] float64: the attribution estimate ``g_t · δy_t`` of the expert in every routing slot of every
-    position of ``layer`` (:func:`moeaudit.intervene._attribution.estimates`), from ``state`` when it holds the
-    clean keys/values, else from a fresh clean pass that keeps them."""
+def token_estimates(model: nn.Module, state, input_ids: torch.Tensor, layer: int, mode: str,
+                    positions) -> dict[int, np.ndarray]:
+    """``{position: [top_k] float64}``: the attribution estimate ``g_t · δy_t`` of the expert in every routing slot
+    at ``positions`` of ``layer`` (:func:`moeaudit.intervene._attribution.estimates`; own-loss gradients of those
+    positions only), from ``state`` when it holds the clean keys/values, else from a fresh clean pass that keeps
+    them."""
+    positions = [int(p) for p in positions]
     if state is None or state.cache is None or layer not in state.moe:
         state = clean_state(model, input_ids, layers=[layer], keep_cache=True)
-    grads = own_loss_gradients(model, state, [layer])
-    return estimates(model, state, layer, grads[layer], (mode,))[mode]
+    grads = own_loss_gradients(model, state, [layer], positions=positions)
+    values = estimates(model, state, layer, grads[layer], (mode,), positions=positions)[mode]
+    return dict(zip(positions, values))
 
 
 def _pairs(records: pd.DataFrame, experiment: str) -> pd.DataFrame:

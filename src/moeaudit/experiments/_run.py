@@ -199,8 +199,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
         for (pos, e), r in zip(plan, results):
             by_pos[pos][e] = r
         contrib = _contributions(model, ls, layer, plan) if "redistribution" in experiments else {}
-        attr = token_estimates(model, ablator.state, ids, layer, settings.mode) if ATTRIBUTION in experiments \
-            else None
+        attr = token_estimates(model, ablator.state, ids, layer, settings.mode, positions) \
+            if ATTRIBUTION in experiments else None
         for pos in positions:
             active, weights = _active(ls, pos)
             res = by_pos[pos]
@@ -213,7 +213,7 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
             ranked_by = {ROUTING_WEIGHT: weights}
             if attr is not None:  # the estimate of each active expert (its routing slot), in router order
                 slots = [i for i, w in enumerate(ls.weights[pos].float().tolist()) if w != 0]
-                ranked_by[attribution_metric(settings.mode)] = [float(attr[pos, i]) for i in slots]
+                ranked_by[attribution_metric(settings.mode)] = [float(attr[pos][i]) for i in slots]
             for m in metrics:
                 ranked_by[m] = [float(table.at[(layer, e), m]) for e in active]
             for m, values in ranked_by.items():
