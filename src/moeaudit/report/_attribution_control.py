@@ -32,7 +32,7 @@ def attribution_control_blocks(tables: dict[str, pd.DataFrame], model: str) -> l
                      fmt_nats(r["mean_d_attr"]), fmt_nats(r["mean_d_control"]),
                      f"{fmt_nats(r['attr_minus_control'])} [{fmt_nats(r['attr_minus_control_low'])}, "
                      f"{fmt_nats(r['attr_minus_control_high'])}]",
-                     fmt_p(r["p_signflip"]), fmt(100 * r["same_high"], 1), str(r["answer"])])
+                     fmt_p(r["p_signflip"], mark=False), fmt(100 * r["same_high"], 1), str(r["answer"])])
     table = Table(
         f"{model}: attribution control (per-token attribution estimate as the ranking, beside the routing weight)",
         ["layer", "mode", "n", "docs", "d_attr [95% CI]", "decision", "d_control [95% CI]", "mean D_attr",
