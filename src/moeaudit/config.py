@@ -40,6 +40,23 @@ PAPER_METRICS: tuple[str, ...] = ("utilization_rate", "activation_norm", "mean_r
 #: The paper's five experiments, plus ranking stability (observational; needs no ablation).
 RUN_EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution",
                                     "stability")
+#: Experiments a run computes only when ``experiments=`` names them: ``attribution`` ranks each token's active
+#: experts by the first-order attribution estimate of their ΔL (one backward pass per document and layer) and
+#: compares it with the routing-weight control at the same positions
+#: (:mod:`moeaudit.experiments._attribution_control`).
+OPTIONAL_EXPERIMENTS: tuple[str, ...] = ("attribution",)
+
+
+def check_attribution(experiments, scope: str) -> None:
+    """Refuse the attribution experiment without the routing-weight control it is compared with, or with
+    sequence-scope ablations (the estimate is of a token-scope ablation's ΔL)."""
+    if "attribution" in experiments and ("control" not in experiments or scope != "token"):
+        raise ConfigError("the attribution experiment is compared with the routing-weight control at the same "
+                          f"positions of token-scope ablations (experiments={','.join(experiments)}, "
+                          f"scope={scope}); add control to the experiments and use scope=token, or leave "
+                          "attribution out.")
+
+
 #: Orders in which the progressive ablation removes a position's active experts: by routing weight, highest or
 #: lowest first, or a seeded random order per position (every arm at the same positions: a paired design).
 PROGRESSIVE_ARMS: tuple[str, ...] = ("highest", "lowest", "random")
@@ -148,7 +165,8 @@ class RunConfig(FlatConfig):
     def _check(self) -> None:
         check_common(self)
         for e in self.experiments:
-            _choice("experiments", e, RUN_EXPERIMENTS)
+            _choice("experiments", e, RUN_EXPERIMENTS + OPTIONAL_EXPERIMENTS)
+        check_attribution(self.experiments, self.scope)
         for arm in self.progressive_arms:
             _choice("progressive_arms", arm, PROGRESSIVE_ARMS)
         if len(set(self.progressive_arms)) != len(self.progressive_arms):

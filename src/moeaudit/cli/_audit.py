@@ -46,7 +46,8 @@ def run(
     layers: str = _option("layers", "comma-separated MoE layers, or 'all'", "all"),
     metrics: str = _option("metrics", "comma-separated observational metrics", ",".join(PAPER_METRICS)),
     experiments: str = _option("experiments", "comma-separated: audit, control, rank_validity, progressive, "
-                                              "redistribution, stability", ",".join(RUN_EXPERIMENTS)),
+                                              "redistribution, stability; optional: attribution",
+                               ",".join(RUN_EXPERIMENTS)),
     n: int = _option("n", "positions per cell"),
     n_progressive: int = _option("n_progressive", "positions per layer of the progressive ablation"),
     progressive_arms: str = _option("progressive_arms", "comma-separated removal orders of the progressive "

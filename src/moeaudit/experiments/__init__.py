@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 import pandas as pd
 from torch import nn
 
+from moeaudit.config import check_attribution
+from moeaudit.experiments._attribution_control import attribution_vs_control
 from moeaudit.experiments._decide import DECISIONS
 from moeaudit.experiments._domains import add_domain_tables, domain_table, layer_z_table, relabel_z
 from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
     EXPERIMENTS,
+    OPTIONAL_EXPERIMENTS,
     PAPER_METRICS,
     POOL,
     ROUTING_WEIGHT,
@@ -75,7 +78,8 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
         model: A transformers MoE causal LM.
         sequences: Unpadded token sequences (``CorpusSequence`` or 1-D tensors).
         settings: Layers, metrics, n, seed, scope, mode (see :class:`ExperimentSettings`).
-        experiments: Any of ``audit``, ``control``, ``rank_validity``, ``progressive``, ``redistribution``.
+        experiments: Any of ``audit``, ``control``, ``rank_validity``, ``progressive``, ``redistribution`` (the
+            default: all five), and ``attribution`` (with ``control``: :func:`attribution_control`).
         metric_table: The ``observe`` table ranking the experts; computed on ``sequences`` when ``None``.
         verification (VerificationReport | None): A passed :class:`~moeaudit.intervene._verify.VerificationReport`; run here when ``None``.
         progress: Called with the number of positions finished.
@@ -86,10 +90,11 @@ def run_experiments(model: nn.Module, sequences: Sequence, settings: ExperimentS
     """
     from moeaudit.errors import ConfigError, did_you_mean
 
+    valid = EXPERIMENTS + OPTIONAL_EXPERIMENTS
     for name in experiments:
-        if name not in EXPERIMENTS:
-            raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}."
-                              f"{did_you_mean(name, EXPERIMENTS)}")
+        if name not in valid:
+            raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(valid)}.{did_you_mean(name, valid)}")
+    check_attribution(experiments, settings.scope)
     verification = _verified(model, sequences, verification, settings.seed)
     needs_metrics = "audit" in experiments or "rank_validity" in experiments
     metric_table = _metric_table(model, sequences, metric_table) if needs_metrics else metric_table
@@ -129,6 +134,16 @@ def rank_validity(model, sequences, settings: ExperimentSettings = ExperimentSet
     return run_experiments(model, sequences, settings, experiments=("rank_validity",), **kw)
 
 
+def attribution_control(model, sequences, settings: ExperimentSettings = ExperimentSettings(),
+                        **kw) -> ExperimentResult:
+    """The routing-weight control and, at the same positions, the same comparison with each token's active experts
+    ranked by their attribution estimate (:func:`moeaudit.attribute`, in ``settings.mode``), with the paired
+    question of which ranking separates the costlier expert better (``tables["attribution_control"]``,
+    ``tables["attribution_vs_control"]``; :mod:`moeaudit.experiments._attribution_control`). The ΔL are the
+    single-expert pool's: no ablation beyond the control's."""
+    return run_experiments(model, sequences, settings, experiments=("control", "attribution"), **kw)
+
+
 def progressive(model, sequences, settings: ExperimentSettings = ExperimentSettings(), **kw) -> ExperimentResult:
     """Remove the active experts cumulatively, k = 1..K-1, in each order of ``settings.progressive_arms`` (highest
     or lowest routing weight first, seeded random) at the same positions; per arm mean, median, P95 of delta, and
@@ -145,6 +160,7 @@ __all__ = [
     "CleanStates",
     "DECISIONS",
     "EXPERIMENTS",
+    "OPTIONAL_EXPERIMENTS",
     "PAPER_METRICS",
     "POOL",
     "RECORD_COLUMNS",
@@ -153,6 +169,8 @@ __all__ = [
     "ExperimentSettings",
     "audit",
     "add_domain_tables",
+    "attribution_control",
+    "attribution_vs_control",
     "candidate_positions",
     "domain_table",
     "layer_z_table",

@@ -14,8 +14,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS
+from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, check_attribution
 from moeaudit.errors import ConfigError, did_you_mean
+from moeaudit.experiments._attribution_control import (
+    ATTRIBUTION,
+    attribution_metric,
+    token_estimates,
+)
 from moeaudit.experiments._records import to_frame
 from moeaudit.experiments._sampling import candidate_positions
 from moeaudit.experiments._states import CleanStates, sequence_ids
@@ -26,6 +31,8 @@ from moeaudit.models import describe, moe_block
 #: The per-token quantity of the routing-weight control.
 ROUTING_WEIGHT = "routing_weight"
 EXPERIMENTS: tuple[str, ...] = ("audit", "control", "rank_validity", "progressive", "redistribution")
+#: Experiments computed only when named (see :mod:`moeaudit.experiments._attribution_control`).
+OPTIONAL_EXPERIMENTS: tuple[str, ...] = (ATTRIBUTION,)
 #: Record experiment of the single-expert pool: every active expert ablated alone at every sampled position of a
 #: layer, emitted whenever a single-expert experiment runs (it is the data of expert-level nulls, the causal
 #: ceiling and the causal importance map; no extra ablation is needed, the experiments ablate these anyway).
@@ -185,6 +192,7 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
 
     ``states`` shares clean passes with the run's other cells (``sequences`` must be a prefix of its sequences);
     without it each sequence this cell touches gets its own clean pass."""
+    check_attribution(experiments, settings.scope)
     desc = describe(model)
     ids_list, states = _states_for(model, sequences, layer, states)
     candidates = candidate_positions([len(i) for i in ids_list], settings.seed, settings.min_context,
@@ -203,6 +211,8 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
         for (pos, e), r in zip(plan, results):
             by_pos[pos][e] = r
         contrib = _contributions(model, ls, layer, plan) if "redistribution" in experiments else {}
+        attr = token_estimates(model, ablator.state, ids, layer, settings.mode, positions) \
+            if ATTRIBUTION in experiments else None
         for pos in positions:
             active, weights = _active(ls, pos)
             res = by_pos[pos]
@@ -213,6 +223,9 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
                            ablated_experts=[e], ablated_metric_value=weights[i], k=1)
                 rows.append(row)
             ranked_by = {ROUTING_WEIGHT: weights}
+            if attr is not None:  # the estimate of each active expert (its routing slot), in router order
+                slots = [i for i, w in enumerate(ls.weights[pos].float().tolist()) if w != 0]
+                ranked_by[attribution_metric(settings.mode)] = [float(attr[pos][i]) for i in slots]
             for m in metrics:
                 ranked_by[m] = [float(table.at[(layer, e), m]) for e in active]
             for m, values in ranked_by.items():
@@ -220,14 +233,15 @@ def collect_single(model: nn.Module, sequences: Sequence, metric_table: pd.DataF
                 if len(order) < 2:  # fewer than two experts with a value: nothing to compare at this position
                     continue
                 low, high = order[0], order[-1]
-                exp_name = "control" if m == ROUTING_WEIGHT else "audit"
+                exp_name = "control" if m == ROUTING_WEIGHT else ATTRIBUTION if m == attribution_metric(
+                    settings.mode) else "audit"
                 if exp_name in experiments:
                     for role, i in (("high", high), ("low", low)):
                         row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[active[i]])
                         row.update(experiment=exp_name, metric=m, role=role, metric_values=list(values),
                                    ablated_experts=[active[i]], ablated_metric_value=values[i], k=1)
                         rows.append(row)
-                if "rank_validity" in experiments:
+                if "rank_validity" in experiments and exp_name != ATTRIBUTION:
                     for i in order:
                         e = active[i]
                         row = _base_row(settings, desc, layer, seq_id, pos, ids, active, weights, res[e])

@@ -14,6 +14,7 @@ import pandas as pd
 from moeaudit import stats
 from moeaudit.config import PROGRESSIVE_SESOI
 from moeaudit.experiments._arms import arm_comparisons, progressive_cells
+from moeaudit.experiments._attribution_control import ATTRIBUTION, attribution_vs_control
 from moeaudit.experiments._audit_expert import audit_expert_level
 from moeaudit.experiments._decide import ALPHA, CORRECTION, decide_family, decide_rank_validity
 from moeaudit.experiments._expert_null import N_RELABEL, N_SPLITS, _metric_vector, _n_experts, add_expert_level
@@ -388,4 +389,9 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
               "redistribution_experts": experts,
               "redistribution_layers": layers}
     tables["families"] = _families(tables, sesoi_d)
+    if (records["experiment"] == ATTRIBUTION).any():  # the optional attribution control and its paired question
+        tables["attribution_control"] = _decided(_paired_cells(records, ATTRIBUTION, ["model", "layer"],
+                                                               n_boot=n_boot, seed=seed, sesoi_d=sesoi_d),
+                                                 expert_level=False)
+        tables["attribution_vs_control"] = attribution_vs_control(records, n_boot=n_boot, seed=seed)
     return tables

@@ -52,15 +52,19 @@ ATTRIBUTION_COLUMNS: tuple[str, ...] = ("seq_id", "doc_id", "position", "layer",
 
 
 def own_loss_gradients(model: nn.Module, state: CleanState, layers: Sequence[int], *,
-                       max_query_tokens: int | None = None) -> dict[int, torch.Tensor]:
+                       max_query_tokens: int | None = None,
+                       positions: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """``{layer: g [T-1, d_model]}``: ``g[t] = ∂L_t/∂y_t^(layer)``, each position's own-loss gradient with respect
-    to the output of ``layer`` (see the module docstring), in the model's dtype.
+    to the output of ``layer`` (see the module docstring), in the model's dtype. With ``positions``, only theirs:
+    ``g [len(positions), d_model]`` in the order given (each position is its own query, so a subset costs
+    proportionally less and gives the same rows).
 
     Args:
         model: The model ``state`` was computed with.
         state: The sequence's :class:`CleanState`, with its cache.
         layers: Decoder layers (any, MoE or dense) whose output gradients to return.
         max_query_tokens: Positions per forward/backward chunk (default :data:`DEFAULT_ATTRIBUTION_TOKENS`).
+        positions: Positions (0 .. T-2) whose gradients to return (default: all).
     """
     if state.cache is None:
         raise ValueError("attribution needs the clean keys/values: compute the state with keep_cache=True.")
@@ -72,6 +76,12 @@ def own_loss_gradients(model: nn.Module, state: CleanState, layers: Sequence[int
     ctx = Context.build(model, state, describe(model), adapter)
     first = layers[0] - 1
     n = state.seq_len - 1
+    targets = None
+    if positions is not None:
+        targets = [int(p) for p in positions]
+        if not targets or any(not 0 <= p < n for p in targets):
+            raise ValueError(f"positions must lie in 0..{n - 1} (a loss needs a next token); got {targets}.")
+        n = len(targets)
     grads: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     devices = sorted(set(ctx.devices), key=str)
     lo = 0
@@ -79,7 +89,8 @@ def own_loss_gradients(model: nn.Module, state: CleanState, layers: Sequence[int
         while lo < n:
             hi = min(lo + chunk, n)
             try:
-                found = _chunk_gradients(ctx, first, layers, lo, hi)
+                found = _chunk_gradients(ctx, first, layers, lo, hi) if targets is None else \
+                    _chunk_gradients(ctx, first, layers, lo, hi, targets=targets)
             except Exception as exc:  # out of memory: halve the chunk and retry it (nothing was kept)
                 if not is_out_of_memory(exc) or hi - lo == 1:
                     raise
@@ -92,12 +103,14 @@ def own_loss_gradients(model: nn.Module, state: CleanState, layers: Sequence[int
     return {layer: torch.cat(parts) for layer, parts in grads.items()}
 
 
-def _chunk_gradients(ctx: Context, first: int, layers: list[int], lo: int, hi: int) -> list[torch.Tensor]:
-    """Own-loss gradients of positions ``lo..hi-1`` at ``layers``: one forward of those queries from the output of
-    layer ``first`` (embeddings when -1) to the loss, one backward."""
+def _chunk_gradients(ctx: Context, first: int, layers: list[int], lo: int, hi: int, *,
+                     targets: list[int] | None = None) -> list[torch.Tensor]:
+    """Own-loss gradients of positions ``lo..hi-1`` (of ``targets[lo:hi]`` when given) at ``layers``: one forward
+    of those queries from the output of layer ``first`` (embeddings when -1) to the loss, one backward."""
     state, model = ctx.state, ctx.model
     device = ctx.devices[max(first, 0)]
-    pos = torch.arange(lo, hi, device=device)
+    pos = torch.arange(lo, hi, device=device) if targets is None else \
+        torch.tensor(targets[lo:hi], dtype=torch.long, device=device)
     if first >= 0:
         start_hidden = state.layer_out[first][pos.to(state.layer_out[first].device)]
     else:
@@ -123,24 +136,29 @@ def _query_losses(ctx: Context, final: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def estimates(model: nn.Module, state: CleanState, layer: int, grad: torch.Tensor, modes: Sequence[str], *,
-              ctx: Context | None = None) -> dict[str, np.ndarray]:
+              ctx: Context | None = None, positions: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """``{mode: [T-1, top_k] float64}``: ``g_t · δy_t(e, mode)`` for the expert in each routing slot of every
-    position (``grad`` from :func:`own_loss_gradients` at ``layer``)."""
+    position (``grad`` from :func:`own_loss_gradients` at ``layer``); with ``positions``, ``[len(positions), top_k]``
+    for those (``grad`` from :func:`own_loss_gradients` with the same ``positions``)."""
     ctx = ctx or Context.build(model, state, describe(model), adapter_for(model))
     ls = state.moe[layer]
-    n = state.seq_len - 1
     top_k = ls.indices.shape[1]
     device = ls.indices.device
+    wanted = torch.arange(state.seq_len - 1, device=device) if positions is None else \
+        torch.tensor([int(p) for p in positions], dtype=torch.long, device=device)
+    n = len(wanted)
     out = {m: np.zeros((n, top_k), dtype=np.float64) for m in modes}
-    rows_pos = torch.arange(n, device=device).repeat_interleave(top_k)
+    grad_rows = torch.arange(n, device=device).repeat_interleave(top_k)
+    rows_pos = wanted.repeat_interleave(top_k)
     slots = torch.arange(top_k, device=device).repeat(n)
     with torch.no_grad():
         for lo in range(0, len(rows_pos), _ESTIMATE_ROWS):
             pos, slot = rows_pos[lo:lo + _ESTIMATE_ROWS], slots[lo:lo + _ESTIMATE_ROWS]
+            grow = grad_rows[lo:lo + _ESTIMATE_ROWS]
             removed = torch.zeros(len(pos), ctx.desc.n_experts, dtype=torch.bool, device=device)
             removed[torch.arange(len(pos), device=device), ls.indices[pos, slot].long()] = True
             row = torch.arange(len(pos), device=device)
-            g = grad[pos.to(grad.device)]
+            g = grad[grow.to(grad.device)]
             for m in modes:
                 delta = _chunk_deltas(ctx, layer, pos, row, removed, m)
                 value = (delta.to(device=g.device, dtype=torch.float64) * g.double()).sum(-1)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from moeaudit.errors import RunDirectoryError
 from moeaudit.report import _tables as T
+from moeaudit.report._attribution_control import attribution_control_blocks
 from moeaudit.report._document import Block, Figure, Heading, Paragraph, figure_block, write_document
 from moeaudit.report._paper import comparison
 from moeaudit.report._verdict import verdict
@@ -232,6 +233,7 @@ def _model_section(run: RunData, F) -> list[Block]:
                   T.stability_table(run.stability, label)):
         if table is not None:
             blocks.append(table)
+    blocks += attribution_control_blocks(tables, label)
     figures = [
         ("progressive", F.progressive_curves(tables["progressive"], label),
          "Progressive ablation: ΔL when k active experts are removed together, per layer, one row per removal "
