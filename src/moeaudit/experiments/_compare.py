@@ -18,14 +18,17 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
                    seed: int = 0) -> pd.DataFrame:
     r"""Per metric, whether the mean per-layer validity statistic differs between two models.
 
-    Estimand: for metric M, :math:`\bar s_{A,M} - \bar s_{B,M}`, the difference between the two models' means
-    over their layers of a per-layer statistic s (default z: the audit cell's d on its random-relabeling null's
-    scale, :func:`moeaudit.experiments.layer_z_table`; the pooled metric-level statistic combines the same
-    per-layer z, so switching to it changes only ``per_layer``). Unit of inference: the layer; H0: the two
-    models' layers are exchangeable for M. Welch's t, two-sided, p from the permutation distribution of the model
-    labels over layers (:func:`moeaudit.stats.layer_permutation_test`, exact for 8 + 8 layers); Holm over the
-    metrics (``p_holm``) and one joint permutation test over all metrics (``p_joint``, the same on every row;
-    a layer's metrics move together, so their correlation is respected).
+    Estimand: for metric M, :math:`\bar z_{A,M} - \bar z_{B,M}`, the difference between the two models' mean
+    per-layer z, z_l = (d_l − mean_l) / sd_l the audit cell's d on the scale of its layer's shared relabeling null
+    (``tables/layer_z.csv``): the components of the metric-level statistic, pooled_z = Σ_l z_l
+    (``tables/metrics.csv``), so the mean z is pooled_z / n_layers, comparable between models with different
+    depths. Unit of inference: the layer; H0: the two models' layers are exchangeable for M (the per-layer z of
+    both come from one distribution). Welch's t, two-sided, p from the permutation distribution of the model
+    labels over layers (:func:`moeaudit.stats.layer_permutation_test`, exact for 8 + 8 layers: all 12,870
+    splits); Holm over the metrics (``p_holm``) and one joint permutation test over all metrics (``p_joint``, the
+    same on every row; a layer's metrics move together, so their correlation is respected). Each model's own
+    relabeling test says whether its metric beats random rankings; this one says whether the two models' layers
+    differ in how far above random rankings they lie, which the relabeling null cannot (under it both are 0).
 
     What it can show: whether *these two checkpoints* differ, beyond layer-to-layer variation, in how far their
     metrics rank experts above random rankings. What it cannot: that redundancy caused a difference (the models
@@ -33,7 +36,7 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
     models are one draw each).
 
     Args:
-        per_layer: Columns ``model``, ``layer``, ``metric`` and ``statistic``.
+        per_layer: Columns ``model``, ``layer``, ``metric`` and ``statistic`` (both runs' ``layer_z`` tables).
         model_a, model_b: The two models' labels in ``per_layer``.
         statistic: The per-layer column to compare.
 

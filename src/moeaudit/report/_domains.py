@@ -33,17 +33,22 @@ def comparison(runs) -> pd.DataFrame | None:
 def comparison_blocks(runs, table: pd.DataFrame) -> list[Block]:
     """The comparison's heading, verdict sentence, table and what it can and cannot show."""
     a, b = (next(r for r in runs if r.label == m) for m in (table["model_a"].iloc[0], table["model_b"].iloc[0]))
-    rows = [[r.metric, fmt(r.mean_a, 2), fmt(r.mean_b, 2), fmt_d(r.diff), fmt(r.t, 2), fmt_p(r.p_perm, False),
-             fmt_p(r.p_holm)] for r in table.itertuples()]
+    pooled = {run.label: _pooled(run) for run in (a, b)}
+    rows = [[r.metric, *(pooled[run.label].get(r.metric, "–") for run in (a, b)), fmt(r.mean_a, 2),
+             fmt(r.mean_b, 2), fmt_d(r.diff), fmt(r.t, 2), fmt_p(r.p_perm, False), fmt_p(r.p_holm)]
+            for r in table.itertuples()]
     return [
         Heading(f"Metric validity across redundancy levels: {a.label} ({redundancy(a)}) vs {b.label} "
                 f"({redundancy(b)})"),
         Paragraph(comparison_sentence(table, ALPHA)),
-        Table("Per metric: mean over layers of z = (d − mean of d under random rankings) / its sd, per model",
-              ["metric", f"mean z {a.label}", f"mean z {b.label}", "difference", "Welch t", "p (permutation)",
-               "p (Holm)"], rows,
-              notes=f"Unit: the layer ({table['n_layers_a'].iloc[0]} + {table['n_layers_b'].iloc[0]}); p from all "
-                    f"splits of the layers between the models (two-sided); joint test over the metrics p = "
+        Table("Per metric: each model's metric-level statistic (pooled z = Σ z over layers, one-sided p_metric "
+              "of tables/metrics.csv) and the comparison of the two models' mean per-layer z",
+              ["metric", f"pooled z (p) {a.label}", f"pooled z (p) {b.label}", f"mean z {a.label}",
+               f"mean z {b.label}", "difference", "Welch t", "p (permutation)", "p (Holm)"], rows,
+              notes=f"z = (d − mean of d under the layer's shared relabeling null) / its sd, per layer "
+                    f"(tables/layer_z.csv); mean z = pooled z / layers. Unit of the comparison: the layer "
+                    f"({table['n_layers_a'].iloc[0]} + {table['n_layers_b'].iloc[0]}); p from all splits of the "
+                    f"layers between the models (two-sided); joint test over the metrics p = "
                     f"{float(table['p_joint'].iloc[0]):.3g}. z ≈ 0: no better than random rankings of the layer's "
                     "experts."),
         Paragraph("**What this comparison can and cannot show.** The two embedded checkpoints share the corpus, the "
@@ -58,6 +63,14 @@ def comparison_blocks(runs, table: pd.DataFrame) -> list[Block]:
     ]
 
 
+def _pooled(run) -> dict[str, str]:
+    """``{metric: "pooled z (p_metric)"}`` from a run's metric-level table."""
+    table = run.tables.get("metrics")
+    if table is None or not len(table):
+        return {}
+    return {str(r.metric): f"{fmt(r.pooled_z, 2)} ({fmt_p(r.p_metric, False)})" for r in table.itertuples()}
+
+
 def domain_blocks(run) -> list[Block]:
     """Per-domain results of one run (``tables["domains"]``), or nothing."""
     table = run.tables.get("domains")
@@ -68,7 +81,7 @@ def domain_blocks(run) -> list[Block]:
     counts = ", ".join(f"{r.domain} {int(round(r.n))} ({int(r.docs)} documents)" for r in positions.itertuples())
     stratified = run.config.get("stratify_domains", False)
     rows = [[r.domain, r.metric, f"{r.n:.0f}", f"{fmt_d(r.d)} [{fmt_d(r.d_low)}, {fmt_d(r.d_high)}]",
-             fmt(r.pooled_z, 2), fmt_p(r.p_pooled, False), fmt_p(r.p_heterogeneity, False)]
+             fmt(r.pooled_z, 2), fmt_p(r.p_metric, False), fmt_p(r.p_heterogeneity, False)]
             for r in table.sort_values(["metric", "domain"]).itertuples()]
     return [
         Heading(f"{label}: results per domain", 3),
@@ -77,10 +90,11 @@ def domain_blocks(run) -> list[Block]:
                      " (sampled uniformly over the corpus's positions).")),
         Paragraph(domain_sentence(table, label)),
         Table(f"{label}: audit per domain", ["domain", "metric", "n / layer", "d [95% CI]", "pooled z",
-                                              "p (pooled z)", "p heterogeneity"], rows, align_left=2,
+                                              "p_metric", "p heterogeneity"], rows, align_left=2,
               notes="d: the domain's mean D in units of the layer's sd of D (all domains), over its (layer, "
-                    "position) pairs, with a 95% interval (documents as units). Pooled z: Σ z over layers / √L, "
-                    "z on the domain's positions against random rankings of the layer's experts; p one-sided. "
+                    "position) pairs, with a 95% interval (documents as units). Pooled z and p_metric: the metric-level "
+                    "test of tables/metrics.csv on the domain's positions only (Σ over layers of z, d against "
+                    "the layer's relabeling null on those positions; p one-sided, 10,000 relabelings). "
                     "p heterogeneity: do the domains' d differ? Welch's F on the domains' means, documents as "
                     "units; one value per metric. Approximate: on nulls resampled from the demo's own skewed D it "
                     "rejected 2-10% at α = .05, so read p between .01 and .05 as weak."),
