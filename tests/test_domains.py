@@ -400,7 +400,10 @@ def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tm
     paths = write_report([out, other], tmp_path / "both")
     md = paths["markdown"].read_text()
     assert "## Metric validity across redundancy levels: tiny-moe (16 experts, top-4) vs tiny-b (16 experts, top-4)" in md
-    assert "### Redundancy levels" in md and "What this comparison can and cannot show" in md
+    assert "**Redundancy levels.**" in md and "What this comparison can and cannot show" in md
+    assert "## Both models side by side" in md
+    metrics = pd.read_csv(tmp_path / "both" / "tables" / "metrics.csv")
+    assert set(metrics["model"]) == {"tiny-moe", "tiny-b"} and len(metrics) == 8
     both = pd.read_csv(tmp_path / "both" / "tables" / "domains.csv")
     assert set(both["model"]) == {"tiny-moe", "tiny-b"}
     versus = pd.read_csv(tmp_path / "both" / "tables" / "model_comparison.csv")
@@ -449,3 +452,25 @@ def test_compare_models_p_against_exact_enumeration_of_layer_splits():
         ts.append(abs(sps.ttest_ind(x[mask], x[~mask], equal_var=False).statistic))
     assert table["p_perm"].iloc[0] == pytest.approx(np.mean(np.asarray(ts) >= t_obs * (1 - 1e-12)), abs=1e-12)
     assert table["mean_a"].iloc[0] == pytest.approx(x[:6].mean()) and table["statistic"].iloc[0] == "z"
+
+
+def test_side_by_side_block_lists_every_models_metric_level_row():
+    from types import SimpleNamespace
+
+    from moeaudit.report._document import Table
+    from moeaudit.report._domains import side_by_side_blocks
+
+    def run(label, z):
+        metrics = pd.DataFrame([{"model": label, "metric": m, "pooled_z": z + i, "p_metric_holm": 0.01 * (i + 1),
+                                 "ceiling_share": 0.5, "ceiling_share_low": 0.1, "ceiling_share_high": 0.9,
+                                 "decision": "not_distinguishable"} for i, m in enumerate(("utilization_rate", "u"))])
+        return SimpleNamespace(label=label, tables={"metrics": metrics},
+                               manifest={"model": {"n_experts": 8, "top_k": 2}})
+
+    blocks = side_by_side_blocks([run("a", 1.0), run("b", -1.0)], None)
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert table.columns[1:4] == ["pooled z (Holm p) a", "share of ceiling a", "decision a"]
+    assert [r[0] for r in table.rows] == ["u", "utilization"]
+    assert table.rows[1][1] == "1.00 (p = 0.01)" and table.rows[1][4] == "-1.00 (p = 0.01)"
+    assert table.rows[0][3] == "not distinguishable" and table.rows[0][2] == "0.50 [0.10, 0.90]"
+    assert side_by_side_blocks([run("a", 1.0)], None) == []

@@ -60,8 +60,9 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
         "p_holm": p_holm, "p_joint": result.p_joint, "statistic": statistic}, columns=list(COMPARISON_COLUMNS))
 
 
-def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
-    """One verdict sentence on :func:`compare_models`' table, never more than the test supports."""
+def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05, label=str) -> str:
+    """One verdict sentence on :func:`compare_models`' table, never more than the test supports (``label``: how a
+    metric is named)."""
     if table.empty:
         return "The two models could not be compared (no per-layer statistics)."
     a, b = table["model_a"].iloc[0], table["model_b"].iloc[0]
@@ -69,7 +70,7 @@ def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
     p_joint = float(table["p_joint"].iloc[0])
     differ = table[table["p_holm"] <= alpha]
     if len(differ):
-        parts = ", ".join(f"{r.metric} ({'higher' if r.diff > 0 else 'lower'} in {a}: mean z {r.mean_a:+.2f} vs "
+        parts = ", ".join(f"{label(r.metric)} ({'higher' if r.diff > 0 else 'lower'} in {a}: mean z {r.mean_a:+.2f} vs "
                           f"{r.mean_b:+.2f}, Holm p = {r.p_holm:.3g})" for r in differ.itertuples())
         return (f"Metric validity differs between {a} and {b} for {parts} (layers as units, {n}; joint p = "
                 f"{p_joint:.3g}). This is a difference between these two checkpoints, not evidence that the "
@@ -78,8 +79,9 @@ def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
         return (f"Taken together the metrics' validity differs between {a} and {b} (joint permutation p = "
                 f"{p_joint:.3g}, layers as units, {n}), though no single metric's difference survives Holm; this "
                 "is a difference between two checkpoints, not a shown effect of the redundancy level.")
-    spread = ", ".join(f"{r.metric} {r.diff:+.2f}" for r in table.itertuples())
+    spread = ", ".join(f"{label(r.metric)} {r.diff:+.2f}" for r in table.itertuples())
     return (f"This run cannot tell whether metric validity differs between {a} and {b}: no metric's mean z "
             f"differs beyond layer-to-layer variation (Holm p ≥ {table['p_holm'].min():.2g}; joint p = "
-            f"{p_joint:.3g}; differences in mean z {spread}; {n}). Not rejecting is not equality, and two small "
+            f"{p_joint:.3g}; differences in mean z, the per-layer components of the metric-level statistic: {spread}; "
+            f"{n}). Not rejecting is not equality (8 layers per model detect only large differences), and two small "
             "checkpoints cannot speak for redundancy levels in general.")
