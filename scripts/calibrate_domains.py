@@ -15,7 +15,12 @@ Prints rejection rates at alpha = .05 and .01 with exact (Clopper-Pearson) 95% i
   documents resampled with replacement within their domain (skew and within-document correlation kept), and
   the same with the smallest domain shifted by 0.3;
 - the two-model comparison (Welch t, exact permutation over 8 + 8 layers) on skewed, metric-correlated per-layer
-  statistics, null and planted.
+  statistics, null and planted;
+- with two ``--run`` directories: the comparison on nulls built from the runs' own per-layer z
+  (``tables/layer_z.csv``, the components of the metric-level statistic): each model's rows (a layer's metrics
+  together) centred per metric, then as many layers as each model has drawn with replacement from its own centred
+  rows (H0: equal means; each model's spread, skew and correlation across metrics kept), and the same with one
+  planted mean difference of 1 per-layer sd.
 """
 
 from __future__ import annotations
@@ -127,6 +132,31 @@ def two_models(draws: int, rng) -> None:
     print(f"  planted difference of 1.34 sd: power at .05 {rate(alt, .05)}")
 
 
+def two_models_from_runs(runs: list[Path], draws: int, rng) -> None:
+    import pandas as pd
+
+    rows = []
+    for run in runs[:2]:
+        z = pd.read_csv(run / "tables" / "layer_z.csv").pivot_table(index="layer", columns="metric", values="z")
+        rows.append(z.dropna().to_numpy(float))
+    a, b = (x - x.mean(0) for x in rows)
+    sd = np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
+    null, alt = [], []
+    for i in range(draws):
+        ra, rb = a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]
+        null.append(layer_permutation_test(ra, rb))
+        if i < draws // 4:
+            alt.append(layer_permutation_test(ra + sd, rb).p[0])
+    first = [r.p[0] for r in null]
+    print(f"two-model comparison, resampled from {runs[0].name} / {runs[1].name} per-layer z "
+          f"({len(a)} + {len(b)} layers, {draws} draws):")
+    print(f"  per metric (first)  alpha .05 {rate(first, .05)}   alpha .01 {rate(first, .01)}")
+    every = [p for r in null for p in r.p]
+    print(f"  all metrics pooled  alpha .05 {rate(every, .05)}")
+    print(f"  joint               alpha .05 {rate([r.p_joint for r in null], .05)}")
+    print(f"  planted difference of 1 per-layer sd: power at .05 {rate(alt, .05)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--draws", type=int, default=2000)
@@ -140,6 +170,8 @@ def main() -> None:
         print(f"heterogeneity, resampled from {run} (centred per domain; {args.draws} draws):")
         from_run(run, args.draws, rng)
     two_models(args.draws // 2, rng)
+    if len(args.run) >= 2:
+        two_models_from_runs(args.run, args.draws // 2, rng)
     print(f"{time.time() - start:.0f} s")
 
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as sps
 
 from moeaudit.errors import ConfigError, CorpusError
-from moeaudit.experiments import candidate_positions, domain_table, relabel_z
+from moeaudit.experiments import candidate_positions, domain_table, summarize
 from moeaudit.experiments._compare import compare_models, comparison_sentence
 from moeaudit.experiments._pool import Pool
 from moeaudit.stats import cluster_heterogeneity, layer_permutation_test
@@ -210,22 +210,49 @@ def _brute_d(pool, values):
     return d.mean() / d.std(ddof=1)
 
 
-def test_relabel_z_against_brute_force_relabelings():
+def _exact_null(pool, values):
+    """d of every relabeling of the (tie-free) values over the experts, by brute force: its mean and sd."""
+    ds = np.array([_brute_d(pool, values[list(perm)]) for perm in itertools.permutations(range(values.size))])
+    return ds.mean(), ds.std(ddof=1), ds
+
+
+def test_layer_z_is_the_shared_null_of_the_metric_level_test_against_exact_enumeration():
     rng = np.random.default_rng(8)
-    pool = _pool(rng)
-    values = np.arange(6, dtype=float)  # ranks experts exactly by their importance
-    d_obs = _brute_d(pool, values)
-    r = relabel_z(pool, values, d_obs, n_perm=400, seed=1)
-    brute = np.array([_brute_d(pool, rng.permutation(values)) for _ in range(3000)])
-    assert r.null_mean == pytest.approx(brute.mean(), abs=4 * brute.std() / math.sqrt(400))
-    assert r.null_sd == pytest.approx(brute.std(ddof=1), rel=0.15)
-    assert r.z == pytest.approx((d_obs - r.null_mean) / r.null_sd)
-    assert r.z > 2
-    assert np.nanmean(r.null_z) == pytest.approx(0, abs=1e-9)
-    # a metric without value for an expert: that expert never takes part, as in the audit
-    partial = values.copy()
-    partial[0] = np.nan
-    assert np.isfinite(relabel_z(pool, partial, d_obs, n_perm=50).z)
+    records, metric_table = _records(rng, layers=(0, 1))
+    full = records.assign(n_layers=2, k=1, clean_loss=1.0, ablated_loss=1.0 + records["delta"], target_token=0,
+                          ablated_weight=0.5, ablated_metric_value=np.nan, scope="layer", mode="zero", seed=0)
+    for column in ("gap_norm", "final_gap_norm", "remaining_norm", "compensation_cos", "relative_compensation",
+                   "output_norm"):
+        full[column] = np.nan
+    full["metric_values"] = [[float(e) for e in a] for a in full["active_experts"]]
+    tables = summarize(full, metrics=metric_table, n_boot=50, n_relabel=50, n_splits=10, seed=0)
+    z, audit, metrics = tables["layer_z"], tables["audit"], tables["metrics"]
+    assert list(z.columns) == ["model", "layer", "metric", "n", "d", "null_mean", "null_sd", "z"] and len(z) == 2
+    pool_of = {layer: _layer_pool(records, layer) for layer in (0, 1)}
+    values = np.arange(4, dtype=float)
+    z_exact = []
+    for row in z.itertuples():
+        pool = pool_of[row.layer]
+        d = _brute_d(pool, values)
+        assert row.d == pytest.approx(d, rel=1e-10)  # the audit's d
+        assert row.d == pytest.approx(audit.set_index("layer").loc[row.layer, "cohens_d"], rel=1e-10)
+        mean, sd, _ = _exact_null(pool, values)  # all 24 relabelings
+        n_draws = int(metrics["n_draws"].iloc[0])
+        assert n_draws >= 10_000
+        assert row.null_mean == pytest.approx(mean, abs=5 * sd / math.sqrt(n_draws))
+        assert row.null_sd == pytest.approx(sd, rel=0.03)
+        assert row.z == pytest.approx((row.d - row.null_mean) / row.null_sd, rel=1e-12)
+        z_exact.append((d - mean) / sd)
+    # pooled_z of tables/metrics.csv is the sum of these components; within Monte Carlo error of the exact one
+    assert metrics["pooled_z"].iloc[0] == pytest.approx(z["z"].sum(), rel=1e-12)
+    assert metrics["pooled_z"].iloc[0] == pytest.approx(sum(z_exact), rel=0.05)
+
+
+def _layer_pool(records, layer, seq_ids=None):
+    from moeaudit.experiments._pool import pools
+
+    pool = pools(records)[("m", layer)]
+    return pool if seq_ids is None else pool.subset(np.isin(pool.seq_id, list(seq_ids)))
 
 
 def _records(rng, n_docs=16, per_doc=6, layers=(0, 1)):
@@ -254,8 +281,10 @@ def test_domain_table_columns_and_values():
     rng = np.random.default_rng(9)
     records, metric_table = _records(rng)
     domains = {doc: ("code" if doc % 2 else "prose") for doc in range(16)}
-    table = domain_table(records, metric_table, domains, n_perm=200)
-    assert list(table.columns[:8]) == ["model", "domain", "metric", "n", "n_documents", "d", "d_low", "d_high"]
+    table = domain_table(records, metric_table, domains, n_draws=4000)
+    assert list(table.columns) == ["model", "domain", "metric", "n", "n_documents", "d", "d_low", "d_high",
+                                   "n_layers", "pooled_z", "p_metric", "p_metric_holm", "p_heterogeneity",
+                                   "p_heterogeneity_chi2", "q"]
     assert set(table["domain"]) == {"code", "prose"} and (table["n"] == 48).all()  # 8 documents x 6 positions per layer
     assert (table["n_documents"] == 8).all() and table["p_heterogeneity"].nunique() == 1
     # d: mean of D / (layer's sd of D over all domains), by hand
@@ -263,14 +292,27 @@ def test_domain_table_columns_and_values():
     wide = audit.pivot_table(index=["layer", "seq_id", "position"], columns="role", values="delta")
     diff = (wide["high"] - wide["low"]).rename("D").reset_index()
     diff["x"] = diff["D"] / diff.groupby("layer")["D"].transform("std")
+    values = np.arange(4, dtype=float)
     for row in table.itertuples():
         mine = diff[diff["seq_id"].map(domains) == row.domain]["x"].mean()
         assert row.d == pytest.approx(mine, rel=1e-10)
         assert row.d_low < row.d < row.d_high
+        # the metric-level statistic on the domain's positions, by exact enumeration of every layer's relabelings
+        docs = [doc for doc, name in domains.items() if name == row.domain]
+        z_obs, z_null = 0.0, np.zeros(1)
+        for layer in (0, 1):
+            pool = _layer_pool(records, layer, docs)
+            mean, sd, ds = _exact_null(pool, values)
+            z_obs += (_brute_d(pool, values) - mean) / sd
+            z_null = (z_null[:, None] + ((ds - mean) / sd)[None]).ravel()  # independent relabelings per layer
+        assert row.n_layers == 2
+        assert row.pooled_z == pytest.approx(z_obs, rel=0.05)
+        p_exact = np.mean(z_null >= z_obs - 1e-9)
+        assert row.p_metric == pytest.approx(p_exact, abs=4 * math.sqrt(p_exact * (1 - p_exact) / 4000) + 1 / 4000)
     assert (table["pooled_z"] > 1).all()  # the metric ranks by true importance on every domain
-    assert (table["p_pooled"] < 0.05).all()
+    assert (table["p_metric_holm"] >= table["p_metric"]).all()
     with pytest.raises(ValueError, match="without a domain label"):
-        domain_table(records, metric_table, {0: "prose"}, n_perm=10)
+        domain_table(records, metric_table, {0: "prose"}, n_draws=10)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -345,7 +387,8 @@ def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tm
     table = pd.read_csv(out / "tables" / "domains.csv")
     assert set(table["domain"]) == {"prose", "arithmetic"} and (table["n"] == 8).all()
     assert list(table.columns) == ["model", "domain", "metric", "n", "n_documents", "d", "d_low", "d_high",
-                                   "pooled_z", "p_pooled", "p_heterogeneity", "p_heterogeneity_chi2", "q"]
+                                   "n_layers", "pooled_z", "p_metric", "p_metric_holm", "p_heterogeneity",
+                                   "p_heterogeneity_chi2", "q"]
     md = (out / "report.md").read_text()
     assert "Positions per layer by domain: arithmetic 8 (3 documents), prose 8 (3 documents)" in md
     assert "results per domain" in md
@@ -357,7 +400,10 @@ def test_a_labelled_jsonl_corpus_gets_stratified_positions_and_domain_results(tm
     paths = write_report([out, other], tmp_path / "both")
     md = paths["markdown"].read_text()
     assert "## Metric validity across redundancy levels: tiny-moe (16 experts, top-4) vs tiny-b (16 experts, top-4)" in md
-    assert "### Redundancy levels" in md and "What this comparison can and cannot show" in md
+    assert "**Redundancy levels.**" in md and "What this comparison can and cannot show" in md
+    assert "## Both models side by side" in md
+    metrics = pd.read_csv(tmp_path / "both" / "tables" / "metrics.csv")
+    assert set(metrics["model"]) == {"tiny-moe", "tiny-b"} and len(metrics) == 8
     both = pd.read_csv(tmp_path / "both" / "tables" / "domains.csv")
     assert set(both["model"]) == {"tiny-moe", "tiny-b"}
     versus = pd.read_csv(tmp_path / "both" / "tables" / "model_comparison.csv")
@@ -390,3 +436,41 @@ def test_no_comparison_section_for_runs_with_fewer_than_two_layers():
     assert comparison([run("a", [0, 7]), run("b", [7])]) is None
     table = comparison([run("a", [0, 7]), run("b", [1, 2, 3])])
     assert list(table["metric"]) == ["u", "v"] and table["n_layers_b"].iloc[0] == 3
+
+
+def test_compare_models_p_against_exact_enumeration_of_layer_splits():
+    rng = np.random.default_rng(12)
+    rows = [{"model": m, "layer": layer, "metric": "u", "z": rng.gamma(1.0) + (0.8 if m == "a" else 0.0)}
+            for m, n in (("a", 6), ("b", 5)) for layer in range(n)]
+    table = compare_models(pd.DataFrame(rows), "a", "b")
+    x = pd.DataFrame(rows)["z"].to_numpy()
+    t_obs = abs(sps.ttest_ind(x[:6], x[6:], equal_var=False).statistic)
+    ts = []
+    for idx in itertools.combinations(range(11), 6):  # every split of the 11 layers between the models
+        mask = np.zeros(11, bool)
+        mask[list(idx)] = True
+        ts.append(abs(sps.ttest_ind(x[mask], x[~mask], equal_var=False).statistic))
+    assert table["p_perm"].iloc[0] == pytest.approx(np.mean(np.asarray(ts) >= t_obs * (1 - 1e-12)), abs=1e-12)
+    assert table["mean_a"].iloc[0] == pytest.approx(x[:6].mean()) and table["statistic"].iloc[0] == "z"
+
+
+def test_side_by_side_block_lists_every_models_metric_level_row():
+    from types import SimpleNamespace
+
+    from moeaudit.report._document import Table
+    from moeaudit.report._domains import side_by_side_blocks
+
+    def run(label, z):
+        metrics = pd.DataFrame([{"model": label, "metric": m, "pooled_z": z + i, "p_metric_holm": 0.01 * (i + 1),
+                                 "ceiling_share": 0.5, "ceiling_share_low": 0.1, "ceiling_share_high": 0.9,
+                                 "decision": "not_distinguishable"} for i, m in enumerate(("utilization_rate", "u"))])
+        return SimpleNamespace(label=label, tables={"metrics": metrics},
+                               manifest={"model": {"n_experts": 8, "top_k": 2}})
+
+    blocks = side_by_side_blocks([run("a", 1.0), run("b", -1.0)], None)
+    table = next(b for b in blocks if isinstance(b, Table))
+    assert table.columns[1:4] == ["pooled z (Holm p) a", "share of ceiling a", "decision a"]
+    assert [r[0] for r in table.rows] == ["u", "utilization"]
+    assert table.rows[1][1] == "1.00 (p = 0.01)" and table.rows[1][4] == "-1.00 (p = 0.01)"
+    assert table.rows[0][3] == "not distinguishable" and table.rows[0][2] == "0.50 [0.10, 0.90]"
+    assert side_by_side_blocks([run("a", 1.0)], None) == []

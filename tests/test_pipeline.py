@@ -254,6 +254,10 @@ def test_two_runs_side_by_side(clean, tmp_path):
     for run in runs:
         audit = run.tables["audit"]
         assert f"| {run.label} | {len(audit)} | {int(audit['significant'].sum())} |" in headline
+    # both runs' metric-level rows: in one table near the top and in the report's tables/metrics.csv
+    assert md.index("## Both models side by side") < md.index("## Verdict")
+    metrics = pd.read_csv(tmp_path / "both" / "tables" / "metrics.csv")
+    assert set(metrics["model"]) == {"tiny", "tiny-renorm"}
     # the same run twice gets unique labels
     assert [r.label for r in load_runs([out, out])] == ["tiny (clean)", "tiny (clean)"]
 

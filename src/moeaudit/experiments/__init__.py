@@ -19,7 +19,7 @@ from torch import nn
 from moeaudit.config import check_attribution
 from moeaudit.experiments._attribution_control import attribution_vs_control
 from moeaudit.experiments._decide import DECISIONS
-from moeaudit.experiments._domains import add_domain_tables, domain_table, layer_z_table, relabel_z
+from moeaudit.experiments._domains import add_domain_tables, domain_table
 from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
     EXPERIMENTS,
@@ -173,8 +173,6 @@ __all__ = [
     "attribution_vs_control",
     "candidate_positions",
     "domain_table",
-    "layer_z_table",
-    "relabel_z",
     "progressive",
     "rank_validity",
     "ranking_stability",

@@ -32,6 +32,8 @@ METRIC_DECISIONS: tuple[str, ...] = (
     "cannot_tell",  # no informative layer: the ceiling never rises above the random band, nothing can be learned
 )
 HALF_CEILING = 0.5
+#: Columns of ``tables/layer_z.csv``: each audit cell's d on the scale of its layer's shared relabeling null.
+LAYER_Z_COLUMNS: tuple[str, ...] = ("model", "layer", "metric", "n", "d", "null_mean", "null_sd", "z")
 
 
 def _two_sided(d: float, null: LayerNull) -> float:
@@ -43,19 +45,25 @@ def _two_sided(d: float, null: LayerNull) -> float:
 
 def audit_expert_level(audit: pd.DataFrame, layer_pools: dict[tuple[str, int], Pool],
                        metrics: pd.DataFrame | None, *, seed: int | None, n_draws: int = N_METRIC_DRAWS,
-                       n_boot: int = N_SHARE_BOOT, alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(audit with the expert-level columns, the metric table)``.
+                       n_boot: int = N_SHARE_BOOT, alpha: float = 0.05
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(audit with the expert-level columns, the metric table, the per-layer z table)``.
 
     ``seed`` is the run's seed: the audit's tie keys derive from it, so the observed d equals the cell's d.
     Relabelings per layer: max(``n_draws``, 20 · m / alpha), m the model's audit cells, so the secondary per-cell
     ``p_perm`` can reach the corrected level. ``layer_informative``: the layer's ceiling d lies above the 97.5 %
     point of d under random rankings (else no static ranking can be told from a random one there at this n).
+
+    The per-layer z table (``tables/layer_z.csv``, :data:`LAYER_Z_COLUMNS`) holds the components of
+    ``pooled_z``: per cell ``d`` (the audit's d, from its tie keys), the mean and sd of d under the layer's shared
+    relabeling null and z = (d − null_mean) / null_sd; ``pooled_z`` of a metric is the sum of its z over the layers
+    :func:`moeaudit.experiments._metric_test.pooled_metric_test` uses.
     """
     out = audit.copy()
     for column in AUDIT_EXPERT_COLUMNS:
         out[column] = pd.Series(pd.NA, index=out.index, dtype="boolean") if column == "layer_informative" else np.nan
     if out.empty or metrics is None or not layer_pools:
-        return out, pd.DataFrame(columns=list(_metric_columns()))
+        return out, pd.DataFrame(columns=list(_metric_columns())), pd.DataFrame(columns=list(LAYER_Z_COLUMNS))
     run_seed = 0 if seed is None else int(seed)
     d_obs: dict[tuple[str, int, str], float] = {}
     nulls: dict[tuple[str, int, str], LayerNull] = {}
@@ -86,7 +94,22 @@ def audit_expert_level(audit: pd.DataFrame, layer_pools: dict[tuple[str, int], P
         table = table.merge(pooled, on=["model", "metric"], how="left")
         table["decision"] = [metric_decision(r, alpha) for r in table.itertuples()]
         table = table[[c for c in _metric_columns() if c in table.columns]]
-    return out, table
+    return out, table, _layer_z(out, d_obs, nulls)
+
+
+def _layer_z(audit: pd.DataFrame, d_obs, nulls) -> pd.DataFrame:
+    """Per audit cell with a null: n, d, the null's mean and sd, z (NaN where the null's sd is 0 or undefined)."""
+    rows = []
+    for r in audit.itertuples():
+        key = (str(r.model), int(r.layer), str(r.metric))
+        if key not in nulls:
+            continue
+        null, d = nulls[key], d_obs[key]
+        ok = np.isfinite(d) and np.isfinite(null.sd) and null.sd > 0
+        rows.append({"model": r.model, "layer": int(r.layer), "metric": r.metric, "n": getattr(r, "n", math.nan),
+                     "d": d, "null_mean": null.mean, "null_sd": null.sd,
+                     "z": (d - null.mean) / null.sd if ok else math.nan})
+    return pd.DataFrame(rows, columns=list(LAYER_Z_COLUMNS))
 
 
 def _metric_columns() -> tuple[str, ...]:

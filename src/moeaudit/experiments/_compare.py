@@ -18,14 +18,17 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
                    seed: int = 0) -> pd.DataFrame:
     r"""Per metric, whether the mean per-layer validity statistic differs between two models.
 
-    Estimand: for metric M, :math:`\bar s_{A,M} - \bar s_{B,M}`, the difference between the two models' means
-    over their layers of a per-layer statistic s (default z: the audit cell's d on its random-relabeling null's
-    scale, :func:`moeaudit.experiments.layer_z_table`; the pooled metric-level statistic combines the same
-    per-layer z, so switching to it changes only ``per_layer``). Unit of inference: the layer; H0: the two
-    models' layers are exchangeable for M. Welch's t, two-sided, p from the permutation distribution of the model
-    labels over layers (:func:`moeaudit.stats.layer_permutation_test`, exact for 8 + 8 layers); Holm over the
-    metrics (``p_holm``) and one joint permutation test over all metrics (``p_joint``, the same on every row;
-    a layer's metrics move together, so their correlation is respected).
+    Estimand: for metric M, :math:`\bar z_{A,M} - \bar z_{B,M}`, the difference between the two models' mean
+    per-layer z, z_l = (d_l − mean_l) / sd_l the audit cell's d on the scale of its layer's shared relabeling null
+    (``tables/layer_z.csv``): the components of the metric-level statistic, pooled_z = Σ_l z_l
+    (``tables/metrics.csv``), so the mean z is pooled_z / n_layers, comparable between models with different
+    depths. Unit of inference: the layer; H0: the two models' layers are exchangeable for M (the per-layer z of
+    both come from one distribution). Welch's t, two-sided, p from the permutation distribution of the model
+    labels over layers (:func:`moeaudit.stats.layer_permutation_test`, exact for 8 + 8 layers: all 12,870
+    splits); Holm over the metrics (``p_holm``) and one joint permutation test over all metrics (``p_joint``, the
+    same on every row; a layer's metrics move together, so their correlation is respected). Each model's own
+    relabeling test says whether its metric beats random rankings; this one says whether the two models' layers
+    differ in how far above random rankings they lie, which the relabeling null cannot (under it both are 0).
 
     What it can show: whether *these two checkpoints* differ, beyond layer-to-layer variation, in how far their
     metrics rank experts above random rankings. What it cannot: that redundancy caused a difference (the models
@@ -33,7 +36,7 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
     models are one draw each).
 
     Args:
-        per_layer: Columns ``model``, ``layer``, ``metric`` and ``statistic``.
+        per_layer: Columns ``model``, ``layer``, ``metric`` and ``statistic`` (both runs' ``layer_z`` tables).
         model_a, model_b: The two models' labels in ``per_layer``.
         statistic: The per-layer column to compare.
 
@@ -57,8 +60,9 @@ def compare_models(per_layer: pd.DataFrame, model_a: str, model_b: str, *, stati
         "p_holm": p_holm, "p_joint": result.p_joint, "statistic": statistic}, columns=list(COMPARISON_COLUMNS))
 
 
-def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
-    """One verdict sentence on :func:`compare_models`' table, never more than the test supports."""
+def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05, label=str) -> str:
+    """One verdict sentence on :func:`compare_models`' table, never more than the test supports (``label``: how a
+    metric is named)."""
     if table.empty:
         return "The two models could not be compared (no per-layer statistics)."
     a, b = table["model_a"].iloc[0], table["model_b"].iloc[0]
@@ -66,7 +70,7 @@ def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
     p_joint = float(table["p_joint"].iloc[0])
     differ = table[table["p_holm"] <= alpha]
     if len(differ):
-        parts = ", ".join(f"{r.metric} ({'higher' if r.diff > 0 else 'lower'} in {a}: mean z {r.mean_a:+.2f} vs "
+        parts = ", ".join(f"{label(r.metric)} ({'higher' if r.diff > 0 else 'lower'} in {a}: mean z {r.mean_a:+.2f} vs "
                           f"{r.mean_b:+.2f}, Holm p = {r.p_holm:.3g})" for r in differ.itertuples())
         return (f"Metric validity differs between {a} and {b} for {parts} (layers as units, {n}; joint p = "
                 f"{p_joint:.3g}). This is a difference between these two checkpoints, not evidence that the "
@@ -75,8 +79,9 @@ def comparison_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
         return (f"Taken together the metrics' validity differs between {a} and {b} (joint permutation p = "
                 f"{p_joint:.3g}, layers as units, {n}), though no single metric's difference survives Holm; this "
                 "is a difference between two checkpoints, not a shown effect of the redundancy level.")
-    spread = ", ".join(f"{r.metric} {r.diff:+.2f}" for r in table.itertuples())
+    spread = ", ".join(f"{label(r.metric)} {r.diff:+.2f}" for r in table.itertuples())
     return (f"This run cannot tell whether metric validity differs between {a} and {b}: no metric's mean z "
             f"differs beyond layer-to-layer variation (Holm p ≥ {table['p_holm'].min():.2g}; joint p = "
-            f"{p_joint:.3g}; differences in mean z {spread}; {n}). Not rejecting is not equality, and two small "
+            f"{p_joint:.3g}; differences in mean z, the per-layer components of the metric-level statistic: {spread}; "
+            f"{n}). Not rejecting is not equality (8 layers per model detect only large differences), and two small "
             "checkpoints cannot speak for redundancy levels in general.")

@@ -1,81 +1,37 @@
-"""Metric validity per layer on the expert-level null's scale (z), and per corpus domain: the statistics the
-two-model comparison and ``tables/domains.csv`` are built from.
+"""Metric validity per corpus domain, with the metric-level test's own machinery (``tables/domains.csv``).
 
-A layer's z puts an audit cell's d on the scale of its random-relabeling null: z = (d − mean of d under random
-rankings of the layer's experts) / (its sd), so z ≈ 0 for a metric that ranks experts no better than an arbitrary
-ranking and z > 0 for one that ranks the causally important experts high. Per domain, the same is computed on the
-positions of the domain's documents, and the domains are compared with documents as units.
+Per domain, the metric-level statistic of :mod:`moeaudit.experiments._metric_test` is computed on the positions of
+the domain's documents only: at every layer, the audit's d of the metric's ranking (the audit's tie keys) and its
+relabeling null on those positions; pooled over layers as in ``tables/metrics.csv``. The audit's effect (mean of D)
+is compared across domains with documents as units. The per-layer z of the whole run (``tables/layer_z.csv``, the
+two-model comparison's input) comes from the metric-level test's shared null itself
+(:func:`moeaudit.experiments._audit_expert.audit_expert_level`); nothing here draws a second one for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from statsmodels.stats.multitest import multipletests
 
-from moeaudit.experiments._pool import Pool, high_low_d, pools
+from moeaudit.experiments._expert_null import _metric_vector, _n_experts
+from moeaudit.experiments._metric_test import (
+    N_METRIC_DRAWS,
+    LayerNull,
+    layer_nulls,
+    observed_d,
+    pooled_metric_test,
+    tie_keys,
+)
+from moeaudit.experiments._pool import Pool, pools
 from moeaudit.stats import cluster_heterogeneity
 
-#: Random relabelings per (layer, metric) for z (and per domain).
-N_RELABEL_Z = 1000
 #: Domain-table columns, in order.
 DOMAIN_COLUMNS: tuple[str, ...] = ("model", "domain", "metric", "n", "n_documents", "d", "d_low", "d_high",
-                                   "pooled_z", "p_pooled", "p_heterogeneity", "p_heterogeneity_chi2", "q")
-
-
-@dataclass(frozen=True)
-class RelabelZ:
-    """An observed d against its random-relabeling null at one layer.
-
-    Attributes:
-        d: The observed d_z.
-        null_mean, null_sd: Mean and sd of d_z over the relabelings.
-        z: (d - null_mean) / null_sd.
-        null_z: [R] each relabeling's own z (for sums over layers).
-    """
-
-    d: float
-    null_mean: float
-    null_sd: float
-    z: float
-    null_z: np.ndarray
-
-
-def relabel_z(pool: Pool, metric_values, d_obs: float, *, n_perm: int = N_RELABEL_Z, seed=0) -> RelabelZ:
-    r"""z of ``d_obs`` against d_z under random rankings of the layer's experts.
-
-    Each relabeling permutes the metric's values among the experts that have a finite value (experts without one
-    keep no value, as in the audit) and scores every position of ``pool`` by high − low as the audit does, ties
-    broken at random by a jitter below the gap between distinct values. Estimand: how many null sds the metric's d
-    lies above random rankings' mean d, at this layer and these positions:
-
-    .. math::
-
-        z = \frac{d_{obs} - \overline{d_r}}{\mathrm{sd}(d_r)}
-
-    Unit of inference: the expert labelling (as :func:`moeaudit.experiments.random_ranking_null`).
-    """
-    values = np.asarray(metric_values, dtype=float).ravel()
-    finite = np.flatnonzero(np.isfinite(values))
-    rank = np.full(values.size, np.nan)
-    rank[finite] = np.unique(values[finite], return_inverse=True)[1]
-    rng = np.random.default_rng(seed)
-    perms = np.tile(np.arange(values.size), (n_perm, 1))
-    perms[:, finite] = finite[rng.permuted(np.tile(np.arange(finite.size), (n_perm, 1)), axis=1)]
-    d_null = high_low_d(pool, rank[perms] + rng.random((n_perm, values.size)) * 0.5)
-    d_null = d_null[np.isfinite(d_null)]
-    if d_null.size < 2 or not np.isfinite(d_obs):
-        nan = float("nan")
-        return RelabelZ(float(d_obs), nan, nan, nan, np.full(n_perm, np.nan))
-    mean, sd = float(d_null.mean()), float(d_null.std(ddof=1))
-    if sd <= 0:
-        nan = float("nan")
-        return RelabelZ(float(d_obs), mean, sd, nan, np.full(n_perm, np.nan))
-    null_z = np.full(n_perm, np.nan)
-    null_z[: d_null.size] = (d_null - mean) / sd
-    return RelabelZ(float(d_obs), mean, sd, (float(d_obs) - mean) / sd, null_z)
+                                   "n_layers", "pooled_z", "p_metric", "p_metric_holm", "p_heterogeneity",
+                                   "p_heterogeneity_chi2", "q")
 
 
 def audit_differences(records: pd.DataFrame) -> pd.DataFrame:
@@ -89,41 +45,8 @@ def audit_differences(records: pd.DataFrame) -> pd.DataFrame:
     return (wide["high"] - wide["low"]).rename("D").reset_index()
 
 
-def _metric_vector(metric_table: pd.DataFrame, layer: int, metric: str, n_experts: int) -> np.ndarray:
-    sub = metric_table[metric_table["layer"] == layer]
-    values = np.full(max(n_experts, int(sub["expert"].max()) + 1 if len(sub) else 0), np.nan)
-    values[sub["expert"].to_numpy(dtype=np.int64)] = sub[metric].to_numpy(dtype=float)
-    return values
-
-
-def _d(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(x.mean() / x.std(ddof=1)) if x.size >= 3 and x.std(ddof=1) > 0 else float("nan")
-
-
-def layer_z_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, *, seed: int = 0,
-                  n_perm: int = N_RELABEL_Z) -> pd.DataFrame:
-    """Per (model, layer, metric): n, d (the audit cell's d_z), the null's mean and sd, and z (:func:`relabel_z`);
-    empty when the records hold no audit or no pool, or there is no metric table."""
-    cols = ["model", "layer", "metric", "n", "d", "null_mean", "null_sd", "z"]
-    diffs = audit_differences(records)
-    layer_pools = pools(records)
-    if diffs.empty or not layer_pools or metric_table is None:
-        return pd.DataFrame(columns=cols)
-    rows = []
-    for (model, layer, metric), g in diffs.groupby(["model", "layer", "metric"], sort=True):
-        pool = layer_pools.get((str(model), int(layer)))
-        if pool is None:
-            continue
-        values = _metric_vector(metric_table, int(layer), str(metric), int(pool.experts.max()) + 1)
-        r = relabel_z(pool, values, _d(g["D"].to_numpy(float)), n_perm=n_perm, seed=[seed, int(layer), 5])
-        rows.append({"model": model, "layer": int(layer), "metric": metric, "n": int(g["D"].notna().sum()),
-                     "d": r.d, "null_mean": r.null_mean, "null_sd": r.null_sd, "z": r.z})
-    return pd.DataFrame(rows, columns=cols)
-
-
 def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domains: Mapping[int, str], *,
-                 seed: int = 0, n_perm: int = N_RELABEL_Z) -> pd.DataFrame:
+                 seed: int = 0, n_draws: int = N_METRIC_DRAWS) -> pd.DataFrame:
     r"""Per (model, domain, metric): the audit's effect and the metric-level statistic on the domain's positions,
     and a test of heterogeneity across domains.
 
@@ -132,15 +55,21 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
       denominator per layer the domains are compared on one scale (a domain with larger losses does not get a
       smaller d for its larger spread). ``d_low`` / ``d_high``: 95% interval from the bias-reduced cluster-robust
       (CR2) variance with the domain's documents as units (t with the effective number of documents − 1 df).
-    - ``pooled_z``: :math:`\sum_l z_{k,l} / \sqrt{L}`, z of each layer's d on the domain's positions against
-      random relabelings of that layer's experts on the same positions (:func:`relabel_z`); ``p_pooled``: its
-      one-sided p-value from the sum of independent relabelings per layer (H0: the metric ranks the experts no
-      better than random rankings on this domain).
+    - ``pooled_z``, ``p_metric``: the metric-level test of ``tables/metrics.csv`` restricted to the domain's
+      positions, :math:`T_{M,k} = \sum_l z_{k,l}`, :math:`z_{k,l} = (d_{k,l} - \bar d^{\,0}_{k,l}) / s^0_{k,l}`
+      with :math:`d_{k,l}` the d of M's ranking (the audit's tie keys) on domain k's positions at layer l and
+      :math:`\bar d^{\,0}_{k,l}, s^0_{k,l}` the mean and sd of d over ``n_draws`` relabelings of M across the
+      layer's experts on the same positions (:func:`moeaudit.experiments._metric_test.layer_nulls`); one-sided
+      p from independent relabelings per layer (:func:`moeaudit.experiments._metric_test.pooled_metric_test`).
+      H0: on this domain, M's values are exchangeable across each layer's experts (M ranks no better than a
+      random ranking). Unit of inference: the expert labeling. ``p_metric_holm``: Holm over the model's metrics
+      within the domain. ``n_layers``: the layers it pooled.
     - ``p_heterogeneity``: H0 every domain has the same :math:`\delta_k`; documents are the units (Welch's F on the
       cluster-robust domain means, :func:`moeaudit.stats.cluster_heterogeneity`); the same value on every row of
       a (model, metric). ``p_heterogeneity_chi2``: the asymptotic chi-square reference; ``q``: the statistic.
 
     ``n`` is positions per layer (mean over the metric's layers), ``n_documents`` the domain's documents.
+    ``seed`` must be the run's seed: the audit's tie keys derive from it.
     """
     diffs = audit_differences(records)
     if diffs.empty or not domains:
@@ -151,56 +80,65 @@ def domain_table(records: pd.DataFrame, metric_table: pd.DataFrame | None, domai
                          "not belong to this run.")
     sd = diffs.groupby(["model", "layer", "metric"])["D"].transform(lambda x: x.std(ddof=1))
     diffs = diffs.assign(x=diffs["D"] / sd)
-    layer_pools = pools(records)
-    rows = []
     names = sorted(set(domains.values()))
+    tests = _domain_metric_tests(diffs, pools(records), metric_table, domains, names, seed=seed, n_draws=n_draws)
+    rows = []
     for (model, metric), g in diffs.groupby(["model", "metric"], sort=True):
         het = cluster_heterogeneity(g["x"].to_numpy(float), g["seq_id"].to_numpy(), g["domain"].to_numpy())
         by_group = {m.group: m for m in het.groups}
         for domain, gd in g.groupby("domain", sort=True):
-            z_obs, z_null = _domain_z(gd, layer_pools, metric_table, str(model), str(metric), seed, n_perm,
-                                      names.index(domain))
             m = by_group.get(domain)
             per_layer = gd.groupby("layer").size()
+            n_layers, z, p = tests.get((str(model), str(domain), str(metric)), (0, np.nan, np.nan))
             rows.append({"model": model, "domain": domain, "metric": metric, "n": float(per_layer.mean()),
                          "n_documents": int(gd["seq_id"].nunique()),
                          "d": m.mean if m else float(gd["x"].mean()), "d_low": m.low if m else float("nan"),
-                         "d_high": m.high if m else float("nan"), "pooled_z": z_obs,
-                         "p_pooled": _p_upper(z_obs, z_null), "p_heterogeneity": het.p,
+                         "d_high": m.high if m else float("nan"), "n_layers": n_layers, "pooled_z": z,
+                         "p_metric": p, "p_metric_holm": np.nan, "p_heterogeneity": het.p,
                          "p_heterogeneity_chi2": het.p_chi2, "q": het.q})
-    return pd.DataFrame(rows, columns=list(DOMAIN_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(DOMAIN_COLUMNS))
+    for _, idx in table.groupby(["model", "domain"]).groups.items():
+        p = table.loc[idx, "p_metric"].to_numpy(float)
+        ok = np.isfinite(p)
+        if ok.any():
+            holm = np.full(p.shape, np.nan)
+            holm[ok] = multipletests(p[ok], method="holm")[1]
+            table.loc[idx, "p_metric_holm"] = holm
+    return table
 
 
-def _domain_z(gd: pd.DataFrame, layer_pools: Mapping[tuple[str, int], Pool], metric_table, model: str,
-              metric: str, seed: int, n_perm: int, domain_index: int) -> tuple[float, np.ndarray]:
-    """Σ_l z_l / √L on one domain's positions, and the same sum over independent relabelings per layer."""
+def _domain_metric_tests(diffs: pd.DataFrame, layer_pools: Mapping[tuple[str, int], Pool],
+                         metric_table: pd.DataFrame | None, domains: Mapping[int, str], names: Sequence[str], *,
+                         seed: int, n_draws: int) -> dict[tuple[str, str, str], tuple[int, float, float]]:
+    """``{(model, domain, metric): (n_layers, pooled_z, p_metric)}``: the metric-level test on each domain's
+    positions (see :func:`domain_table`)."""
     if metric_table is None:
-        return float("nan"), np.array([])
-    z_sum, null_sum, n_layers = 0.0, np.zeros(n_perm), 0
-    for layer, gl in gd.groupby("layer", sort=True):
-        pool = layer_pools.get((model, int(layer)))
+        return {}
+    d_obs: dict[tuple[str, str, str], dict[int, float]] = {}
+    nulls: dict[tuple[str, str, str], dict[int, LayerNull]] = {}
+    for (model, layer), cells in diffs.groupby(["model", "layer"], sort=True):
+        pool = layer_pools.get((str(model), int(layer)))
         if pool is None:
             continue
-        keys = set(zip(gl["seq_id"].tolist(), gl["position"].tolist()))
-        rows = np.array([(s, p) in keys for s, p in zip(pool.seq_id.tolist(), pool.position.tolist())])
-        values = _metric_vector(metric_table, int(layer), metric, int(pool.experts.max()) + 1)
-        r = relabel_z(pool.subset(rows), values, _d(gl["D"].to_numpy(float)), n_perm=n_perm,
-                      seed=[seed, int(layer), 6, domain_index])
-        if not np.isfinite(r.z):
-            continue
-        z_sum += r.z
-        null_sum += r.null_z
-        n_layers += 1
-    if n_layers == 0:
-        return float("nan"), np.array([])
-    return z_sum / np.sqrt(n_layers), null_sum / np.sqrt(n_layers)
-
-
-def _p_upper(obs: float, null: np.ndarray) -> float:
-    null = null[np.isfinite(null)]
-    if not np.isfinite(obs) or null.size == 0:
-        return float("nan")
-    return float((1 + np.sum(null >= obs - 1e-12 * abs(obs))) / (1 + null.size))
+        keys = tie_keys(pool, seed)
+        n_experts = _n_experts(pool, metric_table, int(layer))
+        values = {str(m): _metric_vector(metric_table, int(layer), str(m), n_experts)
+                  for m in sorted(cells["metric"].unique())}
+        labels = np.array([domains.get(int(s)) for s in pool.seq_id], dtype=object)
+        for domain in sorted(set(labels) - {None}):
+            rows = labels == domain
+            sub, sub_keys = pool.subset(rows), keys[rows]
+            by_metric = layer_nulls(sub, values, sub_keys, n_draws=n_draws,
+                                    seed=[int(seed), int(layer), 8, names.index(domain)])
+            for m, vals in values.items():
+                key = (str(model), str(domain), m)
+                d_obs.setdefault(key, {})[int(layer)] = observed_d(sub, vals, sub_keys)
+                nulls.setdefault(key, {})[int(layer)] = by_metric[m]
+    out = {}
+    for key in d_obs:
+        test = pooled_metric_test(d_obs[key], nulls[key])
+        out[key] = (len(test.z), test.pooled_z, test.p_metric)
+    return out
 
 
 def domain_labels(manifest: Mapping) -> dict[int, str]:
@@ -211,9 +149,8 @@ def domain_labels(manifest: Mapping) -> dict[int, str]:
 
 def add_domain_tables(tables: dict[str, pd.DataFrame], records: pd.DataFrame, metric_table: pd.DataFrame | None,
                       manifest: Mapping, *, seed: int = 0) -> None:
-    """Add ``tables["layer_z"]`` (:func:`layer_z_table`) and, when the run's corpus labels its documents and the
-    audit covers two or more domains, ``tables["domains"]`` (:func:`domain_table`) to a run's summary tables."""
-    tables["layer_z"] = layer_z_table(records, metric_table, seed=seed)
+    """Add ``tables["domains"]`` (:func:`domain_table`) to a run's summary tables when the run's corpus labels its
+    documents and the audit covers two or more domains (``tables["layer_z"]`` is :func:`summarize`'s own)."""
     labels = domain_labels(manifest)
     audited = {labels.get(int(s)) for s in records.loc[records["experiment"] == "audit", "seq_id"].unique()}
     if len(audited - {None}) >= 2:  # one domain: the audit itself is its result

@@ -354,7 +354,9 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     Returns:
         ``metrics`` (per model x metric: the pooled one-sided relabeling test ``p_metric`` with Holm over the
         model's metrics, the pooled share of the ceiling with its document-bootstrap interval and ``decision``; see
-        :mod:`moeaudit.experiments._metric_test`), ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
+        :mod:`moeaudit.experiments._metric_test`), ``layer_z`` (per model x layer x metric: the audit's d on the
+        scale of the layer's shared relabeling null, z = (d − null mean) / null sd, the components of
+        ``pooled_z``), ``audit`` (per model x layer x metric: :func:`moeaudit.stats.paired_test` on D = ΔL_high - ΔL_low with
         documents as clusters, the design effect; the expert-level null ``p_perm`` with the band
         ``d_perm_low..d_perm_high`` of d under random relabelings of the metric across the layer's experts, and
         the layer's causal ceiling ``d_ceiling`` / ``d_ceiling_low`` / ``d_ceiling_high``; and the decision:
@@ -375,13 +377,13 @@ def summarize(records: pd.DataFrame, *, metrics: pd.DataFrame | None = None, n_b
     layer_pools = pools(records)
     expert = {"metric_table": metrics, "n_perm": n_relabel, "n_splits": n_splits, "seed": seed}
     audit = _paired_cells(records, "audit", ["model", "layer", "metric"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
-    audit, metric_level = audit_expert_level(add_expert_level(audit, layer_pools, kind="audit", **expert),
+    audit, metric_level, layer_z = audit_expert_level(add_expert_level(audit, layer_pools, kind="audit", **expert),
                                              layer_pools, metrics, seed=seed, n_draws=n_metric_draws)
     audit = _decided(audit, expert_level=True)
     control = _paired_cells(records, "control", ["model", "layer"], n_boot=n_boot, seed=seed, sesoi_d=sesoi_d)
     control = _decided(add_expert_level(control, layer_pools, kind="control", **expert), expert_level=False)
     experts, layers = _redistribution(records, n_boot, seed)
-    tables = {"metrics": metric_level, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed, metrics=metrics, layer_pools=layer_pools),
+    tables = {"metrics": metric_level, "layer_z": layer_z, "audit": audit, "control": control, "rank_validity": _rank_validity(records, seed=seed, metrics=metrics, layer_pools=layer_pools),
               "progressive": progressive_cells(records),
               "progressive_arms": arm_comparisons(
                   records, sesoi=progressive_sesoi, n_perm_for=_n_perm,

@@ -120,6 +120,8 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         "Question: do observational expert statistics (how often the router picks an expert, how large its output "
         "is) predict what removing the expert does to the next-token loss, token by token?")]
     blocks += _answer_blocks(runs)
+    versus = D.comparison(runs)
+    blocks += D.side_by_side_blocks(runs, versus)
     blocks += [Heading("Verdict")]
     for run in runs:
         if len(runs) > 1:
@@ -133,9 +135,6 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
             blocks.append(Paragraph(against))
         if len(run.tables.get("domains", ())):
             blocks.append(Paragraph(D.domain_sentence(run.tables["domains"], run.label)))
-    versus = D.comparison(runs)
-    if versus is not None:
-        blocks += [Heading("Redundancy levels", 3), Paragraph(D.comparison_sentence(versus, D.ALPHA))]
     blocks += [T.headline_table(runs), Heading("Runs"), T.runs_table(runs)]
 
     audit_all, control_all = _concat(runs, "audit"), _concat(runs, "control")
@@ -299,7 +298,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
 
 def _write_cross_tables(runs: list[RunData], out: Path) -> None:
     """``tables/domains.csv`` (every run's per-domain results) and, for two or more runs,
-    ``tables/model_comparison.csv`` in the report's directory."""
+    ``tables/model_comparison.csv`` and every run's rows of ``metrics.csv`` and ``layer_z.csv`` in the report's
+    directory."""
     from moeaudit.report import _domains as D
 
     domains = _concat(runs, "domains")
@@ -308,5 +308,10 @@ def _write_cross_tables(runs: list[RunData], out: Path) -> None:
         (out / "tables").mkdir(parents=True, exist_ok=True)
     if len(domains):
         domains.to_csv(out / "tables" / "domains.csv", index=False)
+    for name in ("metrics", "layer_z") if len(runs) > 1 else ():
+        both = _concat(runs, name)
+        if len(both):
+            (out / "tables").mkdir(parents=True, exist_ok=True)
+            both.to_csv(out / "tables" / f"{name}.csv", index=False)
     if versus is not None:
         versus.to_csv(out / "tables" / "model_comparison.csv", index=False)
