@@ -16,8 +16,7 @@ from moeaudit.report._verdict import audit_verdict, control_verdict, progressive
 def _audit(d: list[float], p: list[float], significant: list[bool], decision: list[str] | None = None,
            p_rank: list[float] | None = None, w_sign: list[float] | None = None) -> pd.DataFrame:
     n = len(d)
-    decision = decision or [("positive" if x > 0 else "negative") if s else "inconclusive"
-                            for x, s in zip(d, significant)]
+    decision = decision or ["positive" if s else "not_shown" for s in significant]
     return pd.DataFrame({
         "model": "m", "layer": list(range(n)), "metric": ["utilization_rate"] * n, "n": 200, "cohens_d": d,
         "mean_diff": np.array(d) / 10, "w_diff": w_sign if w_sign is not None else np.sign(d),
@@ -25,8 +24,8 @@ def _audit(d: list[float], p: list[float], significant: list[bool], decision: li
         "p_signrank_cluster": p_rank if p_rank is not None else p, "p_sign": p, "pct_high_larger": 50.0,
         "hl_estimate": 1e-4, "hl_low": -1e-4, "hl_high": 3e-4, "tost_p": 0.5, "bf01": 3.0, "bf0plus": 4.0,
         "bf0plus_r05": 2.0, "bf0plus_r02": 1.0, "significant": significant, "significant_paper_rule": significant,
-        "decision": decision,
-        "alpha_corrected": 0.05 / n, "sesoi_d": 0.2, "note": "",
+        "decision": decision, "p_mean_greater_holm": p, "mean_level": 0.04, "mean_level_low": 0.02,
+        "mean_level_high": 0.07, "alpha_corrected": 0.05 / n, "sesoi_d": 0.2, "note": "",
     })
 
 
@@ -36,43 +35,27 @@ FAMILIES = pd.DataFrame([{"model": "m", "family": "audit", "m_cells": 3, "n": 20
 
 def test_audit_verdict_follows_the_numbers():
     null = audit_verdict(_audit([0.05, -0.02, 0.01], [0.4, 0.7, 0.9], [False] * 3), FAMILIES)
-    assert "0 of 3 metric × layer cells show an effect under the decision rule" in null
-    assert "none of utilization is shown, cell by cell" in null and "All 3 cells are inconclusive" in null
+    assert "0 of 3 metric × layer cells show E[D] > 0" in null
+    assert "none of utilization is shown, cell by cell" in null
+    assert "E[D] > 0 is not shown at all 3 cells (a non-rejection" in null
     assert "assumption these data do not support" not in null and "metric-level test" in null
-    assert "largest |d| is utilization at L0 (d = +0.050" in null and "0 cells reach p < .05" in null
-    assert "detect a location shift of |d| = 0.27 with 80% power" in null and "0.31 at the median design effect" in null
-    assert "not the power of the rule with p_perm" in null
+    assert "location shift" not in null  # the token-level tests' power is not the decision's
     assert "BF0+ exceeds 3 in 3 of 3 cells at prior scale r = 0.707, 0 of 3 cells at prior scale r = 0.5" in null
     assert "not evidence that the effect is zero" in null and "half-width" not in null
     mixed = audit_verdict(_audit([0.35, -0.30, 0.01], [1e-6, 1e-5, 0.9], [True, True, False]))
-    assert "2 of 3 metric × layer cells show an effect" in mixed
-    assert "higher-ranked expert costs more" in mixed and "utilization at L0 (d = +0.350" in mixed
-    assert "points the wrong way) at utilization at L1 (d = -0.300" in mixed
-    assert "none of" not in mixed and "The other 1 cell is inconclusive" in mixed
-
-
-def test_audit_verdict_names_the_estimand_when_mean_and_typical_token_part():
-    table = _audit([0.26, 0.02, 0.15, 0.01], [3e-4, 0.6, 1e-4, 0.5], [False] * 4,
-                   decision=["directions_disagree", "typical_only", "mean_only", "equivalent"],
-                   p_rank=[3e-14, 1e-5, 0.3, 0.5], w_sign=[-1.0, 1.0, 1.0, 1.0])
-    text = audit_verdict(table)
-    assert "0 of 4 metric × layer cells show an effect" in text
-    assert "point opposite ways at utilization at L0 (d = +0.260, p_mean = 0.0003, but 50.0% of D > 0" in text
-    assert "p_rank = 3e-14" in text and "neither an effect of known sign nor its absence" in text
-    assert "test of the mean does not (which does not show that the mean is zero) at utilization at L1" in text
-    assert "different estimands" in text and "Only the typical token shifts" not in text
-    assert "Only the mean of D differs from zero at utilization at L2" in text
-    assert "Equivalent to no effect (|d| < 0.2, TOST at the corrected α): utilization at L3" in text
-    assert "inconclusive" not in text  # every cell has a named outcome
-    assert "points the right way" not in text and "the wrong way" not in text
+    assert "2 of 3 metric × layer cells show E[D] > 0" in mixed
+    assert "higher-ranked expert costs more" in mixed and "utilization at L0 (d = +0.350, p_mean>0 (Holm) = 1e-06" in mixed
+    assert "measured level 0.040 [0.020, 0.070]" in mixed
+    assert "none of" not in mixed and "the other 1 cell (a non-rejection" in mixed
 
 
 def test_control_verdict_compares_with_the_metrics():
     control = _audit([0.4, 0.0], [1e-4, 0.5], [True, False]).drop(columns="metric")
     control["spearman_rho"] = [0.3, -0.1]
     text = control_verdict(control, _audit([0.05, 0.05], [0.5, 0.5], [False, False]))
-    assert "gives 1 of 2 layers with an effect under the decision rule" in text
-    assert "costs more, for the mean and the typical token, at L0 (d = +0.400" in text
+    assert "gives 1 of 2 layers with E[D] > 0" in text
+    assert "costs more on average; one-sided document-level test of the mean, Holm, at a measured level that " \
+           "holds .05) at L0 (d = +0.400" in text
     assert "mean |d| over layers is 0.200, against 0.050" in text and "not compared by a test" in text
     assert "from -0.100 to +0.300" in text and "stronger signal" not in text
 
@@ -102,13 +85,13 @@ def test_tables_mark_uncorrected_and_corrected_significance():
     assert fmt_p(0.049) == "0.049*" and fmt_p(0.05) == "0.05" and fmt_p(2e-5) == "2.00e-05*"
     assert fmt_p(float("nan")) == "n/a"
     table = audit_table(_audit([0.35, 0.01], [1e-6, 0.9], [True, False]), "m")
-    assert table.columns[3:6] == ["d [95% CI]", "p_mean", "p_rank"]
-    assert table.rows[0][-1] == "+ (higher costs more)" and table.rows[1][-1] == "inconclusive"
+    assert table.columns[3:7] == ["d [95% CI]", "p_mean>0 (Holm)", "level at .05", "p_rank"]
+    assert table.rows[0][-1] == "E[D] > 0" and table.rows[1][-1] == "E[D] > 0 not shown"
     assert table.rows[0][3] == "+0.350 [+0.250, +0.450]" and table.rows[0][4] == "1.00e-06*"
-    assert table.rows[0][7] == "+0.0001 [-0.0001, +0.0003]" and table.rows[0][8] == "0.5"
-    assert "0.05/2 = 0.025" in table.notes and "Unit of inference: the document" in table.notes
+    assert table.rows[0][5] == "0.040" and table.rows[0][8] == "+0.0001 [-0.0001, +0.0003]"
+    assert "Holm over the model's 2 audit cells" in table.notes and "Unit of inference: the document" in table.notes
     floor = _audit([0.35], [1e-4], [True]).assign(n_perm=9999)  # the smallest p 9999 sign flips can give
-    assert audit_table(floor, "m").rows[0][4] == "≤1.00e-04*" and "p_mean ≤ 0.0001" in audit_verdict(floor)
+    assert audit_table(floor, "m").rows[0][6] == "≤1.00e-04*"
     prog = pd.DataFrame({"model": "m", "layer": [0, 0, 1], "k": [1, 2, 1], "n": 10, "mean": [0.1, 0.2, 0.3],
                          "median": [0.0, 0.1, 0.2], "p95": [0.5, 0.6, 0.7], "n_layers": 4})
     t = progressive_table(prog, "m")

@@ -23,6 +23,7 @@ from moeaudit.cli._common import (
     status,
 )
 from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, RunConfig
+from moeaudit.experiments import decision_counts
 
 _DEFAULTS = RunConfig()
 #: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
@@ -196,19 +197,17 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
     except KeyboardInterrupt as exc:
         raise interrupted(exc, out) from None
     tables = result.tables
-    cols = ["layer", "metric", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "decision"]
-    if len(tables["audit"]):
-        console.print(rich_table("audit (Definition 2.1)", tables["audit"], cols))
-    if len(tables["control"]):
-        console.print(rich_table("routing-weight control", tables["control"],
-                                 ["layer", "n", "cohens_d", "p_cluster", "p_signrank_cluster", "spearman_rho",
-                                  "decision"]))
+    cols = ["layer", "metric", "n", "cohens_d", "p_mean_greater_holm", "mean_level", "p_perm", "decision"]
+    for name, title in (("audit", "audit (Definition 2.1)"), ("control", "routing-weight control")):
+        if len(tables[name]):
+            console.print(rich_table(title, tables[name], [c for c in cols if c in tables[name]]))
+            console.print(decision_counts(tables[name], name), highlight=False)
     for kind, p in result.positions.items():
         if p["n"] < p["requested"]:
             key = "--n" if kind == "single" else "--n-progressive"
             console.print(f"{kind} cells ran with n = {p['n']} positions, fewer than {key} {p['requested']}: the "
                           f"corpus has no more (--allow-fewer)", highlight=False)
-    arms = tables.get("progressive_arms")
+    arms = tables.get("progressive_arms")  # counted by the table's decision, as the report counts them
     if arms is not None and len(arms):
         counts = arms["decision"].value_counts()
         console.print(f"progressive removal orders, {len(arms)} paired comparisons: "

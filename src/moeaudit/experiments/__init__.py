@@ -18,7 +18,7 @@ from torch import nn
 
 from moeaudit.config import check_attribution
 from moeaudit.experiments._attribution_control import attribution_vs_control
-from moeaudit.experiments._decide import DECISIONS
+from moeaudit.experiments._decide import DECISIONS, decision_counts
 from moeaudit.experiments._domains import add_domain_tables, domain_table
 from moeaudit.experiments._records import RECORD_COLUMNS, to_frame
 from moeaudit.experiments._run import (
@@ -159,6 +159,7 @@ def redistribution(model, sequences, settings: ExperimentSettings = ExperimentSe
 __all__ = [
     "CleanStates",
     "DECISIONS",
+    "decision_counts",
     "EXPERIMENTS",
     "OPTIONAL_EXPERIMENTS",
     "PAPER_METRICS",

@@ -65,16 +65,18 @@ LEVEL_DRAWS, LEVEL_BOOT = 300, 99
 
 def _mean_columns(diff: np.ndarray, docs: np.ndarray, seed) -> dict:
     """``p_mean_greater``: the one-sided (E[D] > 0) document-level test of the mean, calibrated for skew
-    (:func:`moeaudit.stats.clustered_mean_test`); ``mean_level`` / ``mean_level_high``: its measured rejection rate
+    (:func:`moeaudit.stats.clustered_mean_test`); ``mean_level`` (``mean_level_low`` / ``_high``): its measured rejection rate
     at α = .05 (and the upper end of its 95 % binomial interval) on nulls resampled from the cell's own centred
     documents (:func:`moeaudit.stats.skewed_null_level`), the level the decision actually carries."""
     if np.unique(docs).size < 3:
-        return {"p_mean_greater": math.nan, "mean_level": math.nan, "mean_level_high": math.nan}
+        return {"p_mean_greater": math.nan, "mean_level": math.nan, "mean_level_low": math.nan,
+                "mean_level_high": math.nan}
     rng = np.random.default_rng(seed)
     test = stats.clustered_mean_test(diff, docs, alternative="greater", seed=rng.integers(1 << 31))
     level = stats.skewed_null_level(diff, docs, alpha=ALPHA, n_draws=LEVEL_DRAWS, n_boot=LEVEL_BOOT,
                                     seed=rng.integers(1 << 31))
-    return {"p_mean_greater": test.pvalue, "mean_level": level.rate, "mean_level_high": level.ci_high}
+    return {"p_mean_greater": test.pvalue, "mean_level": level.rate, "mean_level_low": level.ci_low,
+            "mean_level_high": level.ci_high}
 
 
 def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_boot: int, seed: int | None,
@@ -129,22 +131,11 @@ def _paired_cells(records: pd.DataFrame, experiment: str, keys: list[str], *, n_
 def _decided(frame: pd.DataFrame, *, expert_level: bool) -> pd.DataFrame:
     if frame.empty:
         return frame
-    parts = [_holm_mean(decide_family(per_model, expert_level=expert_level))
+    parts = [decide_family(per_model, expert_level=expert_level)
              for _, per_model in frame.groupby("model", sort=False)]
     out = pd.concat(parts, ignore_index=True)
     out.attrs = dict(frame.attrs)
     return out
-
-
-def _holm_mean(frame: pd.DataFrame) -> pd.DataFrame:
-    """``p_mean_greater_holm``: Holm over the family's one-sided mean tests (NaN p-values stay NaN)."""
-    p = frame["p_mean_greater"].to_numpy(dtype=float) if "p_mean_greater" in frame else np.full(len(frame), np.nan)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = stats.correct(p[ok], "holm", ALPHA).p_corrected
-    frame["p_mean_greater_holm"] = out
-    return frame
 
 
 def _rank_validity(records: pd.DataFrame, *, seed: int | None, metrics: pd.DataFrame | None = None,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moeaudit.experiments import DECISIONS
+from moeaudit.experiments import DECISIONS, decision_counts
 from moeaudit.report._style import arm_label
-from moeaudit.report._tables import fmt_nats, metric_label
+from moeaudit.report._tables import metric_label
 
 
 def _p(r, column: str) -> str:
@@ -34,65 +34,49 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _typical(r) -> str:
-    return (f"{r['pct_high_larger']:.1f}% of D > 0, HL = {fmt_nats(r['hl_estimate'])} nats "
-            f"[{fmt_nats(r['hl_low'])}, {fmt_nats(r['hl_high'])}]")
-
-
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
+def _pm(r) -> str:
+    """The deciding test, its Holm p and its measured level at .05 with the level's 95% interval."""
+    text = f"p_mean>0 (Holm) = {r['p_mean_greater_holm']:.2g}"
+    if np.isfinite(r.get("mean_level", np.nan)):
+        text += (f", measured level {r['mean_level']:.3f} [{r['mean_level_low']:.3f}, {r['mean_level_high']:.3f}]"
+                 if np.isfinite(r.get("mean_level_low", np.nan)) else f", measured level {r['mean_level']:.3f}")
+    return text
+
+
 def _outcomes(table: pd.DataFrame, unit: str) -> str:
-    """The sentences every paired family shares: effects by direction, then cells where the mean and the typical
-    token part ways, then equivalence, then the rest; each names the test behind it."""
+    """The sentences every paired family shares, one per outcome of Definition 2.1's one test (the one-sided
+    document-level test of the mean, Holm), each naming that test or the estimate with its interval."""
     text = ""
-    by = {k: table[table["decision"] == k] for k in DECISIONS}
-    for key, lead in (("positive", "The higher-ranked expert costs more, for the mean and the typical token, at "),
-                      ("negative", "The lower-ranked expert costs more (the ranking points the wrong way) at ")):
-        if len(by[key]):
-            text += lead + _join([f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, "
-                                  f"{r['pct_high_larger']:.1f}% of D > 0)" for _, r in by[key].iterrows()])
-            text += ". "
-    if len(by.get("not_beyond_random", [])):
-        text += ("The token-level tests find an effect, but the per-cell test against random rankings of the experts "
-                 "does not survive correction at "
-                 + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}"
-                          + (f", d above {r['d_perm_pct']:.1f}% of random rankings" if 'd_perm_pct' in r
-                             and np.isfinite(r['d_perm_pct']) else "")
-                          for _, r in by["not_beyond_random"].iterrows()])
-                 + ": this ranking's D differs from zero, but the metric is not shown to rank experts better than "
-                   "random rankings (which is not the same as shown no better; see the metric-level test). ")
-    if len(by["directions_disagree"]):
-        text += ("The mean and the typical token point opposite ways at " + _join(
-            [f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_p(r, 'p_cluster')}, but {_typical(r)}, "
-             f"{_p(r, 'p_signrank_cluster')})" for _, r in by["directions_disagree"].iterrows()])
-            + ": both tests survive correction, so neither an effect of known sign nor its absence is shown. ")
-    if len(by["typical_only"]):
-        text += ("The signed-rank test of the typical token survives correction and the test of the mean does not "
-                 "(which does not show that the mean is zero) at " + _join(
-            [f"{_where(r)} ({_typical(r)}, {_p(r, 'p_signrank_cluster')}; {_p(r, 'p_cluster')})"
-             for _, r in by["typical_only"].iterrows()])
-            + ": with heavy-tailed D the typical token and the mean are different estimands. ")
-    if len(by["mean_only"]):
-        text += ("Only the mean of D differs from zero at " + _join(
-            [f"{_cell(r)}; {_p(r, 'p_signrank_cluster')}" for _, r in by["mean_only"].iterrows()])
-            + ": the signed-rank test of the typical token does not survive correction. ")
-    sesoi = float(table["sesoi_d"].iloc[0]) if "sesoi_d" in table else 0.2
-    if len(by["equivalent"]):
-        text += (f"Equivalent to no effect (|d| < {sesoi:g}, TOST at the corrected α): "
-                 + _join([_where(r) for _, r in by["equivalent"].iterrows()]) + ". ")
-        if "d_ceiling" in table:
-            above = by["equivalent"][~(by["equivalent"]["d_ceiling"] > sesoi)]
-            if len(above):
-                text += (f"At {_join(sorted({f'L{x}' for x in above['layer']}))} the causal ceiling itself is below "
-                         f"{sesoi:g}, so there this equivalence says nothing about the metrics: no static ranking "
-                         "could exceed the margin. ")
-    n_inc = len(by["inconclusive"])
-    if n_inc:
-        rest = "The other " if n_inc < len(table) else "All "
-        text += (f"{rest}{_plural(n_inc, unit, unit + 's')} {'is' if n_inc == 1 else 'are'} inconclusive: neither "
-                 f"an effect nor |d| < {sesoi:g} is shown. ")
+    by = {k: table[table["decision"] == k] if "decision" in table else table.iloc[:0] for k in DECISIONS}
+    if len(by["positive"]):
+        text += ("E[D] > 0 (the higher-ranked expert costs more on average; one-sided document-level test of the "
+                 "mean, Holm, at a measured level that holds .05) at "
+                 + _join([f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_pm(r)})" for _, r in by["positive"].iterrows()])
+                 + ". ")
+    if len(by["positive_level_not_held"]):
+        text += ("The test of the mean rejects at the nominal level, but its measured level on the cell's own skewed "
+                 "null is above .05, so E[D] > 0 is not claimed, at "
+                 + _join([f"{_where(r)} (d = {r['cohens_d']:+.3f}, {_pm(r)})"
+                          for _, r in by["positive_level_not_held"].iterrows()]) + ". ")
+    if len(by["below_half_ceiling"]):
+        text += ("Shown to capture less than half of the causal ceiling (95% upper bound of the share below ½) at "
+                 + _join([f"{_where(r)} (share {r['ceiling_share']:+.2f} [{r['ceiling_share_low']:+.2f}, "
+                          f"{r['ceiling_share_high']:+.2f}])" for _, r in by["below_half_ceiling"].iterrows()])
+                 + ". ")
+    if len(by["cannot_tell"]):
+        layers = sorted(set(by["cannot_tell"]["layer"]))
+        text += (f"At {_join([f'L{x}' for x in layers])} the causal ceiling does not rise above random rankings' "
+                 f"band, so this run cannot tell a static ranking from a random one there "
+                 f"({_plural(len(by['cannot_tell']), unit, unit + 's')} without E[D] > 0 shown). ")
+    n_not = len(by["not_shown"])
+    if n_not:
+        rest = "the other " if n_not < len(table) else "all "
+        text += (f"E[D] > 0 is not shown at {rest}{_plural(n_not, unit, unit + 's')} (a non-rejection, not a test "
+                 "that the mean is zero). ")
     untested = table[table["p_cluster"].isna() & table["note"].astype(str).str.len().gt(0)] if "note" in table \
         else table.iloc[:0]
     for _, r in untested.iterrows():
@@ -100,56 +84,23 @@ def _outcomes(table: pd.DataFrame, unit: str) -> str:
     return text
 
 
-def _power_sentence(families: pd.DataFrame | None, family: str) -> str:
-    if families is None or families.empty:
-        return ""
-    row = families[families["family"] == family]
-    if row.empty:
-        return ""
-    r = row.iloc[0]
-    clustered = (f"{r['mde_d_clustered']:.2f} at the median design effect of clustering, {r['design_effect']:.2f}"
-                 if r["design_effect"] > 1 else
-                 f"the median design effect of clustering, {r['design_effect']:.2f}, does not raise it")
-    return (f"With n = {r['n']:g} positions per cell and {int(r['m_cells'])} cells, the token-level tests of the "
-            f"cell rule detect a location shift of |d| = {r['mde_d']:.2f} with 80% power (normal D, independent "
-            f"positions; {clustered}); this is not the power of the rule with p_perm, nor of the metric-level test "
-            "(see the validation section). ")
-
-
 def audit_verdict(audit: pd.DataFrame, families: pd.DataFrame | None = None) -> str | None:
+    """Definition 2.1 per cell: the count the CLI prints, then one sentence per outcome (:func:`_outcomes`)."""
+    del families  # the token-level tests' power is not the power of any decision (validate states that)
     if audit is None or audit.empty:
         return None
     n = len(audit)
     sig = audit[audit["significant"].astype(bool)]
-    same_way = np.sign(audit["mean_diff"]) == np.sign(audit["w_diff"])
-    unc = int(((audit["p_cluster"] < 0.05) & (audit["p_signrank_cluster"] < 0.05) & same_way).sum())
-    d = audit["cohens_d"].abs()
-    top = audit.loc[d.idxmax()] if d.notna().any() else None
-    alpha = audit["alpha_corrected"].iloc[0]
     metrics = _join([metric_label(m) for m in dict.fromkeys(audit["metric"])])
-    with_perm = "p_perm" in audit and audit["p_perm"].notna().any()
-    tests = ("the document-clustered tests of the mean and of the signed rank and the test against random "
-             "rankings of the layer's experts (p_perm) all survive" if with_perm else
-             "the document-clustered tests of the mean and of the signed rank both survive")
-    text = (f"**Observational metrics.** {len(sig)} of {n} metric × layer cells "
-            f"{'shows' if len(sig) == 1 else 'show'} an effect under the decision rule ({tests} Bonferroni "
-            f"correction, α = 0.05/{n} = {alpha:.4g}, and point the same way)")
-    text += f"; the largest |d| is {_cell(top)}. " if top is not None else ". "
+    text = (f"**Observational metrics, cell by cell.** {len(sig)} of {n} metric × layer cells "
+            f"{'shows' if len(sig) == 1 else 'show'} E[D] > 0 (Definition 2.1: the one-sided document-level test "
+            f"of the mean, Holm over the {n} cells, at a measured level that holds .05; counts: "
+            f"{decision_counts(audit, 'audit').split(': ', 1)[1].split(' (')[0]}). ")
     if sig.empty:
-        than_random = " better than a random ranking of the same experts would" if with_perm else ""
-        text += (f"On this model and corpus, none of {metrics} is shown, cell by cell, to tell which of a token's "
-                 f"active experts costs more when removed{than_random}; with 16 experts per layer a per-cell "
-                 "corrected test has little power, so the metric-level test pooled over layers (the Answer) is the "
-                 "one to read. ")
-    if not with_perm and "p_perm" in audit:
-        text += ("(The test against random rankings could not be run: " + " ".join(audit.attrs.get("notes", []))
-                 + " The decision then rests on the token-level tests, which answer a narrower question.) ")
+        text += (f"On this model and corpus, none of {metrics} is shown, cell by cell, to pick the costlier of a "
+                 "token's active experts on average; the claim about a metric is the metric-level test pooled over "
+                 "layers (the Answer). ")
     text += _outcomes(audit, "cell")
-    text += (f"{_plural(unc, 'cell reaches', 'cells reach')} p < .05 on both clustered tests uncorrected, in the "
-             f"same direction; about {0.05 * n:.1f} would be expected under a true token-level null, but random "
-             "rankings of the experts pass these token-level tests more often than that where experts differ in "
-             "importance, so this count is no evidence about the metrics. ")
-    text += _power_sentence(families, "audit")
     bfs = [(r, int((audit[col] > 3).sum())) for r, col in (("0.707", "bf0plus"), ("0.5", "bf0plus_r05"),
                                                             ("0.2", "bf0plus_r02")) if col in audit]
     if bfs:
@@ -167,9 +118,9 @@ def expert_level_verdict(audit: pd.DataFrame | None, control: pd.DataFrame | Non
     alpha = float(audit["alpha_corrected"].iloc[0])
     n = int(audit["p_perm"].notna().sum())
     loose = int((audit["p_perm"] < 0.05).sum())
-    token_level = audit[audit["decision"].isin(["positive", "negative", "not_beyond_random"])] \
+    token_level = audit[audit["decision"].isin(["positive", "positive_level_not_held"])] \
         if "decision" in audit else audit.iloc[:0]
-    failed = token_level[token_level["decision"] == "not_beyond_random"]
+    failed = token_level[~(token_level["p_perm"] <= alpha)]
     width = audit.assign(w=np.maximum(audit["d_perm_high"], -audit["d_perm_low"]))
     widest = width.loc[width["w"].idxmax()]
     text = ("**Against random rankings of the experts.** A metric is one ranking of a layer's experts, so the claim "
@@ -181,7 +132,7 @@ def expert_level_verdict(audit: pd.DataFrame | None, control: pd.DataFrame | Non
             "experts differ most in importance. "
             f"{int((audit['p_perm'] <= alpha).sum())} of {n} cells reach p_perm ≤ {alpha:.4g} and "
             f"{loose} p_perm < .05 uncorrected; of the {_plural(len(token_level), 'cell', 'cells')} whose "
-            f"token-level tests survive correction in one direction, {len(failed)} "
+            f"test of the mean rejects after Holm, {len(failed)} "
             f"{'is' if len(failed) == 1 else 'are'} not shown to beat random rankings"
             + (": " + _join([f"{_cell(r)}, p_perm = {r['p_perm']:.2g}" for _, r in failed.iterrows()]) if len(failed)
                else "") + ". ")
@@ -210,10 +161,9 @@ def control_verdict(control: pd.DataFrame, audit: pd.DataFrame | None,
     sig = control[control["significant"].astype(bool)]
     n = len(control)
     text = (f"**Routing-weight control.** Ranking the active experts by their per-token router weight gives "
-            f"{len(sig)} of {_plural(n, 'layer', 'layers')} with an effect under the decision rule (α = 0.05/{n} = "
-            f"{control['alpha_corrected'].iloc[0]:.4g}). ")
+            f"{len(sig)} of {_plural(n, 'layer', 'layers')} with E[D] > 0 (one-sided document-level test of the "
+            f"mean, Holm over the {n} layers, at a measured level that holds .05). ")
     text += _outcomes(control, "layer")
-    text += _power_sentence(families, "control")
     mean_c = float(control["cohens_d"].abs().mean())
     if audit is not None and not audit.empty:
         text += (f"Its mean |d| over layers is {mean_c:.3f}, against {float(audit['cohens_d'].abs().mean()):.3f} "
