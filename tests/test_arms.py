@@ -68,7 +68,11 @@ def test_comparisons_match_an_independent_computation(records):
         assert r["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
         assert r["ci_low"] < mean < r["ci_high"]
         assert r["p_cluster"] == stats.sign_flip_test(diff, docs, n_perm=stats.N_PERM, seed=0)
-        t_low, t_high = (mean + 0.05) / se, (mean - 0.05) / se
+        # the margin: min(0.05 nats, 10% of the layer's mean ΔL at k averaged over the orders)
+        scale = np.mean([np.mean(list(v.values())) for v in by_arm.values()])
+        margin = min(0.05, 0.1 * abs(scale))
+        assert r["scale"] == pytest.approx(scale, rel=1e-12) and r["sesoi"] == pytest.approx(margin, rel=1e-12)
+        t_low, t_high = (mean + margin) / se, (mean - margin) / se
         df = len(np.unique(docs)) - 1
         assert r["tost_p"] == pytest.approx(max(sps.t.sf(t_low, df), sps.t.cdf(t_high, df)), rel=1e-9)
     for column, corrected in (("p_cluster", "p_holm"), ("tost_p", "tost_p_holm")):
@@ -96,7 +100,7 @@ def _synthetic(rng, *, planted: dict, noise: float, n_docs: int = 30, per_doc: i
 
 def test_planted_difference_and_equivalence_are_found():
     recs = _synthetic(np.random.default_rng(1), planted={(1, "highest"): 0.5}, noise=0.01)
-    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
+    table = arm_comparisons(recs, sesoi=0.05, sesoi_rel=1e9, n_perm_for=lambda m: 999)
     decisions = {(r["layer"], r["arm_a"], r["arm_b"]): r["decision"] for _, r in table.iterrows()}
     assert set(table.loc[table["layer"] == 0, "decision"]) == {"equivalent"}
     assert decisions[(1, "highest", "lowest")] == decisions[(1, "highest", "random")] == "differs"
@@ -104,8 +108,9 @@ def test_planted_difference_and_equivalence_are_found():
     planted = table[(table["layer"] == 1) & (table["arm_a"] == "highest")]
     assert (planted["ci_low"] < 0.5).all() and (planted["ci_high"] > 0.5).all()
     text = arms_verdict(table)
-    assert "4 differ, 8 are equivalent within ±0.05 nats (TOST) and 0 are inconclusive" in text
-    assert "At L0 the order does not matter beyond ±0.05 nats of mean ΔL" in text
+    assert "4 differ, 8 are equivalent within the margin (TOST; margin min(±0.05 nats, 1e+11% of the layer's mean ΔL" \
+        in text and "0 are inconclusive" in text
+    assert "At L0 the order does not matter beyond the margin of mean ΔL" in text
     assert "It matters at L1: highest weight first costs more than" in text
     assert "inconclusive:" not in text
 
@@ -126,7 +131,7 @@ def test_sign_draws_grow_with_the_number_of_comparisons():
 
 def test_noise_without_effect_is_inconclusive_not_equivalent():
     recs = _synthetic(np.random.default_rng(1), planted={}, noise=0.5, n_docs=10, per_doc=3)
-    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
+    table = arm_comparisons(recs, sesoi=0.05, sesoi_rel=1e9, n_perm_for=lambda m: 999)
     assert set(table["decision"]) == {"inconclusive"}
     text = arms_verdict(table)
     assert "0 differ, 0 are equivalent" in text and "no claim either way" in text
@@ -149,12 +154,12 @@ def test_family_wise_error_under_no_effect(monkeypatch):
 
 def test_everything_equivalent_gives_the_strong_sentence_and_the_table_notes():
     recs = _synthetic(np.random.default_rng(3), planted={}, noise=0.005)
-    table = arm_comparisons(recs, sesoi=0.1, n_perm_for=lambda m: 999)
+    table = arm_comparisons(recs, sesoi=0.1, sesoi_rel=1e9, n_perm_for=lambda m: 999)
     text = arms_verdict(table)
-    assert "At every tested layer and depth the order does not matter beyond ±0.1 nats of mean ΔL" in text
+    assert "At every tested layer and depth the order does not matter beyond the margin of mean ΔL" in text
     t = progressive_arms_table(table, "m")
     assert len(t.rows) == 12 and t.rows[0][:3] == ["L0", "1", "highest − lowest"] and t.rows[0][-1] == "equivalent"
-    assert "< 0.1 nats" in t.notes and "12 comparisons" in t.notes and "unit of inference: the document" in t.notes
+    assert "min(±0.1 nats" in t.notes and "12 comparisons" in t.notes and "unit of inference: the document" in t.notes
 
 
 def test_single_arm_has_no_comparison():
@@ -168,13 +173,13 @@ def test_verdict_counts_what_the_cli_counts():
     """A comparison that differs and is also equivalent within the margin is counted as 'differs, within bounds'
     (the CLI's count), not among the equivalent ones."""
     recs = _synthetic(np.random.default_rng(1), planted={(1, "highest"): 0.5}, noise=0.01)
-    table = arm_comparisons(recs, sesoi=0.05, n_perm_for=lambda m: 999)
+    table = arm_comparisons(recs, sesoi=0.05, sesoi_rel=1e9, n_perm_for=lambda m: 999)
     i = table.index[table["decision"] == "equivalent"][0]
     table.loc[i, ["significant", "decision"]] = [True, "differs, within bounds"]
     text = arms_verdict(table)
     counts = table["decision"].value_counts()
-    assert (f"{counts['differs']} differ, 1 differs but stays within ±0.05 nats, {counts['equivalent']} are "
-            "equivalent within ±0.05 nats") in text
+    assert (f"{counts['differs']} differ, 1 differs but stays within the margin, {counts['equivalent']} are "
+            "equivalent within the margin") in text
 
 
 def test_long_arms_table_lists_only_what_is_not_equivalent():
@@ -186,3 +191,24 @@ def test_long_arms_table_lists_only_what_is_not_equivalent():
     assert len(table) == 60 and n_equivalent > 0
     assert len(t.rows) == 60 - n_equivalent and all(row[-1] != "equivalent" for row in t.rows)
     assert f"The {n_equivalent} equivalent comparisons are not listed" in t.notes
+
+
+def test_the_margin_scales_with_the_layer():
+    """A layer where removing experts costs little gets a margin of 10% of its mean ΔL, not 0.05 nats: the same
+    0.01-nat difference between orders is equivalent where ΔL is about 1 nat and not where ΔL is about 0.02."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for layer, base in ((0, 1.0), (1, 0.02)):
+        for doc in range(40):
+            for pos in range(6):
+                common = base + rng.normal(0, 0.002)
+                for arm, shift in (("highest", 0.01), ("lowest", 0.0)):
+                    rows.append({"experiment": "progressive", "model": "m", "layer": layer, "k": 1,
+                                 "role": f"{arm}:1", "seq_id": doc, "position": pos, "n_layers": 2,
+                                 "delta": common + shift + rng.normal(0, 0.001)})
+    table = arm_comparisons(pd.DataFrame(rows), sesoi=0.05, sesoi_rel=0.1, n_perm_for=lambda m: 999)
+    by_layer = table.set_index("layer")
+    assert by_layer.loc[0, "sesoi"] == pytest.approx(0.05) and by_layer.loc[0, "decision"] == "differs, within bounds"
+    assert by_layer.loc[1, "sesoi"] == pytest.approx(0.1 * by_layer.loc[1, "scale"])
+    assert by_layer.loc[1, "decision"] == "differs"  # 0.01 nats is half of that layer's ΔL: beyond 10%
+    assert "10% of the layer's mean ΔL" in arms_verdict(table)

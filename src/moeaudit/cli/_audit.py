@@ -23,7 +23,7 @@ from moeaudit.cli._common import (
     status,
 )
 from moeaudit.config import PAPER_METRICS, PROGRESSIVE_ARMS, RUN_EXPERIMENTS, RunConfig
-from moeaudit.experiments import decision_counts
+from moeaudit.experiments import decision_counts, margin_rule
 
 _DEFAULTS = RunConfig()
 #: The flags of ``run``, by the keyword they set (messages from the library are rewritten to name them).
@@ -212,7 +212,7 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
         counts = arms["decision"].value_counts()
         console.print(f"progressive removal orders, {len(arms)} paired comparisons: "
                       + ", ".join(f"{int(n)} {decision}" for decision, n in counts.items())
-                      + f" (±{arms['sesoi'].iloc[0]:g} nats; details in the report)", highlight=False)
+                      + f" (margin {margin_rule(arms)}; details in the report)", highlight=False)
     console.print(f"{len(result.records):,} ablation records ({len(result.computed_cells)} cells computed, "
                   f"{len(result.resumed_cells)} resumed) in {time.perf_counter() - start:.1f} s -> {escape(out)}",
                   highlight=False)

@@ -37,11 +37,11 @@ def validate(run_dir: Path = typer.Argument(..., help="a run directory written b
         table.add_row(test, f"{r['rate']:.4f}", f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", str(r["n_draws"]))
     console.print(table)
     f = result["fwer"]
-    console.print(f"family-wise rate of the decision rule over {f['family_size']} {result['family']} cells at "
+    console.print(f"family-wise rate of the old token-level rule (no longer decides) over {f['family_size']} {result['family']} cells at "
                   f"α = {f['alpha_corrected']:.3g} each: {f['rate']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}] "
                   f"({f['n_draws']} families)")
     mde = result["mde_d"]
-    console.print(f"minimum detectable d (80% power, the decision rule at the corrected level, the run's n): "
+    console.print(f"minimum detectable d (80% power, the old token-level rule at the corrected level, the run's n): "
                   f"{'not reached by 0.8' if mde != mde else f'{mde:.3f}'}")
     console.print(f"validation.json written to {run_dir} in {time.perf_counter() - start:.1f} s")
     if report:

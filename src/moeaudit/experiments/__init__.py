@@ -17,6 +17,7 @@ import pandas as pd
 from torch import nn
 
 from moeaudit.config import check_attribution
+from moeaudit.experiments._arms import margin_rule
 from moeaudit.experiments._attribution_control import attribution_vs_control
 from moeaudit.experiments._decide import DECISIONS, decision_counts
 from moeaudit.experiments._domains import add_domain_tables, domain_table
@@ -160,6 +161,7 @@ __all__ = [
     "CleanStates",
     "DECISIONS",
     "decision_counts",
+    "margin_rule",
     "EXPERIMENTS",
     "OPTIONAL_EXPERIMENTS",
     "PAPER_METRICS",

@@ -285,7 +285,7 @@ def calibrate(layer_pools: dict[int, tuple[Pool, int]], family: tuple[str, dict[
         "tests": {"t": "paired t-test (positions independent)", "wilcoxon": "Wilcoxon signed-rank (positions "
                   "independent)", "clustered_mean": "document sign-flip test of the mean of D (p_cluster)",
                   "clustered_rank": "document sign-flip signed-rank test (p_signrank_cluster)",
-                  "decision": "the run's rule: both clustered tests reject and mean(D) and W+ - W- agree in sign"},
+                  "decision": "the old token-level rule (no longer decides a cell; Definition 2.1 is decided by p_mean_greater, see null_rate_skewed / null_rate_docflip): both clustered tests reject and mean(D) and W+ - W- agree in sign"},
         "null_rate": {test: rate(np.concatenate(null_hits[test])) for test in TESTS},
         "null_rate_by_layer": by_layer,
         "fwer": {**rate(family_any), "family_size": m, "alpha_corrected": alpha_corrected},

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from moeaudit.experiments import margin_rule
 from moeaudit.report._document import Table
 from moeaudit.report._figures import metric_label
 from moeaudit.report._style import arm_label, arm_rank
@@ -252,19 +253,18 @@ def progressive_arms_table(arms: pd.DataFrame, model: str) -> Table | None:
         rows.append([f"L{r['layer']}", str(int(r["k"])), f"{r['arm_a']} − {r['arm_b']}",
                      f"{int(r['n'])} / {int(r['n_docs'])}", fmt_d(r["mean_diff"]), fmt_ci(r["ci_low"], r["ci_high"]),
                      fmt_d(r["cohens_d"]), fmt_p(r["p_cluster"]), fmt_p(r["p_holm"], mark=False),
-                     fmt_p(r["tost_p_holm"], mark=False), r["decision"]])
-    sesoi = float(arms["sesoi"].iloc[0])
+                     fmt_nats(_get(r, "sesoi")), fmt_p(r["tost_p_holm"], mark=False), r["decision"]])
     return Table(
         f"{model}: does the removal order matter? Paired comparison of the progressive arms",
         ["layer", "k", "D = ΔL of", "positions / docs", "mean D", "95% CI", "d", "p", "p (Holm)",
-         "p TOST (Holm)", "decision"], rows,
+         "margin, nats", "p TOST (Holm)", "decision"], rows,
         notes=(f"D: ΔL with the first k experts of one order removed minus ΔL with those of the other, at the same "
                "position. Estimand: mean D over positions; unit of inference: the document (CI: cluster-robust "
                "CR1 t over documents; p: document-level sign-flip test of mean D = 0; * p < .05 uncorrected). "
-               f"Equivalence: TOST of |mean D| < {sesoi:g} nats with the same cluster-robust standard error "
+               f"Equivalence: TOST of |mean D| < margin with the same cluster-robust standard error "
                f"(t, documents − 1 df). Both families are Holm-corrected over the model's {len(arms)} comparisons "
-               f"at α = 0.05. decision: differs (the difference test rejects), equivalent (TOST rejects: |mean D| "
-               f"< {sesoi:g} nats shown), inconclusive (neither)."
+               f"at α = 0.05. Margin: {margin_rule(arms)}. decision: differs (the difference test rejects), "
+               "equivalent (TOST rejects: |mean D| < margin shown), inconclusive (neither)."
                + (f" The {len(arms) - len(shown)} equivalent comparisons are not listed here; every comparison is in "
                   "tables/progressive_arms.csv." if len(shown) < len(arms) else "")),
         align_left=3)

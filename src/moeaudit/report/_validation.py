@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 TEST_LABELS = {"t": "paired t", "wilcoxon": "Wilcoxon", "clustered_mean": "p_mean (clustered)",
-               "clustered_rank": "p_rank (clustered)", "decision": "decision rule"}
+               "clustered_rank": "p_rank (clustered)", "decision": "token-level rule (old)"}
 
 
 def _pct(r: dict) -> str:
@@ -43,7 +43,7 @@ def validation_blocks(validation: dict, label: str, n_records: int | None = None
                "of p_perm); the token-level tests reject far more than 5% wherever experts differ in importance, "
                "which is why the audit's decision also requires p_perm. t and Wilcoxon treat positions as "
                "independent (the paper's tests); p_mean and p_rank flip the signs of whole documents (the run's). "
-               "The decision rule needs both clustered tests and one direction, so it rejects less than each alone; "
+               "The old token-level rule (no longer decides a cell) needs both clustered tests and one direction, so it rejects less than each alone; "
                "the expert-level criterion p_perm is a permutation test, exact by construction, and is not part of "
                "these draws.")))
     f = v["fwer"]
@@ -58,7 +58,7 @@ def validation_blocks(validation: dict, label: str, n_records: int | None = None
             d = next((c["mean_d"] for c in reversed(cells) if c), math.nan)
             prow.append([f"{s:.2f}", f"{d:+.3f}", *[f"{100 * c['rate']:.1f}%" if c else "" for c in cells]])
         blocks.append(Table(
-            f"{label}: detection rate of planted metrics (decision rule at α = {v['alpha_corrected']:.3g}, D > 0)",
+            f"{label}: detection rate of planted metrics (old token-level rule at α = {v['alpha_corrected']:.3g}, D > 0)",
             ["Spearman s with the causal ranking", "mean d (largest n)", *[f"n = {n}" for n in sizes]], prow,
             notes=("Per draw the documents are halved at random; experts are ranked by mean ΔL on one half and a "
                    "synthetic metric with Spearman ≈ s to that ranking scores the other half's positions (and the "
@@ -70,7 +70,7 @@ def validation_blocks(validation: dict, label: str, n_records: int | None = None
     blocks.append(Paragraph(
         "**Validation.** Under a true null the rejection rates at α = .05 are "
         + "; ".join(f"{TEST_LABELS.get(t, t)} {_pct(r)}" for t, r in v["null_rate"].items())
-        + f" ({v['null_rate']['t']['n_draws']:,} draws). The decision rule at the Bonferroni level over "
+        + f" ({v['null_rate']['t']['n_draws']:,} draws). The old token-level rule at the Bonferroni level over "
         f"{f['family_size']} {v['family']} cells (α = {f['alpha_corrected']:.3g} each) rejects somewhere in "
         f"{100 * f['rate']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}] of {f['n_draws']} null families "
         f"(the correction promises at most 5%). The minimum detectable d of that token-level cell rule (80% power "
@@ -170,5 +170,5 @@ def validation_figure(validation: dict, label: str) -> Figure | None:
     axes[2].set_xlabel("true d (shifted null D)", fontsize=8)
     axes[2].set_ylim(-0.02, 1.02)
     _style(axes[2], "minimum detectable d")
-    fig.suptitle(f"{label}: calibration and power of the decision rule", fontsize=10)
+    fig.suptitle(f"{label}: calibration and power of the tests", fontsize=10)
     return fig

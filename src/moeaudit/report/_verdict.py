@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moeaudit.experiments import DECISIONS, decision_counts
+from moeaudit.experiments import DECISIONS, decision_counts, margin_rule
 from moeaudit.report._style import arm_label
 from moeaudit.report._tables import metric_label
 
@@ -233,7 +233,8 @@ def arms_verdict(arms: pd.DataFrame | None) -> str | None:
     difference test rejects (both Holm-corrected), "inconclusive" otherwise."""
     if arms is None or arms.empty:
         return None
-    n, sesoi = len(arms), float(arms["sesoi"].iloc[0])
+    n = len(arms)
+    bound = "the margin" if "sesoi_rel" in arms else f"±{float(arms['sesoi'].iloc[0]):g} nats"
     within = arms["equivalent"].astype(bool)
     differs = arms["significant"].astype(bool) & ~within
     inconclusive = ~within & ~arms["significant"].astype(bool)
@@ -241,21 +242,21 @@ def arms_verdict(arms: pd.DataFrame | None) -> str | None:
     # the margin is "differs, within bounds", not "equivalent"
     bounded = arms["decision"] == "differs, within bounds" if "decision" in arms else within & ~within
     bounded_text = (f"{int(bounded.sum())} {'differs' if bounded.sum() == 1 else 'differ'} but "
-                    f"{'stays' if bounded.sum() == 1 else 'stay'} within ±{sesoi:g} nats, ") if bounded.any() else ""
+                    f"{'stays' if bounded.sum() == 1 else 'stay'} within {bound}, ") if bounded.any() else ""
     orders = ", ".join(arm_label(a) for a in dict.fromkeys([*arms["arm_a"], *arms["arm_b"]]))
     text = (f"**Does the removal order matter?** Comparing the progressive ablation's removal orders ({orders}) "
             f"at the same positions: of {n} paired comparisons (layer × k × pair of orders; document-level "
             "sign-flip tests, Holm-corrected), "
             f"{int(differs.sum())} differ, {bounded_text}{int((within & ~bounded).sum())} are equivalent within "
-            f"±{sesoi:g} nats (TOST) and "
+            f"{bound} (TOST; margin {margin_rule(arms)}) and "
             f"{int(inconclusive.sum())} are inconclusive. ")
     if within.all():
-        return text + (f"At every tested layer and depth the order does not matter beyond ±{sesoi:g} nats of mean "
+        return text + (f"At every tested layer and depth the order does not matter beyond {bound} of mean "
                        "ΔL: for the average token, which active experts are removed makes no difference larger "
                        "than that (tails are not covered by this test; see P95 above).")
     settled = arms.groupby("layer")["equivalent"].all()
     if settled.any():
-        text += (f"At {_layers(settled[settled].index)} the order does not matter beyond ±{sesoi:g} nats of mean "
+        text += (f"At {_layers(settled[settled].index)} the order does not matter beyond {bound} of mean "
                  "ΔL (every comparison there is equivalent). ")
     if differs.any():
         top = arms[differs].reindex(arms.loc[differs, "mean_diff"].abs().sort_values(ascending=False).index)
@@ -264,7 +265,7 @@ def arms_verdict(arms: pd.DataFrame | None) -> str | None:
                  f"{f' (and {len(top) - 3} more)' if len(top) > 3 else ''}. ")
     if inconclusive.any():
         text += (f"At {_layers(arms.loc[inconclusive, 'layer'])} some comparisons are inconclusive: neither a "
-                 f"difference nor equivalence within ±{sesoi:g} nats is shown at this n, so no claim either way.")
+                 f"difference nor equivalence within {bound} is shown at this n, so no claim either way.")
     return text.rstrip()
 
 
