@@ -192,21 +192,25 @@ def test_report_contents_follow_the_numbers(clean):
     n_sig = int(audit["significant"].sum())
     assert re.search(rf"\b{n_sig} of 8 metric × layer cells shows? E\[D\] > 0", md)
     assert decision_counts(audit, "audit").split(": ", 1)[1].split(" (")[0] in md
+    assert "does the metric rank experts better than random rankings?" in md and "tiny: per layer" in md
+    assert "report-details.md" in md and "tiny: tables" not in md  # the long tables are in the details
+    details = (out / "report-details.md").read_text()
     for _, row in audit.iterrows():  # every audit cell appears with its d
-        assert f"| L{row['layer']} |" in md and f"{row['cohens_d']:+.3f}" in md
-    assert "k=1" in md and "ρ(weight, gap)" in md and "Kendall τ" in md
-    assert "All 5 checks passed" in md
+        assert f"| L{row['layer']} |" in details and f"{row['cohens_d']:+.3f}" in details
+    assert "k=1" in details and "ρ(weight, gap)" in details and "Kendall τ" in details
+    assert "All 5 checks passed" in md and (out / "report-details.html").is_file()
 
 
 def test_report_compares_the_progressive_arms(clean):
     out, result = clean
     md = (out / "report.md").read_text()
+    details = (out / "report-details.md").read_text()
     arms = result.tables["progressive_arms"]
     assert len(arms) == 2 * 3 * 3  # layers x k x pairs of orders
-    assert "does the removal order matter?" in md and "**Does the removal order matter?**" in md
-    assert f"of {len(arms)} paired comparisons" in md and "±0.05 nats" in md
+    assert "does the removal order matter?" in details and "**Does the removal order matter?**" in md
+    assert f"of {len(arms)} paired comparisons" in md and "min(±0.05 nats, 10% of the layer's mean ΔL" in md
     for decision, count in arms["decision"].value_counts().items():
-        assert f"| {decision} |" in md and count > 0
+        assert f"| {decision} |" in details and count > 0
     assert "random order" in md and (out / "tables" / "progressive_arms.csv").is_file()
 
 
@@ -227,15 +231,16 @@ def test_a_run_directory_from_before_the_arms_is_still_reported(clean, tmp_path)
         del manifest["config"][key]
     manifest["config"]["experiments"] = ["progressive"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    md = write_report([old], old)["markdown"].read_text()
-    assert "highest weight first" in md and "Does the removal order matter?" not in md
+    paths = write_report([old], old)
+    md = paths["markdown"].read_text()
+    assert "highest weight first" in paths["details_markdown"].read_text() and "Does the removal order matter?" not in md
     assert "**Progressive ablation.**" in md
     with pytest.raises(RunDirectoryError, match="predates this setting"):
         run_audit(CONFIG.replace(experiments=["progressive"]), old, report=False)
 
 
 def test_two_runs_side_by_side(clean, tmp_path):
-    from moeaudit.report import build, load_runs, write_report
+    from moeaudit.report import build_details, load_runs, write_report
 
     out, _ = clean
     other = tmp_path / "other"
@@ -243,12 +248,12 @@ def test_two_runs_side_by_side(clean, tmp_path):
               report=False)
     runs = load_runs([out, other])
     assert [r.label for r in runs] == ["tiny", "tiny-renorm"]
-    _, blocks = build(runs)
+    _, blocks = build_details(runs)
     headings = [b.text for b in blocks if type(b).__name__ == "Heading"]
     assert "tiny: tables" in headings and "tiny-renorm: tables" in headings
     paths = write_report([out, other], tmp_path / "both")
     md = paths["markdown"].read_text()
-    assert len(re.findall("metric × layer cells shows? an effect", md)) == 2
+    assert len(re.findall("metric × layer cells shows? E\\[D\\] > 0", md)) == 2
     headline = md[md.index("**Headline numbers per model**"):md.index("## Runs")]
     for run in runs:
         audit = run.tables["audit"]
@@ -275,7 +280,8 @@ def test_html_report_renders_in_headless_chromium(clean, tmp_path):
     html = (out / "report.html").read_text()
     assert not re.search(r'(src|href)="(https?:|//|figures/)', html), "the HTML must be self-contained"
     n_images = html.count("<img ")
-    assert n_images == 6  # the scorecard at the top, then the five figures
+    assert n_images == 2  # the scorecard at the top and Figure 1; the model's figures are in the details
+    assert (out / "report-details.html").read_text().count("<img ") == 4
     probe = html.replace("</body>", "<script>window.addEventListener('load', () => { const ok = [...document.images]"
                          ".filter(i => i.complete && i.naturalWidth > 100).length; document.title = "
                          "`images:${ok}/${document.images.length}`; });</script></body>")
@@ -372,7 +378,7 @@ def test_validate_writes_validation_json_and_the_report_section(clean, tmp_path)
     cli = CliRunner().invoke(app, ["validate", str(copy), "--n-families", "10", "--n-power-draws", "2"])
     assert cli.exit_code == 0, cli.output
     assert "family-wise rate" in cli.output and "minimum detectable d" in cli.output
-    report = (copy / "report.md").read_text()
+    report = (copy / "report-details.md").read_text()
     assert "validation of the tests" in report and "figures/tiny-validation.png" in report
     assert (copy / "figures" / "tiny-validation.png").is_file()
     bad = CliRunner().invoke(app, ["validate", str(tmp_path / "nothing")])

@@ -107,10 +107,16 @@ def _concat(runs: list[RunData], name: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+#: The file the long per-cell tables, the figures per model and the validation section go to.
+DETAILS = "report-details"
+
+
 def build(runs: list[RunData]) -> tuple[str, list[Block]]:
-    """The report's title and blocks."""
+    """The report's title and blocks: what a reader finishes (the Answer, the scorecard, the metric-level table, a
+    table per layer, the verdict, the headline numbers); :func:`build_details` holds the rest."""
     from moeaudit.report import _domains as D
     from moeaudit.report import _figures as F
+    from moeaudit.report import _overview as O
 
     title = "moeaudit report: " + ", ".join(r.label for r in runs)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -118,10 +124,18 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         f"Generated {now} from {len(runs)} run director{'y' if len(runs) == 1 else 'ies'} "
         f"({', '.join(f'`{r.path}`' for r in runs)}). Every number is recomputed from the stored per-token records. "
         "Question: do observational expert statistics (how often the router picks an expert, how large its output "
-        "is) predict what removing the expert does to the next-token loss, token by token?")]
+        "is) predict what removing the expert does to the next-token loss, token by token? Every cell with all its "
+        f"tests, the figures per model and the validation are in `{DETAILS}.md` (`{DETAILS}.html`) and the "
+        "`tables/` CSVs.")]
     blocks += _answer_blocks(runs)
     versus = D.comparison(runs)
-    blocks += D.side_by_side_blocks(runs, versus)
+    side = D.side_by_side_blocks(runs, versus)  # two or more runs: every metric-level row in one table
+    blocks += side
+    for run in runs:
+        for table in (None if side else O.metric_table(run.tables.get("metrics"), run.label),
+                      O.layer_table(run.tables.get("audit"), run.tables.get("control"), run.label)):
+            if table is not None:
+                blocks.append(table)
     blocks += [Heading("Verdict")]
     for run in runs:
         if len(runs) > 1:
@@ -145,16 +159,14 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
             "shaded band spans every observational-metric cell at that layer; the hatched band is the 95% range of d "
             "under random rankings of the layer's experts (what an arbitrary ranking achieves); triangles mark the "
             "causal ceiling, the d of experts ranked by their mean ΔL on half of the documents and scored on the "
-            "other half (bars: 2.5-97.5% over 200 random halvings). Filled markers: control cells significant under "
-            "the decision rule (clustered tests of the mean and the signed rank, Bonferroni, same direction).", fig)]
+            "other half (bars: 2.5-97.5% over 200 random halvings). Filled markers: control cells with E[D] > 0 (the "
+            "one-sided document-level test of the mean, Holm, at a measured level that holds .05).", fig)]
     if versus is not None:
         blocks += D.comparison_blocks(runs, versus)
     if any(len(r.tables.get("domains", ())) for r in runs):
         blocks.append(Heading("Results per domain"))
         for run in runs:
             blocks += D.domain_blocks(run)
-    for run in runs:
-        blocks += _model_section(run, F)
     blocks += [Heading("How to read this report"), Paragraph(
         "For each sampled position t and layer, the active experts are ranked by a metric; the highest- and the "
         "lowest-ranked are removed in turn (their weighted output set to zero at that token only) and the change "
@@ -162,12 +174,25 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         "estimands are reported because heavy-tailed D makes them differ: the mean of D (effect size d = "
         "mean(D) / sd(D), Cohen's d_z, with a BCa bootstrap interval) and the typical token (the share of D > 0 "
         "and the Hodges–Lehmann estimate of the typical D in nats). Positions of one document are not independent, "
-        "so every test treats the document as the unit: sign-flip tests flip the signs of whole documents. A cell "
-        "counts as significant only when the test of the mean and the signed-rank test of the typical token both "
-        "pass the Bonferroni-corrected level and point the same way; a cell where neither passes is called "
-        "equivalent to no effect only when an equivalence test (TOST) shows |d| below the smallest effect of "
-        "interest, and inconclusive otherwise. |d| < 0.2 is small by any convention. The routing-weight control "
-        "ranks experts by their per-token router weight instead of a corpus statistic.")]
+        "so every test treats the document as the unit. Two questions, two tests: whether a metric ranks a layer's "
+        "experts better than random rankings of the same experts (the metric-level test pooled over layers, the "
+        "Answer), and, per cell, whether E[D] > 0 (the one-sided document-level test of the mean, Holm, read at "
+        "its measured level on the cell's own skewed null). The typical token is described, not tested for the "
+        "decision. Absence is claimed only as 'less than half of the causal ceiling' where an interval shows it. "
+        "The routing-weight control ranks experts by their per-token router weight instead of a corpus "
+        "statistic.")]
+    return title, blocks
+
+
+def build_details(runs: list[RunData]) -> tuple[str, list[Block]]:
+    """``report-details``: per model every cell's table, the figures and the validation section."""
+    from moeaudit.report import _figures as F
+
+    title = "moeaudit report, details: " + ", ".join(r.label for r in runs)
+    blocks: list[Block] = [Paragraph("The per-cell tables, figures and validation behind `report.md`; every column "
+                                     "of every table is also in the run's `tables/` CSVs.")]
+    for run in runs:
+        blocks += _model_section(run, F)
     return title, blocks
 
 
@@ -277,7 +302,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``figures/*.png|pdf`` for the runs at ``paths`` into ``out``.
 
     Returns:
-        ``{"markdown": ..., "html": ..., "figures": ...}``.
+        ``{"markdown": ..., "html": ..., "figures": ..., "details_markdown": ..., "details_html": ...}``
+        (``report-details.md`` / ``.html``: the per-cell tables, the figures per model and the validation).
     """
     if not paths:
         raise ValueError("write_report needs at least one run directory.")
@@ -291,7 +317,10 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
         return REPORTERS[tools[0]](paths[0], out)
     runs = load_runs(list(paths))
     title, blocks = build(runs)
+    details_title, details = build_details(runs)
     written = write_document(title, blocks, out)
+    more = write_document(details_title, details, out, stem=DETAILS)
+    written.update(details_markdown=more["markdown"], details_html=more["html"])
     _write_cross_tables(runs, Path(out))
     return written
 

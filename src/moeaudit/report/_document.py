@@ -129,8 +129,8 @@ def figure_block(name: str, caption: str, fig) -> Figure:
     return Figure(name, caption, png.getvalue(), pdf.getvalue())
 
 
-def write_document(title: str, blocks: list[Block], out) -> dict:
-    """Write ``report.md``, ``report.html`` and ``figures/<name>.png|pdf`` of ``blocks`` into the directory ``out``
+def write_document(title: str, blocks: list[Block], out, stem: str = "report") -> dict:
+    """Write ``<stem>.md``, ``<stem>.html`` and ``figures/<name>.png|pdf`` of ``blocks`` into the directory ``out``
     (every file atomically; figures staged and moved into place together).
 
     Returns:
@@ -143,7 +143,7 @@ def write_document(title: str, blocks: list[Block], out) -> dict:
 
     out = Path(out)
     figures_dir = out / "figures"
-    staging = out / ".tmp-figures"
+    staging = out / f".tmp-figures-{stem}"
     shutil.rmtree(staging, ignore_errors=True)
     try:  # a failure (a full disk) leaves no staging directory behind
         with translated(staging / "figures"):
@@ -157,6 +157,6 @@ def write_document(title: str, blocks: list[Block], out) -> dict:
             p.replace(figures_dir / p.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    md = atomic_write_text(out / "report.md", render_markdown(title, blocks))
-    html_path = atomic_write_text(out / "report.html", render_html(title, blocks))
+    md = atomic_write_text(out / f"{stem}.md", render_markdown(title, blocks))
+    html_path = atomic_write_text(out / f"{stem}.html", render_html(title, blocks))
     return {"markdown": md, "html": html_path, "figures": figures_dir}
