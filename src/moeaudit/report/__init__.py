@@ -18,7 +18,7 @@ from moeaudit.report import _tables as T
 from moeaudit.report._attribution_control import attribution_control_blocks
 from moeaudit.report._document import Block, Figure, Heading, Paragraph, figure_block, write_document
 from moeaudit.report._paper import comparison
-from moeaudit.report._verdict import verdict
+from moeaudit.report._verdict import verdict_parts
 from moeaudit.rundir import RunDirectory
 
 
@@ -143,7 +143,8 @@ def build(runs: list[RunData]) -> tuple[str, list[Block]]:
         for warning in (_incomplete(run), _fewer_positions(run), _precision_note(run)):
             if warning:
                 blocks.append(Paragraph(warning))
-        blocks += [Paragraph(p) for p in verdict(run.tables, run.stability, run.verification)]
+        main, _ = verdict_parts(run.tables, run.stability, run.verification)
+        blocks += [Paragraph(p) for p in main]
         against = comparison(run.config["model"], run.tables, _last_dtype(run))
         if against:
             blocks.append(Paragraph(against))
@@ -192,6 +193,9 @@ def build_details(runs: list[RunData]) -> tuple[str, list[Block]]:
     blocks: list[Block] = [Paragraph("The per-cell tables, figures and validation behind `report.md`; every column "
                                      "of every table is also in the run's `tables/` CSVs.")]
     for run in runs:
+        _, more = verdict_parts(run.tables, run.stability, run.verification)
+        if more:
+            blocks += [Heading(f"{run.label}: verdict, continued")] + [Paragraph(p) for p in more]
         blocks += _model_section(run, F)
     return title, blocks
 

@@ -312,14 +312,21 @@ def verification_verdict(verification: dict | None) -> str:
             f"{verification.get('dtype', '?')} before any data was collected.")
 
 
+def verdict_parts(tables: dict[str, pd.DataFrame], stability: pd.DataFrame | None,
+                  verification: dict | None) -> tuple[list[str], list[str]]:
+    """``(main, more)``: the paragraphs ``report.md`` keeps (the cells' decisions, the control, the verification)
+    and those ``report-details.md`` carries (random rankings and the ceiling, rank validity, the progressive
+    ablation and its orders, redistribution, stability)."""
+    main = [audit_verdict(tables.get("audit")), control_verdict(tables.get("control"), tables.get("audit")),
+            verification_verdict(verification)]
+    more = [expert_level_verdict(tables.get("audit"), tables.get("control")),
+            rank_verdict(tables.get("rank_validity")), progressive_verdict(tables.get("progressive")),
+            arms_verdict(tables.get("progressive_arms")),
+            redistribution_verdict(tables.get("redistribution_layers")), stability_verdict(stability)]
+    return [p for p in main if p], [p for p in more if p]
+
+
 def verdict(tables: dict[str, pd.DataFrame], stability: pd.DataFrame | None, verification: dict | None) -> list[str]:
-    """Paragraphs, most important first."""
-    families = tables.get("families")
-    parts = [audit_verdict(tables.get("audit"), families),
-             expert_level_verdict(tables.get("audit"), tables.get("control")),
-             control_verdict(tables.get("control"), tables.get("audit"), families),
-             rank_verdict(tables.get("rank_validity")), progressive_verdict(tables.get("progressive")),
-             arms_verdict(tables.get("progressive_arms")),
-             redistribution_verdict(tables.get("redistribution_layers")), stability_verdict(stability),
-             verification_verdict(verification)]
-    return [p for p in parts if p]
+    """Every paragraph, most important first."""
+    main, more = verdict_parts(tables, stability, verification)
+    return main[:-1] + more + main[-1:] if main and main[-1].startswith("**Verification") else main + more
