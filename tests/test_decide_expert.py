@@ -76,7 +76,7 @@ def test_the_cli_line_and_the_report_count_the_same_cells():
     decided = decide_family(_cells([1e-4, 1e-4, 0.5, 0.5], level_low=[0.03, 0.06, 0.03, 0.03],
                                    share_high=[0.9, 0.9, 0.4, 0.9]))
     line = decision_counts(decided, "audit")
-    assert line.startswith("audit, 4 cells: 1 E[D] > 0, 1 rejected but level not held, 1 below half of the "
+    assert line.startswith("audit decisions (of 4): 1 E[D] > 0, 1 rejected but level not held, 1 below half of the "
                            "ceiling, 1 E[D] > 0 not shown")
     text = audit_verdict(decided)
     assert "1 of 4 metric × layer cells shows E[D] > 0" in text

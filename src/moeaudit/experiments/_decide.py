@@ -152,11 +152,11 @@ def decide_rank_validity(frame: pd.DataFrame, *, alpha: float = ALPHA, method: s
 
 def decision_counts(frame: pd.DataFrame, family: str) -> str:
     """One line counting a family's cells by ``decision`` (the CLI prints it; the report's verdict quotes the same
-    counts): ``audit, 32 cells: 0 E[D] > 0, 2 rejected but level not held, ...``."""
+    counts): ``audit decisions (of 32): 0 E[D] > 0, 2 rejected but level not held, ...``."""
     words = {"positive": "E[D] > 0", "positive_level_not_held": "rejected but level not held",
              "below_half_ceiling": "below half of the ceiling", "not_shown": "E[D] > 0 not shown",
              "cannot_tell": "cannot tell (uninformative layer)", "untested": "untested"}
     counts = frame["decision"].value_counts() if "decision" in frame else pd.Series(dtype=int)
     parts = [f"{int(counts.get(k, 0))} {words[k]}" for k in DECISIONS if counts.get(k, 0) or k == "positive"]
-    return (f"{family}, {len(frame)} cells: " + ", ".join(parts)
+    return (f"{family} decisions (of {len(frame)}): " + ", ".join(parts)
             + " (one-sided document-level test of the mean, Holm, at its measured level)")
