@@ -46,8 +46,8 @@ def run(
     corpus: str = _option("corpus", "wikitext-2, builtin, builtin:train, or a .txt/.jsonl/.parquet file"),
     layers: str = _option("layers", "comma-separated MoE layers, or 'all'", "all"),
     metrics: str = _option("metrics", "comma-separated observational metrics", ",".join(PAPER_METRICS)),
-    experiments: str = _option("experiments", "comma-separated: audit, control, rank_validity, progressive, "
-                                              "redistribution, stability; optional: attribution",
+    experiments: str = _option("experiments", "comma-separated experiments (the default lists them); optional: "
+                                              "attribution",
                                ",".join(RUN_EXPERIMENTS)),
     n: int = _option("n", "positions per cell"),
     n_progressive: int = _option("n_progressive", "positions per layer of the progressive ablation"),
