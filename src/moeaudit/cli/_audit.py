@@ -197,10 +197,14 @@ def _execute(cfg, out: Path, report: bool, execution=None, *, allow_fewer: bool 
     except KeyboardInterrupt as exc:
         raise interrupted(exc, out) from None
     tables = result.tables
-    cols = ["layer", "metric", "n", "cohens_d", "p_mean_greater_holm", "mean_level", "p_perm", "decision"]
+    # The console shows what decides, under short headers so an 80-column terminal keeps metric names whole; the
+    # measured level and p_perm are in tables/*.csv and the report.
+    cols = {"layer": "layer", "metric": "metric", "n": "n", "cohens_d": "d", "p_mean_greater_holm": "p (Holm)",
+            "decision": "decision"}
     for name, title in (("audit", "audit (Definition 2.1)"), ("control", "routing-weight control")):
         if len(tables[name]):
-            console.print(rich_table(title, tables[name], [c for c in cols if c in tables[name]]))
+            shown = tables[name][[c for c in cols if c in tables[name]]].rename(columns=cols)
+            console.print(rich_table(title, shown))
             console.print(decision_counts(tables[name], name), highlight=False)
     for kind, p in result.positions.items():
         if p["n"] < p["requested"]:
